@@ -1,0 +1,1 @@
+"""Neuroglot analysis backend. No Streamlit import anywhere in this package."""
