@@ -1,0 +1,125 @@
+"""The `neuroglot` command line: headless access to what the app does.
+
+Every error a user can cause is a NeuroglotError; it is printed as one line
+and the command exits with code 2 (typer uses 2 for bad usage as well).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from analysis.errors import InputError, NeuroglotError
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Neuroglot: multilingual neurons and knowledge edits in LLMs.")
+
+ModelOpt = typer.Option("embedded", "--model", "-m",
+                        help="'embedded' (Gemma 3 270M), a Hugging Face id, a checkpoint folder or a .gguf file.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16.")
+TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow the checkpoint's own Python code to run.")
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn NeuroglotError into a one-line message and exit code 2."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NeuroglotError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2)
+
+    return wrapper
+
+
+def split_languages(value: Optional[str]) -> Optional[list[str]]:
+    if value is None or not value.strip():
+        return None
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
+@cli.command()
+@user_errors
+def info(model: str = ModelOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
+         trust_remote_code: bool = TrustOpt) -> None:
+    """Load a model and print its family, layers, neurons per layer, parameters, device and dtype."""
+    from analysis.model import load_model
+
+    wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    s = wb.summary()
+    rows = [
+        ("model", s["name"]),
+        ("family", s["family"]),
+        ("layers", s["layers"]),
+        ("neurons per layer", s["neurons_per_layer"]),
+        ("neurons in all", s["neurons_total"]),
+        ("hidden size", s["d_model"]),
+        ("vocabulary", s["vocab_size"]),
+        ("parameters", f"{s['parameters']:,} ({s['parameters'] / 1e6:.1f}M)"),
+        ("device", s["device"]),
+        ("dtype", s["dtype"]),
+        ("load time", f"{s['load_seconds']:.2f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+@cli.command()
+@user_errors
+def corpus(corpus: str = typer.Option("demo", "--corpus", "-c",
+                                      help="'demo', a ParaRel/mParaRel folder, an X-FACTR csv, or a JSONL/CSV file."),
+           languages: Optional[str] = typer.Option(None, "--languages", "-l", help="Comma-separated, e.g. en,zh,de."),
+           relations: Optional[str] = typer.Option(None, "--relations", "-r", help="Comma-separated, e.g. P36,P37."),
+           aligned: bool = typer.Option(False, "--aligned", help="Count only facts present in every chosen language."),
+           ) -> None:
+    """Print the number of facts per relation x language of a corpus."""
+    from data import load_corpus
+
+    corp = load_corpus(corpus, languages=split_languages(languages), relations=split_languages(relations))
+    langs = split_languages(languages)
+    if aligned:
+        if not langs or len(langs) < 2:
+            raise InputError("--aligned needs at least two --languages.")
+        corp = corp.aligned(langs)
+    table = corp.counts(margins=True)
+    typer.echo(f"{corp.name}: {len(corp):,} prompts, {corp.rows['fact_id'].nunique():,} facts, "
+               f"{len(corp.relations)} relations, {len(corp.languages)} languages")
+    typer.echo(table.to_string())
+
+
+@cli.command()
+@user_errors
+def app(model: str = ModelOpt, corpus: str = typer.Option("demo", "--corpus", "-c", help="Corpus shown first."),
+        port: int = typer.Option(8501, "--port"),
+        address: str = typer.Option("127.0.0.1", "--address", help="Bind address (keep 127.0.0.1 unless you mean it)."),
+        ) -> None:
+    """Start the Streamlit app (bound to 127.0.0.1, XSRF protection on)."""
+    if model == "embedded":
+        from analysis.model import embedded_checkpoint
+
+        embedded_checkpoint()  # first run: convert here, with a progress bar in the terminal
+    main_py = Path(__file__).with_name("main.py")
+    env = dict(os.environ, NEUROGLOT_MODEL=model, NEUROGLOT_CORPUS=corpus)
+    cmd = [sys.executable, "-m", "streamlit", "run", str(main_py),
+           "--server.address", address, "--server.port", str(port),
+           "--server.enableXsrfProtection", "true", "--server.headless", "true",
+           "--browser.gatherUsageStats", "false"]
+    typer.echo(f"Neuroglot: http://{address}:{port}  (model: {model}, corpus: {corpus})")
+    raise typer.Exit(code=subprocess.call(cmd, env=env))
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

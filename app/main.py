@@ -1,0 +1,15 @@
+"""Neuroglot's Streamlit entry point: `neuroglot app` runs this file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+PAGES = Path(__file__).with_name("pages")
+
+st.set_page_config(page_title="Neuroglot", page_icon="🧠", layout="wide")
+
+navigation = st.navigation([
+    st.Page(str(PAGES / "home.py"), title="Home", icon="🏠", default=True),
+])
+navigation.run()

@@ -1,0 +1,61 @@
+"""Home: pick the model and the corpus; see what was loaded."""
+from __future__ import annotations
+
+import streamlit as st
+
+from app.state import corpus_rows, current_corpus_spec, current_model_spec, user_errors, workbench
+
+st.title("Neuroglot")
+st.caption("Multilingual neurons and knowledge edits in large language models.")
+
+with st.sidebar.form("pickers"):
+    st.subheader("Model and corpus")
+    model_spec = st.text_input("Model", value=current_model_spec(),
+                               help="'embedded' (Gemma 3 270M), a Hugging Face id, a checkpoint folder or a .gguf file.")
+    corpus_spec = st.text_input("Corpus", value=current_corpus_spec(),
+                                help="'demo' (bundled), a ParaRel/mParaRel folder, an X-FACTR csv, or a JSONL/CSV file.")
+    if st.form_submit_button("Load", type="primary"):
+        st.session_state["pending_model"] = model_spec.strip()
+        st.session_state["pending_corpus"] = corpus_spec.strip()
+
+# A new spec replaces the old one only once it has loaded: a bad spec shows an
+# error and leaves the previous model and corpus in place.
+if pending := st.session_state.pop("pending_model", None):
+    with user_errors(), st.spinner(f"Loading {pending}..."):
+        workbench(pending)
+        st.session_state["model_spec"] = pending
+if pending := st.session_state.pop("pending_corpus", None):
+    with user_errors(), st.spinner(f"Reading {pending}..."):
+        corpus_rows(pending)
+        st.session_state["corpus_spec"] = pending
+
+st.header("Model")
+with user_errors():
+    with st.spinner("Loading the model (the first run de-quantizes the embedded model once)..."):
+        wb = workbench(current_model_spec())
+    s = wb.summary()
+    st.subheader(s["name"])
+    cols = st.columns(5)
+    cols[0].metric("Family", s["family"])
+    cols[1].metric("Layers × neurons", f"{s['layers']} × {s['neurons_per_layer']:,}")
+    cols[2].metric("Parameters", f"{s['parameters'] / 1e6:,.1f}M")
+    cols[3].metric("Device", s["device"])
+    cols[4].metric("Dtype", s["dtype"])
+    st.caption(f"{s['neurons_total']:,} FFN neurons in all · hidden size {s['d_model']} · "
+               f"vocabulary {s['vocab_size']:,} · spec `{s['spec']}`")
+
+st.header("Corpus")
+with user_errors():
+    name, rows = corpus_rows(current_corpus_spec())
+    n_facts = rows["fact_id"].nunique()
+    st.subheader(name)
+    st.caption(f"{len(rows):,} prompts · {n_facts:,} facts · {rows['relation'].nunique()} relations · "
+               f"{rows['language'].nunique()} languages")
+    counts = rows.groupby(["relation", "language"])["fact_id"].nunique().unstack(fill_value=0)
+    st.markdown("**Facts per relation × language**")
+    st.dataframe(counts, width="stretch")
+    languages = sorted(rows["language"].unique())
+    pick = st.multiselect("Preview languages", languages, default=languages[: min(3, len(languages))])
+    preview = rows[rows["language"].isin(pick)] if pick else rows
+    st.dataframe(preview[["fact_id", "relation", "language", "subject", "object", "prompt"]].head(200),
+                 width="stretch", hide_index=True)

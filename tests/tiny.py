@@ -1,0 +1,291 @@
+"""Tiny random models of every architecture family, and a tiny tokenizer. No downloads.
+
+``tiny_model(family)`` builds the family's transformers config class with tiny sizes
+and random (seeded) weights. The weights are rescaled so that activations are
+O(1): the default init (std 0.02, zero biases, unit norms) makes every FFN value
+so small that comparisons against ``assert_close``'s absolute tolerance would pass
+for wrong code.
+
+``tiny_tokenizer()`` is a byte-level BPE trained in memory (well under a second) on
+the small multilingual text embedded below (English, German, French, Spanish,
+Chinese), so it never depends on files outside the repository. Its vocabulary has
+at most ``TINY_VOCAB_SIZE`` entries; every tiny model's embedding has exactly
+``TINY_VOCAB_SIZE`` rows. Special tokens: ``<pad>`` 0, ``<bos>`` 1, ``<eos>`` 2,
+``<unk>`` 3; encoding with ``add_special_tokens=True`` prepends ``<bos>``.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+TINY_FAMILIES: tuple[str, ...] = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+    "gpt2", "gptj", "gpt_neox", "bloom", "xglm",
+)
+#: Also buildable: "gemma3", the multimodal Gemma3ForConditionalGeneration wrapper
+#: (tiny SigLIP vision tower) whose text layers sit under ``model.language_model``.
+EXTRA_FAMILIES: tuple[str, ...] = ("gemma3",)
+
+TINY_VOCAB_SIZE = 1024
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+
+D_MODEL = 32
+D_FF = 80          # deliberately not 4 * D_MODEL (bloom is fixed at 4 * D_MODEL = 128)
+N_LAYERS = 3
+N_HEADS = 4
+N_KV_HEADS = 2
+HEAD_DIM = D_MODEL // N_HEADS
+MAX_POSITIONS = 256
+
+# ---------------------------------------------------------------------------------
+# Embedded multilingual text: facts in five languages (aligned by index, as a
+# fact corpus would be) plus free sentences.
+# ---------------------------------------------------------------------------------
+_COUNTRIES = {
+    # en, de, fr, es, zh : (country, capital, language)
+    "en": [("France", "Paris", "French"), ("Germany", "Berlin", "German"), ("Italy", "Rome", "Italian"),
+           ("Spain", "Madrid", "Spanish"), ("Japan", "Tokyo", "Japanese"), ("China", "Beijing", "Chinese"),
+           ("Russia", "Moscow", "Russian"), ("Egypt", "Cairo", "Arabic"), ("Poland", "Warsaw", "Polish"),
+           ("Greece", "Athens", "Greek"), ("Austria", "Vienna", "German"), ("Portugal", "Lisbon", "Portuguese")],
+    "de": [("Frankreich", "Paris", "Französisch"), ("Deutschland", "Berlin", "Deutsch"), ("Italien", "Rom", "Italienisch"),
+           ("Spanien", "Madrid", "Spanisch"), ("Japan", "Tokio", "Japanisch"), ("China", "Peking", "Chinesisch"),
+           ("Russland", "Moskau", "Russisch"), ("Ägypten", "Kairo", "Arabisch"), ("Polen", "Warschau", "Polnisch"),
+           ("Griechenland", "Athen", "Griechisch"), ("Österreich", "Wien", "Deutsch"), ("Portugal", "Lissabon", "Portugiesisch")],
+    "fr": [("la France", "Paris", "français"), ("l'Allemagne", "Berlin", "allemand"), ("l'Italie", "Rome", "italien"),
+           ("l'Espagne", "Madrid", "espagnol"), ("le Japon", "Tokyo", "japonais"), ("la Chine", "Pékin", "chinois"),
+           ("la Russie", "Moscou", "russe"), ("l'Égypte", "Le Caire", "arabe"), ("la Pologne", "Varsovie", "polonais"),
+           ("la Grèce", "Athènes", "grec"), ("l'Autriche", "Vienne", "allemand"), ("le Portugal", "Lisbonne", "portugais")],
+    "es": [("Francia", "París", "francés"), ("Alemania", "Berlín", "alemán"), ("Italia", "Roma", "italiano"),
+           ("España", "Madrid", "español"), ("Japón", "Tokio", "japonés"), ("China", "Pekín", "chino"),
+           ("Rusia", "Moscú", "ruso"), ("Egipto", "El Cairo", "árabe"), ("Polonia", "Varsovia", "polaco"),
+           ("Grecia", "Atenas", "griego"), ("Austria", "Viena", "alemán"), ("Portugal", "Lisboa", "portugués")],
+    "zh": [("法国", "巴黎", "法语"), ("德国", "柏林", "德语"), ("意大利", "罗马", "意大利语"),
+           ("西班牙", "马德里", "西班牙语"), ("日本", "东京", "日语"), ("中国", "北京", "汉语"),
+           ("俄罗斯", "莫斯科", "俄语"), ("埃及", "开罗", "阿拉伯语"), ("波兰", "华沙", "波兰语"),
+           ("希腊", "雅典", "希腊语"), ("奥地利", "维也纳", "德语"), ("葡萄牙", "里斯本", "葡萄牙语")],
+}
+_TEMPLATES = {
+    "en": ["The capital of {c} is {k}.", "{k} is the capital city of {c}.",
+           "People in {c} speak {l}.", "The official language of {c} is {l}."],
+    "de": ["Die Hauptstadt von {c} ist {k}.", "{k} ist die Hauptstadt von {c}.",
+           "In {c} spricht man {l}.", "Die Amtssprache von {c} ist {l}."],
+    "fr": ["La capitale de {c} est {k}.", "{k} est la capitale de {c}.",
+           "En {c}, on parle {l}.", "La langue officielle de {c} est le {l}."],
+    "es": ["La capital de {c} es {k}.", "{k} es la capital de {c}.",
+           "En {c} se habla {l}.", "El idioma oficial de {c} es el {l}."],
+    "zh": ["{c}的首都是{k}。", "{k}是{c}的首都。", "{c}人说{l}。", "{c}的官方语言是{l}。"],
+}
+_PEOPLE = {
+    "en": [("Albert Einstein", "physicist", "Ulm"), ("Marie Curie", "chemist", "Warsaw"),
+           ("Pablo Picasso", "painter", "Málaga"), ("Ludwig van Beethoven", "composer", "Bonn"),
+           ("Lu Xun", "writer", "Shaoxing"), ("Victor Hugo", "writer", "Besançon")],
+    "de": [("Albert Einstein", "Physiker", "Ulm"), ("Marie Curie", "Chemikerin", "Warschau"),
+           ("Pablo Picasso", "Maler", "Málaga"), ("Ludwig van Beethoven", "Komponist", "Bonn"),
+           ("Lu Xun", "Schriftsteller", "Shaoxing"), ("Victor Hugo", "Schriftsteller", "Besançon")],
+    "fr": [("Albert Einstein", "physicien", "Ulm"), ("Marie Curie", "chimiste", "Varsovie"),
+           ("Pablo Picasso", "peintre", "Malaga"), ("Ludwig van Beethoven", "compositeur", "Bonn"),
+           ("Lu Xun", "écrivain", "Shaoxing"), ("Victor Hugo", "écrivain", "Besançon")],
+    "es": [("Albert Einstein", "físico", "Ulm"), ("Marie Curie", "química", "Varsovia"),
+           ("Pablo Picasso", "pintor", "Málaga"), ("Ludwig van Beethoven", "compositor", "Bonn"),
+           ("Lu Xun", "escritor", "Shaoxing"), ("Victor Hugo", "escritor", "Besanzón")],
+    "zh": [("阿尔伯特·爱因斯坦", "物理学家", "乌尔姆"), ("玛丽·居里", "化学家", "华沙"),
+           ("巴勃罗·毕加索", "画家", "马拉加"), ("路德维希·凡·贝多芬", "作曲家", "波恩"),
+           ("鲁迅", "作家", "绍兴"), ("维克多·雨果", "作家", "贝桑松")],
+}
+_PEOPLE_TEMPLATES = {
+    "en": ["{p} was a famous {o}.", "{p} was born in {b}."],
+    "de": ["{p} war ein berühmter {o}.", "{p} wurde in {b} geboren."],
+    "fr": ["{p} était un célèbre {o}.", "{p} est né à {b}."],
+    "es": ["{p} fue un famoso {o}.", "{p} nació en {b}."],
+    "zh": ["{p}是一位著名的{o}。", "{p}出生于{b}。"],
+}
+_FREE = {
+    "en": """The weather was cold, so we stayed at home and read books.
+Scientists announced on Monday that they had found a new species of bird.
+The train to the airport leaves every twenty minutes.
+She opened the window and listened to the rain.
+Children learn languages faster than most adults.
+The museum is closed on Tuesdays and public holidays.
+He bought three apples, two pears and a loaf of bread.
+Water boils at one hundred degrees Celsius at sea level.
+The river flows through the old town towards the sea.
+Our team won the match after a very long season.""",
+    "de": """Das Wetter war kalt, also blieben wir zu Hause und lasen Bücher.
+Wissenschaftler gaben am Montag bekannt, dass sie eine neue Vogelart gefunden hatten.
+Der Zug zum Flughafen fährt alle zwanzig Minuten.
+Sie öffnete das Fenster und hörte dem Regen zu.
+Kinder lernen Sprachen schneller als die meisten Erwachsenen.
+Das Museum ist dienstags und an Feiertagen geschlossen.
+Er kaufte drei Äpfel, zwei Birnen und ein Brot.
+Wasser kocht auf Meereshöhe bei hundert Grad Celsius.
+Der Fluss fließt durch die Altstadt zum Meer.
+Unsere Mannschaft gewann das Spiel nach einer sehr langen Saison.""",
+    "fr": """Il faisait froid, alors nous sommes restés à la maison pour lire.
+Des scientifiques ont annoncé lundi la découverte d'une nouvelle espèce d'oiseau.
+Le train pour l'aéroport part toutes les vingt minutes.
+Elle a ouvert la fenêtre et a écouté la pluie.
+Les enfants apprennent les langues plus vite que les adultes.
+Le musée est fermé le mardi et les jours fériés.
+Il a acheté trois pommes, deux poires et un pain.
+L'eau bout à cent degrés Celsius au niveau de la mer.""",
+    "es": """Hacía frío, así que nos quedamos en casa leyendo libros.
+Los científicos anunciaron el lunes que habían encontrado una nueva especie de ave.
+El tren al aeropuerto sale cada veinte minutos.
+Ella abrió la ventana y escuchó la lluvia.
+Los niños aprenden idiomas más rápido que los adultos.
+El museo cierra los martes y los días festivos.
+Compró tres manzanas, dos peras y una barra de pan.
+El agua hierve a cien grados Celsius al nivel del mar.""",
+    "zh": """天气很冷，所以我们待在家里看书。
+科学家们周一宣布，他们发现了一种新的鸟类。
+去机场的火车每二十分钟一班。
+她打开窗户，听着雨声。
+孩子们学习语言比大多数成年人快。
+博物馆每周二和公共假日闭馆。
+他买了三个苹果、两个梨和一个面包。
+在海平面上，水在一百摄氏度时沸腾。
+这条河穿过老城流向大海。
+经过一个漫长的赛季，我们的球队赢得了比赛。""",
+}
+
+
+def tiny_corpus() -> list[str]:
+    """The embedded multilingual sentences (a few hundred), deterministic order."""
+    lines: list[str] = []
+    for lang, rows in _COUNTRIES.items():
+        for (c, k, l), t in itertools.product(rows, _TEMPLATES[lang]):
+            lines.append(t.format(c=c, k=k, l=l))
+        for (p, o, b), t in itertools.product(_PEOPLE[lang], _PEOPLE_TEMPLATES[lang]):
+            lines.append(t.format(p=p, o=o, b=b))
+        lines.extend(s.strip() for s in _FREE[lang].splitlines() if s.strip())
+    return lines
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_tokenizer_json() -> str:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE,
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tiny_corpus(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B:1", special_tokens=[("<bos>", BOS_ID)]
+    )
+    for i, special in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(special) == i, (special, tok.token_to_id(special))
+    assert tok.get_vocab_size() <= TINY_VOCAB_SIZE
+    return tok.to_str()
+
+
+def tiny_tokenizer(padding_side: str = "right") -> transformers.PreTrainedTokenizerFast:
+    """A fresh tokenizer object each call (cheap); the BPE training itself is cached."""
+    backend = Tokenizer.from_str(_trained_tokenizer_json())
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        padding_side=padding_side,
+        model_max_length=MAX_POSITIONS,
+    )
+
+
+# ---------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------
+_IDS = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+
+
+def _gated_kwargs() -> dict:
+    return dict(
+        vocab_size=TINY_VOCAB_SIZE, hidden_size=D_MODEL, intermediate_size=D_FF,
+        num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS, num_key_value_heads=N_KV_HEADS,
+        max_position_embeddings=MAX_POSITIONS, **_IDS,
+    )
+
+
+def tiny_config(family: str) -> transformers.PretrainedConfig:
+    """The family's config class with tiny sizes (d_model 32, d_ff 80 or 128, 3 layers)."""
+    t = transformers
+    if family == "llama":
+        return t.LlamaConfig(**_gated_kwargs())
+    if family == "mistral":
+        return t.MistralConfig(**_gated_kwargs(), sliding_window=None)
+    if family == "qwen2":
+        return t.Qwen2Config(**_gated_kwargs())
+    if family == "qwen3":
+        return t.Qwen3Config(**_gated_kwargs(), head_dim=HEAD_DIM)
+    if family == "gemma":
+        return t.GemmaConfig(**_gated_kwargs(), head_dim=HEAD_DIM)
+    if family == "gemma2":
+        return t.Gemma2Config(**_gated_kwargs(), head_dim=HEAD_DIM, sliding_window=4,
+                              query_pre_attn_scalar=HEAD_DIM)
+    if family == "gemma3_text":
+        return t.Gemma3TextConfig(**_gated_kwargs(), head_dim=HEAD_DIM, sliding_window=4,
+                                  query_pre_attn_scalar=HEAD_DIM)
+    if family == "gemma3":
+        vision = t.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, image_size=16, patch_size=8)
+        return t.Gemma3Config(text_config=tiny_config("gemma3_text").to_dict(),
+                              vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    if family == "gpt2":
+        return t.GPT2Config(vocab_size=TINY_VOCAB_SIZE, n_embd=D_MODEL, n_inner=D_FF, n_layer=N_LAYERS,
+                            n_head=N_HEADS, n_positions=MAX_POSITIONS, **_IDS)
+    if family == "gptj":
+        return t.GPTJConfig(vocab_size=TINY_VOCAB_SIZE, n_embd=D_MODEL, n_inner=D_FF, n_layer=N_LAYERS,
+                            n_head=N_HEADS, rotary_dim=4, n_positions=MAX_POSITIONS, **_IDS)
+    if family == "gpt_neox":
+        return t.GPTNeoXConfig(vocab_size=TINY_VOCAB_SIZE, hidden_size=D_MODEL, intermediate_size=D_FF,
+                               num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
+                               max_position_embeddings=MAX_POSITIONS, use_parallel_residual=True, **_IDS)
+    if family == "bloom":
+        return t.BloomConfig(vocab_size=TINY_VOCAB_SIZE, hidden_size=D_MODEL, n_layer=N_LAYERS,
+                             n_head=N_HEADS, **_IDS)
+    if family == "xglm":
+        return t.XGLMConfig(vocab_size=TINY_VOCAB_SIZE, d_model=D_MODEL, ffn_dim=D_FF, num_layers=N_LAYERS,
+                            attention_heads=N_HEADS, max_position_embeddings=MAX_POSITIONS, **_IDS)
+    raise ValueError(f"No tiny config for {family!r}; families: {TINY_FAMILIES + EXTRA_FAMILIES}")
+
+
+@torch.no_grad()
+def _rescale_weights(model: torch.nn.Module, seed: int) -> None:
+    """Re-draw weights so activations are O(1) and biases/norm gains are non-trivial."""
+    gen = torch.Generator().manual_seed(seed + 12345)
+    seen: set[int] = set()
+    for _, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if id(param) in seen:  # tied embeddings / LM head
+            continue
+        seen.add(id(param))
+        noise = torch.randn(param.shape, generator=gen, dtype=param.dtype)
+        if param.ndim >= 2:
+            fan_in = min(param.shape)  # Linear [out, in], Conv1D [in, out], Embedding [V, d]
+            param.copy_(noise * (1.0 / fan_in**0.5))
+        else:  # biases and norm gains (gemma's (1 + w) norms start at w = 0)
+            param.add_(0.1 * noise)
+
+
+def tiny_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A tiny random ``*ForCausalLM`` of ``family`` in eval mode, float32, eager attention."""
+    config = tiny_config(family)
+    torch.manual_seed(seed)
+    if family == "gemma3":
+        model = transformers.Gemma3ForConditionalGeneration._from_config(
+            config, attn_implementation="eager", dtype=torch.float32)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, attn_implementation="eager", dtype=torch.float32)
+    _rescale_weights(model, seed)
+    return model.eval()
+
+
+def tiny_model_and_tokenizer(family: str, seed: int = 0, padding_side: str = "right"):
+    return tiny_model(family, seed), tiny_tokenizer(padding_side)
