@@ -331,6 +331,7 @@ def _convert_gguf(gguf_path: Path, folder: Path, progress: Progress | None) -> P
     # the converted checkpoint is a plain float checkpoint: drop the GGUF marker
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None  # weights are plain float32 tensors now
     model.config._name_or_path = gguf_path.stem
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))

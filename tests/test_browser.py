@@ -1,0 +1,98 @@
+"""Real-browser test: the app as a subprocess, opened in headless Chromium."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run"]
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+
+def _require_chromium():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must have Debian's chromium installed (.ci/run installs it)")
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    _require_chromium()
+    port = _free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    neuroglot = shutil.which("neuroglot", path=str(Path(sys.executable).parent)) or "neuroglot"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([neuroglot, "app", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300  # the first run may convert the embedded model
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"app exited early:\n{log.read_text()}")
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail(f"app did not start:\n{log.read_text()}")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        b.close()
+
+
+def test_home_shows_embedded_model_summary(app_url, browser):
+    page = browser.new_page()
+    page.goto(app_url)
+    page.get_by_text("Layers × neurons").wait_for(timeout=180_000)
+    body = page.inner_text("body")
+    assert "18 × 2,048" in body
+    assert "gemma3_text" in body
+    assert "Facts per relation × language" in body
+    page.screenshot(path=str(Path(os.environ.get("NEUROGLOT_SHOTS", "/tmp")) / "home.png"), full_page=True)
+    page.close()
+
+
+def test_bad_model_spec_shows_error_and_keeps_model(app_url, browser):
+    page = browser.new_page()
+    page.goto(app_url)
+    page.get_by_text("Layers × neurons").wait_for(timeout=180_000)
+    box = page.get_by_label("Model")
+    box.fill("/no/such/model.gguf")
+    page.get_by_role("button", name="Load").click()
+    page.get_by_text("GGUF file not found").wait_for(timeout=60_000)
+    body = page.inner_text("body")
+    assert "Traceback" not in body
+    assert "18 × 2,048" in body  # the previously loaded model is still there
+    page.close()
