@@ -112,7 +112,7 @@ def app(model: str = ModelOpt, corpus: str = typer.Option("demo", "--corpus", "-
     cmd = [sys.executable, "-m", "streamlit", "run", str(main_py),
            "--server.address", address, "--server.port", str(port),
            "--server.enableXsrfProtection", "true", "--server.headless", "true",
-           "--browser.gatherUsageStats", "false"]
+           "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
     typer.echo(f"Neuroglot: http://{address}:{port}  (model: {model}, corpus: {corpus})")
     raise typer.Exit(code=subprocess.call(cmd, env=env))
 

@@ -88,9 +88,9 @@ def test_bad_model_spec_shows_error_and_keeps_model(app_url, browser):
     page = browser.new_page()
     page.goto(app_url)
     page.get_by_text("Layers × neurons").wait_for(timeout=180_000)
-    box = page.get_by_label("Model")
+    box = page.get_by_role("textbox", name="Model")
     box.fill("/no/such/model.gguf")
-    page.get_by_role("button", name="Load").click()
+    page.get_by_role("button", name="Load", exact=True).click()
     page.get_by_text("GGUF file not found").wait_for(timeout=60_000)
     body = page.inner_text("body")
     assert "Traceback" not in body

@@ -35,13 +35,12 @@ with user_errors():
         wb = workbench(current_model_spec())
     s = wb.summary()
     st.subheader(s["name"])
-    cols = st.columns(5)
-    cols[0].metric("Family", s["family"])
-    cols[1].metric("Layers × neurons", f"{s['layers']} × {s['neurons_per_layer']:,}")
-    cols[2].metric("Parameters", f"{s['parameters'] / 1e6:,.1f}M")
-    cols[3].metric("Device", s["device"])
-    cols[4].metric("Dtype", s["dtype"])
-    st.caption(f"{s['neurons_total']:,} FFN neurons in all · hidden size {s['d_model']} · "
+    cols = st.columns(4)
+    cols[0].metric("Layers × neurons", f"{s['layers']} × {s['neurons_per_layer']:,}")
+    cols[1].metric("Parameters", f"{s['parameters'] / 1e6:,.1f}M")
+    cols[2].metric("Device", s["device"])
+    cols[3].metric("Dtype", s["dtype"])
+    st.caption(f"family `{s['family']}` · {s['neurons_total']:,} FFN neurons in all · hidden size {s['d_model']} · "
                f"vocabulary {s['vocab_size']:,} · spec `{s['spec']}`")
 
 st.header("Corpus")
