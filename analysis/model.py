@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from analysis.arch import ArchAdapter, SUPPORTED_FAMILIES, adapter_for
+from analysis.arch import ArchAdapter, SUPPORTED_FAMILIES, adapter_for, resolve
 from analysis.errors import ModelSpecError, UnsupportedArchitectureError
 
 EMBEDDED = "embedded"
@@ -64,6 +64,7 @@ class Workbench:
     name: str
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     load_seconds: float = 0.0
+    _tracer: Any = field(default=None, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -91,6 +92,23 @@ class Workbench:
                 seen.add(id(p))
                 total += p.numel()
         return total
+
+    def base_model(self) -> tuple[torch.nn.Module, str]:
+        """The decoder stack without the LM head, and the layers' path inside it.
+
+        Traces that need no logits run this module, so the LM head (262k
+        vocabulary rows for the embedded model) is never computed for them.
+        """
+        parent, _, layers = self.arch.layers.rpartition(".")
+        return (resolve(self.model, parent) if parent else self.model), layers
+
+    def tracer(self):
+        """nnsight wrapper of :meth:`base_model` (built once). Hold ``self.lock`` while tracing."""
+        if self._tracer is None:
+            from nnsight import NNsight
+
+            self._tracer = NNsight(self.base_model()[0])
+        return self._tracer
 
     def summary(self) -> dict[str, Any]:
         """Plain-data description (safe to cache, print or show)."""
