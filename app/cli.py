@@ -12,6 +12,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import typer
 
 from analysis.errors import InputError, NeuroglotError
@@ -94,6 +95,74 @@ def corpus(corpus: str = typer.Option("demo", "--corpus", "-c",
     typer.echo(f"{corp.name}: {len(corp):,} prompts, {corp.rows['fact_id'].nunique():,} facts, "
                f"{len(corp.relations)} relations, {len(corp.languages)} languages")
     typer.echo(table.to_string())
+
+
+@cli.command()
+@user_errors
+def neurons(model: str = ModelOpt,
+            corpus: str = typer.Option("demo", "--corpus", "-c", help="Corpus spec (see `neuroglot corpus`)."),
+            languages: str = typer.Option("en,zh", "--languages", "-l", help="Comma-separated, at least two."),
+            beta: float = typer.Option(0.1, "--beta", "-b", help="Eq. 5 threshold β in [0, 1]."),
+            out: Path = typer.Option(..., "--out", "-o", help="Run folder to write (reused if the request is the same)."),
+            positions: str = typer.Option("all", "--positions", help="Tokens counted: all, subject or last."),
+            text: str = typer.Option("statement", "--text", help="statement (full sentence, as the paper) or prompt."),
+            relations: Optional[str] = typer.Option(None, "--relations", "-r", help="Comma-separated relation ids."),
+            max_facts: Optional[int] = typer.Option(None, "--max-facts", help="Facts per relation (sampled, seed 0)."),
+            aligned: bool = typer.Option(True, "--aligned/--all-facts", help="Keep only facts present in every language."),
+            batch_size: int = typer.Option(32, "--batch-size"),
+            png: bool = typer.Option(True, "--png/--no-png", help="Also write PNG figures (needs Chromium)."),
+            device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
+    """Neuron atlas: count activations, find factual / language-agnostic / language-specific neurons, write figures."""
+    from tqdm import tqdm
+
+    from analysis import figures
+    from analysis import neurons as nr
+    from analysis.model import load_model
+    from data import load_corpus
+
+    langs = split_languages(languages) or []
+    if len(langs) < 2:
+        raise InputError("--languages needs at least two languages, e.g. en,zh.")
+    nr._check_beta(beta)
+    if positions not in nr.POSITIONS:
+        raise InputError(f"--positions must be one of {', '.join(nr.POSITIONS)}.")
+    corp = load_corpus(corpus, languages=langs, relations=split_languages(relations), max_facts=max_facts)
+    if aligned:
+        corp = corp.aligned(langs)
+    wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    with tqdm(total=1, unit="text", desc="tracing") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        counts, folder, reused = nr.atlas_counts(wb, corp, langs, positions=positions, text=text, folder=out,
+                                                 batch_size=batch_size, progress=progress)
+    typer.echo(f"{'read' if reused else 'wrote'} counts: {folder} "
+               f"({', '.join(f'{l}: {n:,} tokens' for l, n in zip(counts.languages, counts.tokens))})")
+    table = nr.neuron_set_table(counts, beta)
+    table.to_csv(folder / f"neurons_per_layer_beta{beta:g}.csv", index=False)
+    nr.neuron_list(counts, beta).to_parquet(folder / f"neurons_beta{beta:g}.parquet", index=False)
+    factual = nr.factual_neurons(counts, beta)
+    sweep = nr.beta_sweep(counts)
+    sweep.to_csv(folder / "beta_sweep.csv", index=False)
+    figs = {
+        f"neurons_per_layer_beta{beta:g}": figures.neurons_per_layer(table, counts.n_neurons),
+        f"overlap_beta{beta:g}": figures.overlap_heatmap(nr.jaccard_overlap(factual)),
+        f"overlap_by_layer_beta{beta:g}": figures.overlap_by_layer(nr.overlap_by_layer(factual)),
+        "beta_sweep": figures.beta_sweep(sweep, counts.n_neurons),
+        "lape": figures.lape_distribution(nr.lape(counts), np.logical_or.reduce(
+            list(nr.lape_specific_neurons(counts).values()))),
+    }
+    for name, fig in figs.items():
+        figures.save_figure(fig, folder / name, formats=("html", "png") if png else ("html",))
+    wide = table.pivot(index="layer", columns="set", values="count")
+    typer.echo(wide.to_string())
+    lafn = wide[nr.LAFN]
+    top = lafn.sort_values(ascending=False).head(3)
+    typer.echo(f"LAFNs (β={beta:g}) peak at layer(s) {', '.join(str(i) for i in top.index)} "
+               f"({', '.join(f'{v:,}' for v in top.values)} of {counts.n_neurons:,} neurons)")
+    typer.echo(f"figures: {', '.join(sorted(figs))} → {folder}")
 
 
 @cli.command()

@@ -11,5 +11,6 @@ st.set_page_config(page_title="Neuroglot", page_icon="🧠", layout="wide")
 
 navigation = st.navigation([
     st.Page(str(PAGES / "home.py"), title="Home", icon="🏠", default=True),
+    st.Page(str(PAGES / "atlas.py"), title="Neuron atlas", icon="🗺️", url_path="atlas"),
 ])
 navigation.run()

@@ -1,0 +1,159 @@
+"""Neuron atlas: factual, language-agnostic and language-specific neurons per layer
+(papers/lu-lafns.md §3.2, Figure 1), for any model and any set of languages."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from analysis import figures
+from analysis import neurons as nr
+from app.state import corpus_rows, current_corpus_spec, current_model_spec, user_errors, workbench
+
+st.title("Neuron atlas")
+st.caption("Eq. 4 counts how often each FFN neuron fires (> 0) on each language's facts; Eq. 5 keeps a "
+           "language's factual neurons (n / max > β); Eq. 6 intersects them into the language-agnostic "
+           "factual neurons (LAFNs). Language-specific neurons are factual in one chosen language only.")
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def atlas(model_spec: str, corpus_spec: str, languages: tuple[str, ...], relations: tuple[str, ...],
+          positions: str, text: str, max_facts: int, _progress=None) -> nr.NeuronCounts:
+    """Counts for one request; also kept in a run folder on disk, so a restart reads them back."""
+    from data import load_corpus
+
+    corp = load_corpus(corpus_spec, languages=list(languages), relations=list(relations) or None,
+                       max_facts=max_facts).aligned(list(languages))
+    counts, _, _ = nr.atlas_counts(workbench(model_spec), corp, list(languages), positions=positions, text=text,
+                                   progress=_progress)
+    return counts
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def drilldown(model_spec: str, corpus_spec: str, languages: tuple[str, ...], text: str, layer: int,
+              neuron: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from data import load_corpus
+
+    wb = workbench(model_spec)
+    corp = load_corpus(corpus_spec, languages=list(languages))
+    return (nr.top_activating_texts(wb, corp, layer, neuron, languages, k=5, text=text, max_texts=200),
+            nr.neuron_top_tokens(wb, layer, neuron, k=12))
+
+
+def downloads(fig, stem: str, table: pd.DataFrame | None = None) -> None:
+    cols = st.columns(3)
+    if table is not None:
+        cols[0].download_button("CSV", table.to_csv(index=False).encode(), f"{stem}.csv", "text/csv",
+                                key=f"csv-{stem}")
+    cols[1].download_button("HTML", fig.to_html(include_plotlyjs=True).encode(), f"{stem}.html", "text/html",
+                            key=f"html-{stem}")
+    if cols[2].button("PNG", key=f"png-{stem}", help="Render a PNG (takes a few seconds)"):
+        with user_errors():
+            st.session_state[f"png-{stem}"] = figures.figure_to_png_bytes(fig)
+    if png := st.session_state.get(f"png-{stem}"):
+        cols[2].download_button("Save PNG", png, f"{stem}.png", "image/png", key=f"png-dl-{stem}")
+
+
+with user_errors():
+    model_spec, corpus_spec = current_model_spec(), current_corpus_spec()
+    _, rows = corpus_rows(corpus_spec)
+    all_languages = sorted(rows["language"].unique())
+    all_relations = sorted(rows["relation"].unique())
+
+    with st.form("atlas-request"):
+        c1, c2 = st.columns([2, 3])
+        default_langs = [lang for lang in ("en", "zh") if lang in all_languages] or all_languages[:2]
+        languages = c1.multiselect("Languages (at least two)", all_languages, default=default_langs)
+        relations = c2.multiselect("Relations (empty = all)", all_relations)
+        c3, c4, c5 = st.columns(3)
+        positions = c3.radio("Tokens counted", nr.POSITIONS, horizontal=True,
+                             help="all: every token (the paper); subject: the subject's tokens; last: the last token.")
+        text = c4.radio("Text", nr.TEXTS, horizontal=True,
+                        help="statement: the full fact sentence (the paper); prompt: cut before the object.")
+        max_facts = c5.number_input("Facts per relation", min_value=1, max_value=100_000, value=10,
+                                    help="Facts sampled per relation (seed 0), aligned across the languages.")
+        submitted = st.form_submit_button("Run", type="primary")
+    if submitted:
+        st.session_state["atlas_request"] = (tuple(languages), tuple(relations), positions, text, int(max_facts))
+
+    request = st.session_state.get("atlas_request")
+    if request is None:
+        st.info("Choose languages and press **Run**. Counting 10 facts per relation in two languages takes "
+                "about a minute on a laptop CPU with the embedded model; results are cached.")
+        st.stop()
+    languages, relations, positions, text, max_facts = request
+    if len(languages) < 2:
+        st.error("Choose at least two languages.")
+        st.stop()
+
+    with st.status("Tracing neuron activations...", expanded=False) as status:
+        bar = st.progress(0.0)
+
+        def progress(done: int, total: int) -> None:
+            bar.progress(done / max(total, 1), text=f"{done:,} / {total:,} texts")
+
+        counts = atlas(model_spec, corpus_spec, languages, relations, positions, text, max_facts, _progress=progress)
+        bar.progress(1.0)
+        status.update(label=f"Counted {', '.join(f'{l}: {n:,} tokens' for l, n in zip(counts.languages, counts.tokens))}"
+                      f" · {counts.n_layers} layers × {counts.n_neurons:,} neurons", state="complete")
+
+    beta = st.slider("β (Eq. 5 threshold)", 0.0, 1.0, 0.1, 0.05,
+                     help="A neuron is factual in a language when its count / the layer's max count > β.")
+    table = nr.neuron_set_table(counts, beta)
+    factual = nr.factual_neurons(counts, beta)
+    wide = table.pivot(index="layer", columns="set", values="count")
+    peak = wide[nr.LAFN].idxmax()
+    st.markdown(f"**LAFNs at β = {beta:g}:** {int(wide[nr.LAFN].sum()):,} neurons in all; the most in layer "
+                f"**{peak}** ({int(wide[nr.LAFN].max()):,} of {counts.n_neurons:,}).")
+
+    tabs = st.tabs(["Neurons per layer", "Overlap", "β sweep", "LAPE", "Neuron drill-down"])
+    with tabs[0]:
+        fig = figures.neurons_per_layer(table, counts.n_neurons)
+        st.plotly_chart(fig, width="stretch", key="per-layer")
+        downloads(fig, f"neurons_per_layer_beta{beta:g}", table)
+    with tabs[1]:
+        layer_pick = st.selectbox("Layer", ["all layers"] + list(range(counts.n_layers)))
+        jac = nr.jaccard_overlap(factual, None if layer_pick == "all layers" else int(layer_pick))
+        fig = figures.overlap_heatmap(jac)
+        st.plotly_chart(fig, width="stretch", key="overlap")
+        downloads(fig, "overlap", jac.reset_index(names="language"))
+        by_layer = nr.overlap_by_layer(factual)
+        fig = figures.overlap_by_layer(by_layer)
+        st.plotly_chart(fig, width="stretch", key="overlap-layer")
+        downloads(fig, "overlap_by_layer", by_layer)
+    with tabs[2]:
+        sweep = nr.beta_sweep(counts)
+        fig = figures.beta_sweep(sweep, counts.n_neurons)
+        st.plotly_chart(fig, width="stretch", key="sweep")
+        downloads(fig, "beta_sweep", sweep)
+    with tabs[3]:
+        specific = nr.lape_specific_neurons(counts)
+        fig = figures.lape_distribution(nr.lape(counts), np.logical_or.reduce(list(specific.values())))
+        st.plotly_chart(fig, width="stretch", key="lape")
+        st.caption("LAPE (Tang et al., 2024): entropy of a neuron's activation probabilities across the chosen "
+                   "languages; low = language-specific. " +
+                   " · ".join(f"{lang}: {int(m.sum()):,} LAPE-specific" for lang, m in specific.items()))
+        downloads(fig, "lape")
+    with tabs[4]:
+        neuron_table = nr.neuron_list(counts, beta)
+        c1, c2 = st.columns(2)
+        set_pick = c1.selectbox("Neuron set", [nr.LAFN] + list(languages) + [f"specific:{l}" for l in languages])
+        layer_filter = c2.selectbox("Layer ", ["all"] + list(range(counts.n_layers)), index=1 + int(peak))
+        shown = neuron_table[neuron_table["set"] == set_pick]
+        if layer_filter != "all":
+            shown = shown[shown["layer"] == int(layer_filter)]
+        count_cols = [f"n_{l}" for l in languages]
+        shown = shown.assign(total=shown[count_cols].sum(axis=1)).sort_values("total", ascending=False).head(500)
+        st.caption(f"{len(shown):,} neurons shown (most active first). Select a row to open its drill-down.")
+        event = st.dataframe(shown, hide_index=True, width="stretch", on_select="rerun",
+                             selection_mode="single-row", key="neuron-table")
+        st.download_button("CSV of this set", shown.to_csv(index=False).encode(), f"{set_pick}.csv", "text/csv")
+        picked = event.selection.rows if event is not None else []
+        if picked:
+            row = shown.iloc[picked[0]]
+            layer, neuron = int(row["layer"]), int(row["neuron"])
+            with st.spinner(f"Reading neuron L{layer}.{neuron}..."):
+                top_prompts, top_tokens = drilldown(model_spec, corpus_spec, languages, text, layer, neuron)
+            fig = figures.neuron_drilldown(top_prompts, top_tokens, layer, neuron)
+            st.plotly_chart(fig, width="stretch", key="drill")
+            downloads(fig, f"neuron_L{layer}_{neuron}", top_prompts)

@@ -1,0 +1,376 @@
+"""analysis.figures: every figure on small synthetic tables, input checks, export to HTML and PNG."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from analysis import figures
+from analysis.errors import InputError, NeuroglotError
+from analysis.figures import (
+    LAFN,
+    LAFN_COLOUR,
+    beta_sweep,
+    figure_to_png_bytes,
+    language_colour,
+    lape_distribution,
+    neuron_drilldown,
+    neurons_per_layer,
+    overlap_by_layer,
+    overlap_heatmap,
+    save_figure,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+N_LAYERS, N_NEURONS = 6, 100
+LANGUAGES = ["en", "zh", "ar"]
+
+
+def traces_by_name(fig: go.Figure) -> dict[str, go.BaseTraceType]:
+    return {t.name: t for t in fig.data}
+
+
+def _png_possible_or_skip() -> None:
+    """PNG needs a Chrome for kaleido; skip only on a dev machine without one, never in CI."""
+    if not Path("/usr/bin/chromium").exists() and not os.environ.get("CI") and not os.environ.get("BROWSER_PATH"):
+        pytest.skip("no /usr/bin/chromium for kaleido's PNG export (CI unset)")
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def per_layer() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for layer in range(N_LAYERS):
+        counts = {lang: int(rng.integers(20, 90)) for lang in LANGUAGES}
+        for lang, c in counts.items():
+            rows.append((layer, lang, c))
+        rows.append((layer, LAFN, min(counts.values()) // 2 + (30 if layer == 3 else 0)))
+        rows.append((layer, "specific:en", int(rng.integers(0, 10))))
+    return pd.DataFrame(rows, columns=["layer", "set", "count"])
+
+
+@pytest.fixture
+def jaccard() -> pd.DataFrame:
+    m = np.array([[1.0, 0.42, 0.31], [0.42, 1.0, 0.27], [0.31, 0.27, 1.0]])
+    return pd.DataFrame(m, index=LANGUAGES, columns=LANGUAGES)
+
+
+@pytest.fixture
+def drill() -> tuple[pd.DataFrame, pd.DataFrame]:
+    long = "The capital of France is Paris, a city on the Seine that has been the country's capital for ages."
+    prompts = pd.DataFrame({
+        "language": ["en", "zh", "en", "ar", "zh"],
+        "text": [
+            long, "法国的首都是巴黎。", "Paris is in France.", "عاصمة فرنسا هي باريس", "巴黎是法国的首都。",
+        ],
+        "activation": [3.5, 2.25, 4.0, 1.5, 2.75],
+        "token": [" Paris", "巴黎", " France", "باريس", "\n"],
+    })
+    tokens = pd.DataFrame({
+        "token": [" Paris", " Berlin", "巴黎", " the", " <b>"],
+        "logit": [5.5, 4.25, 6.0, -2.0, -3.5],
+        "direction": ["promoted", "promoted", "promoted", "suppressed", "suppressed"],
+    })
+    return prompts, tokens
+
+
+# --------------------------------------------------------------------------- colours
+
+
+def test_language_colours_are_fixed_and_lafn_is_distinct():
+    assert language_colour("en") == language_colour("en") == language_colour("EN") == language_colour("en-US")
+    assert language_colour("specific:zh") == language_colour("zh")
+    assert language_colour(LAFN) == LAFN_COLOUR
+    assert LAFN_COLOUR not in figures.LANGUAGE_COLOURS.values()
+    # unknown codes still get a stable colour (crc32, not Python's salted hash)
+    assert language_colour("xx_Qaaa") == language_colour("xx_Qaaa")
+    assert len({language_colour(c) for c in ["en", "zh", "de", "fr", "es", "ja", "ru", "ar"]}) == 8
+
+
+# --------------------------------------------------------------------------- Figure 1
+
+
+def test_neurons_per_layer_traces_and_counts(per_layer):
+    fig = neurons_per_layer(per_layer, N_NEURONS)
+    by_name = traces_by_name(fig)
+    assert set(by_name) == set(LANGUAGES) | {LAFN, "specific:en"}
+    assert fig.layout.template.layout.paper_bgcolor is not None  # plotly_white applied
+    assert "0-based" in fig.layout.xaxis.title.text
+    for name, trace in by_name.items():
+        expected = per_layer[per_layer["set"] == name].sort_values("layer")
+        assert list(trace.x) == expected["layer"].tolist()
+        assert list(trace.y) == expected["count"].tolist()
+        np.testing.assert_allclose(trace.customdata, 100 * expected["count"].to_numpy() / N_NEURONS)
+        assert "%" in trace.hovertemplate
+    assert isinstance(by_name[LAFN], go.Bar) and by_name[LAFN].marker.color == LAFN_COLOUR
+    assert by_name["en"].mode == "lines+markers" and by_name["en"].line.color == language_colour("en")
+    assert by_name["specific:en"].line.dash == "dash"
+    assert by_name["specific:en"].line.color == language_colour("en")
+    assert fig.data[0].name == LAFN  # bars behind the lines
+    peak = [a for a in fig.layout.annotations if "peak" in a.text]
+    assert len(peak) == 1 and peak[0].x == 3
+
+
+def test_neurons_per_layer_any_number_of_languages():
+    langs = [f"l{i}" for i in range(12)]
+    table = pd.DataFrame([(layer, lang, layer + i) for layer in range(3) for i, lang in enumerate(langs)],
+                         columns=["layer", "set", "count"])
+    fig = neurons_per_layer(table, 50, title="custom")
+    assert [t.name for t in fig.data] == langs
+    assert fig.layout.title.text == "custom"
+
+
+@pytest.mark.parametrize("bad, match", [
+    (pd.DataFrame(columns=["layer", "set", "count"]), "empty"),
+    (pd.DataFrame({"layer": [0], "set": ["en"]}), "missing column"),
+    (pd.DataFrame({"layer": [0, 0], "set": ["en", "en"], "count": [1, 2]}), "more than one row"),
+    (pd.DataFrame({"layer": [0], "set": ["en"], "count": [500]}), "exceeds n_neurons"),
+    (pd.DataFrame({"layer": [0.5], "set": ["en"], "count": [5]}), "whole numbers"),
+    (pd.DataFrame({"layer": [0], "set": ["en"], "count": ["many"]}), "finite numbers"),
+    ([1, 2, 3], "DataFrame"),
+])
+def test_neurons_per_layer_rejects_bad_input(bad, match):
+    with pytest.raises(InputError, match=match):
+        neurons_per_layer(bad, N_NEURONS)
+
+
+def test_neurons_per_layer_rejects_bad_n_neurons(per_layer):
+    for n in (0, -3, 2.5, True):
+        with pytest.raises(InputError, match="n_neurons"):
+            neurons_per_layer(per_layer, n)
+
+
+# --------------------------------------------------------------------------- overlaps
+
+
+def test_overlap_heatmap_matrix(jaccard):
+    fig = overlap_heatmap(jaccard)
+    (hm,) = fig.data
+    assert isinstance(hm, go.Heatmap)
+    np.testing.assert_array_equal(np.asarray(hm.z), jaccard.to_numpy())
+    assert list(hm.x) == list(hm.y) == LANGUAGES
+    assert (hm.zmin, hm.zmax) == (0.0, 1.0)
+    assert hm.texttemplate and "%{z" in hm.hovertemplate
+
+
+def test_overlap_heatmap_reorders_columns_to_index(jaccard):
+    shuffled = jaccard[["ar", "en", "zh"]]
+    np.testing.assert_array_equal(np.asarray(overlap_heatmap(shuffled).data[0].z), jaccard.to_numpy())
+
+
+@pytest.mark.parametrize("bad, match", [
+    (pd.DataFrame(), "empty"),
+    (pd.DataFrame([[1.0, 0.5]], index=["en"], columns=["en", "zh"]), "square"),
+    (pd.DataFrame([[1.0, 1.5], [1.5, 1.0]], index=["en", "zh"], columns=["en", "zh"]), "between 0 and 1"),
+    (np.eye(2), "DataFrame"),
+])
+def test_overlap_heatmap_rejects_bad_input(bad, match):
+    with pytest.raises(InputError, match=match):
+        overlap_heatmap(bad)
+
+
+def test_overlap_by_layer_lines():
+    table = pd.DataFrame({
+        "layer": [0, 1, 2, 0, 1, 2],
+        "pair": ["en–zh"] * 3 + ["en–ar"] * 3,
+        "jaccard": [0.1, 0.5, 0.3, 0.2, 0.25, 0.4],
+    })
+    fig = overlap_by_layer(table)
+    by_name = traces_by_name(fig)
+    assert set(by_name) == {"en–zh", "en–ar"}
+    assert list(by_name["en–zh"].y) == [0.1, 0.5, 0.3]
+    assert list(by_name["en–ar"].x) == [0, 1, 2]
+    assert by_name["en–zh"].line.color != by_name["en–ar"].line.color
+    with pytest.raises(InputError, match="missing column"):
+        overlap_by_layer(table.drop(columns="pair"))
+    with pytest.raises(InputError, match="empty"):
+        overlap_by_layer(table.iloc[:0])
+    with pytest.raises(InputError, match="between 0 and 1"):
+        overlap_by_layer(table.assign(jaccard=2.0))
+
+
+# --------------------------------------------------------------------------- β sweep (Table 5)
+
+
+def test_beta_sweep_heatmap():
+    betas = [0.0, 0.1, 0.5, 0.9]
+    layers = [11, 12, 13, 31]  # the layers Table 5 edits: a categorical axis keeps them side by side
+    rows = [(b, layer, int(1000 * (1 - b)) + layer) for b in betas for layer in layers]
+    table = pd.DataFrame(rows, columns=["beta", "layer", "count"]).sample(frac=1, random_state=1)
+    fig = beta_sweep(table, 14336)
+    (hm,) = fig.data
+    expected = np.array([[int(1000 * (1 - b)) + layer for layer in layers] for b in betas], dtype=float)
+    np.testing.assert_array_equal(np.asarray(hm.z, dtype=float), expected)
+    assert list(hm.y) == ["0", "0.1", "0.5", "0.9"] and list(hm.x) == layers
+    np.testing.assert_allclose(np.asarray(hm.customdata, dtype=float), 100 * expected / 14336)
+    assert hm.text[0][0].startswith(f"{int(expected[0, 0]):,d}")
+    assert fig.layout.xaxis.type == "category" and fig.layout.yaxis.autorange == "reversed"
+
+
+def test_beta_sweep_leaves_missing_cells_empty_and_validates():
+    table = pd.DataFrame({"beta": [0.1, 0.1, 0.9], "layer": [0, 1, 0], "count": [10, 20, 3]})
+    hm = beta_sweep(table, 100).data[0]
+    z = np.asarray(hm.z, dtype=float)
+    assert z[0].tolist() == [10, 20] and z[1, 0] == 3 and np.isnan(z[1, 1]) and hm.text[1][1] == ""
+    with pytest.raises(InputError, match="missing column"):
+        beta_sweep(table.drop(columns="beta"), 100)
+    with pytest.raises(InputError, match="empty"):
+        beta_sweep(table.iloc[:0], 100)
+    with pytest.raises(InputError, match="more than one row"):
+        beta_sweep(pd.concat([table, table]), 100)
+
+
+# --------------------------------------------------------------------------- LAPE
+
+
+def test_lape_distribution_boxes_and_specific_counts():
+    rng = np.random.default_rng(1)
+    lape = rng.uniform(0, np.log(3), size=(N_LAYERS, 200))
+    lape[2, :50] = np.nan  # never-activated neurons
+    mask = lape < 0.2
+    fig = lape_distribution(lape, mask)
+    by_name = traces_by_name(fig)
+    box, bars = by_name["LAPE"], by_name["language-specific neurons"]
+    assert list(box.x) == list(range(N_LAYERS))
+    np.testing.assert_allclose(box.median, np.nanmedian(lape, axis=1))
+    np.testing.assert_allclose(box.q1, np.nanpercentile(lape, 25, axis=1))
+    assert all(lo <= q1 <= med <= q3 <= hi for lo, q1, med, q3, hi in
+               zip(box.lowerfence, box.q1, box.median, box.q3, box.upperfence))
+    assert list(bars.y) == mask.sum(axis=1).tolist()
+    assert bars.yaxis == "y2"
+    assert len(lape_distribution(lape).data) == 1
+
+
+def test_lape_distribution_rejects_bad_input():
+    with pytest.raises(InputError, match="2-D"):
+        lape_distribution(np.zeros(5))
+    with pytest.raises(InputError, match="2-D"):
+        lape_distribution(np.zeros((0, 4)))
+    with pytest.raises(InputError, match="finite"):
+        lape_distribution(np.full((2, 3), np.nan))
+    with pytest.raises(InputError, match="specific_mask"):
+        lape_distribution(np.zeros((2, 3)), np.zeros((3, 2), dtype=bool))
+    with pytest.raises(InputError, match="specific_mask"):
+        lape_distribution(np.zeros((2, 3)), np.zeros((2, 3)))
+
+
+# --------------------------------------------------------------------------- neuron drill-down
+
+
+def test_neuron_drilldown_two_panels(drill):
+    prompts, tokens = drill
+    fig = neuron_drilldown(prompts, tokens, layer=7, neuron=4711)
+    assert "7" in fig.layout.title.text and "4711" in fig.layout.title.text
+    left = [t for t in fig.data if t.xaxis == "x"]
+    right = [t for t in fig.data if t.xaxis == "x2"]
+    assert left and right and len(left) + len(right) == len(fig.data)
+    assert [t.name for t in left] == ["en", "zh", "ar"]
+    assert {t.name for t in right} == {"promoted", "suppressed"}
+    assert all(t.orientation == "h" for t in fig.data)
+
+    by_name = traces_by_name(fig)
+    assert list(by_name["en"].x) == [4.0, 3.5]  # strongest first within a language
+    assert list(by_name["zh"].x) == [2.75, 2.25]
+    assert by_name["en"].marker.color == language_colour("en")
+    # labels cut to ~60 characters, the full text in the hover
+    long_label = by_name["en"].y[1]
+    assert long_label.startswith("[en] The capital of France") and long_label.endswith("…")
+    assert len(long_label) <= len("[en] ") + 60
+    assert "ages." in by_name["en"].customdata[1][0]
+    assert by_name["zh"].y[1] == "[zh] 法国的首都是巴黎。"
+    assert "\\n" in by_name["zh"].customdata[0][1]  # a newline token is shown escaped
+
+    assert list(by_name["promoted"].x) == [6.0, 5.5, 4.25]
+    assert list(by_name["suppressed"].x) == [-2.0, -3.5]
+    assert list(by_name["promoted"].y) == ["“巴黎”", "“ Paris”", "“ Berlin”"]
+    assert by_name["suppressed"].y[1] == "“ &lt;b&gt;”"  # HTML-like tokens show literally
+    # first prompt / strongest promoted token on top (categorical axes start at the bottom)
+    assert fig.layout.yaxis.categoryarray[-1] == by_name["en"].y[0]
+    assert fig.layout.yaxis2.categoryarray[-1] == "“巴黎”"
+    assert fig.layout.yaxis2.categoryarray[0] == "“ &lt;b&gt;”"
+
+
+def test_neuron_drilldown_keeps_repeated_prompts_apart(drill):
+    prompts, tokens = drill
+    twice = pd.concat([prompts.iloc[[1]], prompts.iloc[[1]].assign(activation=1.0)])
+    fig = neuron_drilldown(twice, tokens, 0, 0)
+    assert len(set(traces_by_name(fig)["zh"].y)) == 2
+
+
+def test_neuron_drilldown_rejects_bad_input(drill):
+    prompts, tokens = drill
+    with pytest.raises(InputError, match="top-prompts table is empty"):
+        neuron_drilldown(prompts.iloc[:0], tokens, 0, 0)
+    with pytest.raises(InputError, match="top-tokens table is missing"):
+        neuron_drilldown(prompts, tokens.drop(columns="direction"), 0, 0)
+    with pytest.raises(InputError, match="promoted"):
+        neuron_drilldown(prompts, tokens.assign(direction="up"), 0, 0)
+    with pytest.raises(InputError, match="neuron"):
+        neuron_drilldown(prompts, tokens, 0, -1)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_save_figure_html_and_png(tmp_path, per_layer):
+    _png_possible_or_skip()
+    fig = neurons_per_layer(per_layer, N_NEURONS)
+    start = time.perf_counter()
+    written = save_figure(fig, tmp_path / "sub" / "fig1_beta_0.1")
+    elapsed = time.perf_counter() - start
+    html_path, png_path = tmp_path / "sub" / "fig1_beta_0.1.html", tmp_path / "sub" / "fig1_beta_0.1.png"
+    assert written == [html_path, png_path]  # the ".1" is not taken for a suffix
+    html = html_path.read_text(encoding="utf-8")
+    assert len(html) > 1_000_000 and '<script src="http' not in html  # plotly.js embedded: opens offline
+    assert png_path.read_bytes().startswith(PNG_MAGIC)
+    assert elapsed < 30
+
+
+def test_figure_to_png_bytes(drill):
+    _png_possible_or_skip()
+    prompts, tokens = drill
+    data = figure_to_png_bytes(neuron_drilldown(prompts, tokens, 1, 2))  # CJK/Arabic labels
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+def test_save_figure_png_failure_keeps_html(tmp_path, monkeypatch, jaccard):
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-chrome"))
+
+    def no_chrome(*args, **kwargs):
+        raise RuntimeError("Kaleido requires Google Chrome to be installed.")
+
+    monkeypatch.setattr(go.Figure, "to_image", no_chrome)
+    with pytest.raises(NeuroglotError, match="HTML was written") as info:
+        save_figure(overlap_heatmap(jaccard), tmp_path / "heat")
+    assert "BROWSER_PATH" in str(info.value)
+    assert (tmp_path / "heat.html").stat().st_size > 0
+    assert not (tmp_path / "heat.png").exists()
+    with pytest.raises(NeuroglotError, match="PNG export failed"):
+        figure_to_png_bytes(overlap_heatmap(jaccard))
+
+
+def test_save_figure_html_only_and_bad_format(tmp_path, jaccard):
+    assert save_figure(overlap_heatmap(jaccard), tmp_path / "h", formats=("html",)) == [tmp_path / "h.html"]
+    with pytest.raises(InputError, match="Unknown figure format"):
+        save_figure(overlap_heatmap(jaccard), tmp_path / "x", formats=("gif",))
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_browser_path_defaults_to_system_chromium(monkeypatch):
+    monkeypatch.delenv("BROWSER_PATH", raising=False)
+    figures._use_system_chromium()
+    if Path("/usr/bin/chromium").exists():
+        assert os.environ["BROWSER_PATH"] == "/usr/bin/chromium"
+    else:
+        assert "BROWSER_PATH" not in os.environ
+    monkeypatch.setenv("BROWSER_PATH", "/opt/my-chrome")
+    figures._use_system_chromium()
+    assert os.environ["BROWSER_PATH"] == "/opt/my-chrome"
