@@ -96,3 +96,33 @@ def test_bad_model_spec_shows_error_and_keeps_model(app_url, browser):
     assert "Traceback" not in body
     assert "18 × 2,048" in body  # the previously loaded model is still there
     page.close()
+
+
+def test_neuron_atlas_page_runs_and_drills_down(app_url, browser):
+    """Run a small atlas in the browser, see Figure 1, switch β, open a neuron's drill-down."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_url + "/atlas")
+    page.get_by_role("button", name="Run", exact=True).wait_for(timeout=120_000)
+    facts = page.get_by_role("spinbutton", name="Facts per relation")
+    facts.fill("1")
+    facts.press("Enter")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("LAFNs at β = 0.1").wait_for(timeout=300_000)
+    body = page.inner_text("body")
+    assert "Traceback" not in body
+    assert "Counted en:" in body
+    # Figure 1 is drawn: a plotly chart with the LAFN bars and one line per language
+    page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+    legend = page.locator(".js-plotly-plot .legend").first.text_content()
+    assert "LAFN" in legend and "en" in legend and "zh" in legend
+    page.screenshot(path=str(Path(os.environ.get("NEUROGLOT_SHOTS", "/tmp")) / "atlas.png"))
+    # drill-down: select the first neuron of the table
+    page.get_by_role("tab", name="Neuron drill-down").click()
+    table = page.locator("[data-testid='stDataFrame']").first
+    table.wait_for(timeout=60_000)
+    box = table.bounding_box()
+    # the row-selection checkbox column sits at the left edge of the first data row
+    page.mouse.click(box["x"] + 15, box["y"] + 55)
+    page.get_by_text("promoted").first.wait_for(timeout=120_000)
+    assert "Traceback" not in page.inner_text("body")
+    page.close()
