@@ -21,12 +21,16 @@ tokens; or only the last token.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
 import platform
 import tempfile
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -37,11 +41,14 @@ import torch
 
 from analysis.arch import resolve
 from analysis.errors import InputError, NeuroglotError
-from analysis.tokens import encode
+from analysis.tokens import encode, position_ids
 
 POSITIONS = ("all", "subject", "last")
 TEXTS = ("statement", "prompt")
 LAFN = "LAFN"
+#: Bumped when count_activations changes what it counts, so older run folders are not reused.
+#: 2: position ids follow the attention mask; subjects are found in the prompt part of a statement.
+COUNTING_VERSION = 2
 
 Progress = Callable[[int, int], None]
 
@@ -66,6 +73,8 @@ class NeuronCounts:
         self.texts = np.asarray(self.texts, dtype=np.int64)
         if self.counts.ndim != 3 or self.counts.shape[0] != len(self.languages):
             raise ValueError("counts must be [n_languages, n_layers, n_neurons]")
+        if self.tokens.shape != (len(self.languages),) or self.texts.shape != (len(self.languages),):
+            raise ValueError("tokens and texts must hold one number per language")
 
     @property
     def n_layers(self) -> int:
@@ -114,12 +123,14 @@ class NeuronCounts:
             manifest = json.loads((folder / "manifest.json").read_text())
             with np.load(folder / "counts.npz") as z:
                 counts, tokens, texts = z["counts"], z["tokens"], z["texts"]
+            meta = {k: v for k, v in manifest.items()
+                    if k not in ("languages", "positions", "shape", "tokens", "texts")}
+            return cls(list(manifest["languages"]), counts, tokens, texts, str(manifest["positions"]), meta)
         except FileNotFoundError as exc:
             raise NeuroglotError(f"{folder} is not a neuron run folder (no manifest.json / counts.npz).") from exc
-        except (ValueError, KeyError, OSError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, OSError, EOFError,
+                zipfile.BadZipFile, zlib.error) as exc:  # truncated, overwritten or hand-edited files
             raise NeuroglotError(f"{folder} holds a damaged neuron run: {exc}") from exc
-        meta = {k: v for k, v in manifest.items() if k not in ("languages", "positions", "shape", "tokens", "texts")}
-        return cls(manifest["languages"], counts, tokens, texts, manifest["positions"], meta)
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
@@ -142,11 +153,23 @@ def _check_languages(languages: Sequence[str], at_least: int = 1) -> list[str]:
 
 def corpus_texts(corpus, language: str, text: str = "statement") -> tuple[list[str], list[str]]:
     """The texts of one language (full statements, or prompts cut before the object) and their subjects."""
+    texts, subjects, _ = _texts_with_subjects(corpus, language, text)
+    return texts, subjects
+
+
+def _texts_with_subjects(corpus, language: str, text: str) -> tuple[list[str], list[str], list[int | None]]:
+    """:func:`corpus_texts` plus, per text, where the search for its subject ends: the end of
+    the prompt inside a statement (the object may repeat the subject), else None."""
     if text not in TEXTS:
         raise InputError(f"Unknown text {text!r}: use 'statement' (the paper) or 'prompt'.")
     rows = corpus.rows[corpus.rows["language"] == language]
-    texts = corpus.statements()[rows.index] if text == "statement" else rows["prompt"]
-    return [str(t) for t in texts], [str(s) for s in rows["subject"]]
+    prompts = [str(p) for p in rows["prompt"]]
+    subjects = [str(s) for s in rows["subject"]]
+    if text == "prompt":
+        return prompts, subjects, [None] * len(prompts)
+    statements = [str(t) for t in corpus.statements()[rows.index]]
+    ends = [len(p) if t.startswith(p) else None for t, p in zip(statements, prompts)]
+    return statements, subjects, ends
 
 
 def count_activations(wb, corpus, languages: Sequence[str], positions: str = "all", text: str = "statement",
@@ -168,21 +191,24 @@ def count_activations(wb, corpus, languages: Sequence[str], positions: str = "al
     if missing:
         raise InputError(f"The corpus {corpus.name!r} has no prompts in {', '.join(missing)}; "
                          f"it has {', '.join(corpus.languages)}.")
-    per_language = {lang: corpus_texts(corpus, lang, text) for lang in languages}
-    total = sum(len(t) for t, _ in per_language.values())
+    per_language = {lang: _texts_with_subjects(corpus, lang, text) for lang in languages}
+    total = sum(len(t) for t, _, _ in per_language.values())
     n_layers, n_neurons = wb.n_layers, wb.n_neurons
     counts = np.zeros((len(languages), n_layers, n_neurons), dtype=np.int64)
     tokens = np.zeros(len(languages), dtype=np.int64)
     texts_done = np.zeros(len(languages), dtype=np.int64)
     started, done = time.perf_counter(), 0
     for li, lang in enumerate(languages):
-        texts, subjects = per_language[lang]
+        texts, subjects, ends = per_language[lang]
         order = np.argsort([len(t) for t in texts], kind="stable")
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch_texts = [texts[i] for i in idx]
-            batch_subjects = [subjects[i] for i in idx] if positions == "subject" else None
-            batch = encode(wb.tokenizer, batch_texts, batch_subjects).to(wb.device)
+            if positions == "subject":
+                batch = encode(wb.tokenizer, batch_texts, [subjects[i] for i in idx], [ends[i] for i in idx])
+            else:
+                batch = encode(wb.tokenizer, batch_texts)
+            batch = batch.to(wb.device)
             mask = batch.positions(positions)
             counts[li] += count_batch(wb, batch.input_ids, batch.attention_mask, mask)
             tokens[li] += int(mask.sum())
@@ -199,15 +225,39 @@ def count_batch(wb, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask:
     """Counts [n_layers, n_neurons] of activated neurons at the ``mask`` positions of one batch."""
     _, layers = wb.base_model()
     neuron = wb.arch.neuron
-    keep = mask[..., None]
+    counted = mask.reshape(-1).nonzero().squeeze(1)  # flat (row, token) indices of the counted positions
     per_layer: list[torch.Tensor] = []
     with wb.lock, torch.no_grad():
         nn_model = wb.tracer()
-        with nn_model.trace(input_ids=input_ids, attention_mask=attention_mask):
+        with nn_model.trace(**forward_inputs(wb, input_ids, attention_mask)):
             for i in range(wb.n_layers):  # layer order, as the forward pass
                 act = resolve(nn_model, f"{layers}.{i}.{neuron}").output
-                per_layer.append(((act > 0) & keep).sum(dim=(0, 1)).save())
-    return torch.stack([c.to("cpu") for c in per_layer]).numpy().astype(np.int64)
+                # Eq. 4 on the counted positions only (no full-size mask product); an int32 sum
+                # is exact, a batch has far fewer than 2**31 positions
+                per_layer.append(act.flatten(0, 1).index_select(0, counted).gt(0).sum(0, dtype=torch.int32).save())
+    return torch.stack(per_layer).cpu().numpy().astype(np.int64)
+
+
+def forward_inputs(wb, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+    """Keyword inputs of the base model for a padded batch.
+
+    Adds ``position_ids`` counted over the real tokens where the base model takes
+    them, so a left-padded row computes exactly what its text computes alone
+    (gpt2 and xglm add absolute positions; bloom's ALiBi already follows the mask),
+    and ``use_cache=False``: a trace never generates, so no key/value cache is kept.
+    """
+    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    accepted = _forward_parameters(type(wb.base_model()[0]))
+    if "position_ids" in accepted:
+        inputs["position_ids"] = position_ids(attention_mask)
+    if "use_cache" in accepted:
+        inputs["use_cache"] = False
+    return inputs
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(module_type: type) -> frozenset[str]:
+    return frozenset(inspect.signature(module_type.forward).parameters)
 
 
 # ---------------------------------------------------------------- neuron sets
@@ -384,10 +434,11 @@ def request_key(wb, corpus, languages: Sequence[str], positions: str, text: str)
     """A stable hash of everything that determines the counts."""
     rows = corpus.rows[corpus.rows["language"].isin(languages)]
     corpus_hash = hashlib.sha1(pd.util.hash_pandas_object(
-        rows[["fact_id", "language", "subject", "prompt", "template"]], index=False).values.tobytes()).hexdigest()
+        rows[["fact_id", "language", "subject", "object", "prompt", "template"]], index=False).values.tobytes()
+    ).hexdigest()  # the object is part of every statement
     payload = json.dumps({"model": wb.spec, "name": wb.name, "params": wb.n_params, "dtype": str(wb.dtype),
                           "corpus": corpus_hash, "languages": list(languages), "positions": positions,
-                          "text": text}, sort_keys=True)
+                          "text": text, "counting": COUNTING_VERSION}, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
@@ -407,9 +458,10 @@ def atlas_counts(wb, corpus, languages: Sequence[str], positions: str = "all", t
     manifest = folder / "manifest.json"
     if manifest.is_file():
         try:
-            if json.loads(manifest.read_text()).get("key") == key:
+            saved = json.loads(manifest.read_text())
+            if isinstance(saved, dict) and saved.get("key") == key:
                 return NeuronCounts.load(folder), folder, True
-        except (ValueError, NeuroglotError):
+        except (ValueError, OSError, NeuroglotError):
             pass  # damaged folder: recompute and overwrite
     counts = count_activations(wb, corpus, languages, positions=positions, text=text, batch_size=batch_size,
                                progress=progress)
@@ -462,7 +514,7 @@ def top_activating_texts(wb, corpus, layer: int, neuron: int, languages: Sequenc
             batch = encode(wb.tokenizer, chunk).to(wb.device)
             with wb.lock, torch.no_grad():
                 nn_model = wb.tracer()
-                with nn_model.trace(input_ids=batch.input_ids, attention_mask=batch.attention_mask) as tracer:
+                with nn_model.trace(**forward_inputs(wb, batch.input_ids, batch.attention_mask)) as tracer:
                     act = resolve(nn_model, path).output[..., neuron].save()
                     tracer.stop()  # later layers are not needed
             act = act.float().masked_fill(~batch.real, float("-inf")).cpu()

@@ -28,6 +28,11 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.real.to(device),
                      self.last.to(device), None if self.subject is None else self.subject.to(device))
 
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """[B, T] position of each token counted over its row's non-padding tokens; see :func:`position_ids`."""
+        return position_ids(self.attention_mask)
+
     def positions(self, which: str) -> torch.Tensor:
         """Bool mask [B, T] of the positions to count: 'all', 'subject' or 'last'."""
         if which == "all":
@@ -43,20 +48,40 @@ class Batch:
         raise InputError(f"Unknown positions {which!r}: use 'all', 'subject' or 'last'.")
 
 
-def subject_char_span(text: str, subject: str) -> tuple[int, int]:
-    """Character span of the last occurrence of ``subject`` in ``text``.
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] that count only non-padding tokens (padding gets 0 or the last position).
+
+    Models called with ``input_ids`` alone number the columns 0..T-1, so left
+    padding would shift every real token's position: learned or sinusoidal
+    absolute positions (gpt2, xglm) then see other inputs than in an
+    unpadded run, and rotary positions differ in rounding. Passing these ids
+    makes a padded batch compute what each text computes alone.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def subject_char_span(text: str, subject: str, end: int | None = None) -> tuple[int, int]:
+    """Character span of the last occurrence of ``subject`` in ``text`` (in ``text[:end]`` if given).
 
     The last occurrence is the one closest to the prediction (ROME uses the
-    last subject token). A subject that is not in the text is a user error.
+    last subject token). ``end`` keeps the search inside the prompt part of a
+    full statement, where an object that repeats the subject ("Hartford,
+    Connecticut") must not be taken for it. A subject that is not in the
+    text is a user error.
     """
-    start = text.rfind(subject)
+    start = text.rfind(subject, 0, len(text) if end is None else end)
     if start < 0 or not subject:
-        raise InputError(f"The subject {subject!r} does not occur in the prompt {text!r}.")
+        raise InputError(f"The subject {subject!r} does not occur in the prompt {text[:end]!r}.")
     return start, start + len(subject)
 
 
-def encode(tokenizer, texts: list[str], subjects: list[str] | None = None) -> Batch:
-    """Tokenise ``texts`` into one padded batch (the tokenizer's padding side)."""
+def encode(tokenizer, texts: list[str], subjects: list[str] | None = None,
+           subject_ends: list[int | None] | None = None) -> Batch:
+    """Tokenise ``texts`` into one padded batch (the tokenizer's padding side).
+
+    ``subject_ends[i]`` (optional) limits the search for ``subjects[i]`` to
+    ``texts[i][:subject_ends[i]]``; see :func:`subject_char_span`.
+    """
     if not texts:
         raise InputError("Nothing to tokenise: the list of prompts is empty.")
     enc = tokenizer(list(texts), padding=True, return_tensors="pt", return_special_tokens_mask=True,
@@ -70,12 +95,13 @@ def encode(tokenizer, texts: list[str], subjects: list[str] | None = None) -> Ba
     last = torch.where(real, idx, torch.full_like(idx, -1)).max(dim=1).values
     subject_mask = None
     if subjects is not None:
-        if len(subjects) != len(texts):
+        if len(subjects) != len(texts) or (subject_ends is not None and len(subject_ends) != len(texts)):
             raise InputError("Give one subject per prompt.")
+        search_ends = subject_ends if subject_ends is not None else [None] * len(texts)
         offsets = enc["offset_mapping"]
         subject_mask = torch.zeros_like(real)
-        for row, (text, subject) in enumerate(zip(texts, subjects)):
-            s, e = subject_char_span(text, subject)
+        for row, (text, subject, end) in enumerate(zip(texts, subjects, search_ends)):
+            s, e = subject_char_span(text, subject, end)
             starts, ends = offsets[row, :, 0], offsets[row, :, 1]
             hit = real[row] & (starts < e) & (ends > s)
             if not hit.any():
