@@ -5,18 +5,15 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import cli
-from tests.tiny import tiny_model_and_tokenizer
+from tests.tiny import save_tiny_checkpoint
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    model, tok = tiny_model_and_tokenizer("gpt2")
     folder = tmp_path_factory.mktemp("tiny-gpt2")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder, model
+    return folder, save_tiny_checkpoint("gpt2", folder)
 
 
 def test_info_on_a_local_folder(tiny_folder):
@@ -56,3 +53,37 @@ def test_info_embedded():
     result = runner.invoke(cli, ["info"])
     assert result.exit_code == 0, result.output
     assert "gemma3_text" in result.output and "2048" in result.output and "18" in result.output
+
+
+def test_neurons_writes_run_folder_and_figures_then_reuses_it(tiny_folder, tmp_path):
+    folder, model = tiny_folder
+    out = tmp_path / "run"
+    args = ["neurons", "--model", str(folder), "--languages", "en,de", "--beta", "0.3", "--max-facts", "1",
+            "--out", str(out), "--no-png"]
+    first = runner.invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert "wrote counts" in first.output and "LAFNs (β=0.3) peak at layer(s)" in first.output
+    for name in ("counts.npz", "manifest.json", "neurons_per_layer_beta0.3.csv", "neurons_beta0.3.parquet",
+                 "beta_sweep.csv", "neurons_per_layer_beta0.3.html", "overlap_beta0.3.html", "lape.html"):
+        assert (out / name).stat().st_size > 0, name
+    import pandas as pd
+
+    table = pd.read_csv(out / "neurons_per_layer_beta0.3.csv")
+    assert sorted(table["layer"].unique()) == list(range(model.config.n_layer))
+    assert set(table["set"]) >= {"en", "de", "LAFN"}
+    second = runner.invoke(cli, args)
+    assert second.exit_code == 0 and "read counts" in second.output
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--languages", "en"], "at least two"),
+    (["--beta", "1.5"], "β"),
+    (["--positions", "middle"], "positions"),
+    (["--languages", "en,xx"], "xx"),
+])
+def test_neurons_bad_input_exits_2(tiny_folder, tmp_path, extra, fragment):
+    args = ["neurons", "--model", str(tiny_folder[0]), "--languages", "en,de", "--out", str(tmp_path / "r"),
+            "--no-png", *extra]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output and "Traceback" not in result.output

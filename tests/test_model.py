@@ -6,16 +6,13 @@ import pytest
 
 from analysis.errors import ModelSpecError, UnsupportedArchitectureError
 from analysis.model import Workbench, load_model
-from tests.tiny import tiny_model_and_tokenizer
+from tests.tiny import save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    model, tok = tiny_model_and_tokenizer("llama")
     folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder, model
+    return folder, save_tiny_checkpoint("llama", folder)
 
 
 def test_local_folder_loads_into_workbench(tiny_folder):

@@ -289,3 +289,11 @@ def tiny_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
 
 def tiny_model_and_tokenizer(family: str, seed: int = 0, padding_side: str = "right"):
     return tiny_model(family, seed), tiny_tokenizer(padding_side)
+
+
+def save_tiny_checkpoint(family: str, folder) -> transformers.PreTrainedModel:
+    """Write a tiny model and its tokenizer as a Hugging Face checkpoint folder; return the model."""
+    model, tok = tiny_model_and_tokenizer(family)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model
