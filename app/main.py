@@ -5,7 +5,9 @@ from pathlib import Path
 
 import streamlit as st
 
-PAGES = Path(__file__).with_name("pages")
+# Pages live in views/, not pages/: a pages/ folder beside the main script switches Streamlit to its
+# legacy multipage mode, where a deep link such as /atlas runs the page file without main.py.
+PAGES = Path(__file__).with_name("views")
 
 st.set_page_config(page_title="Neuroglot", page_icon="🧠", layout="wide")
 

@@ -111,6 +111,9 @@ def test_neuron_atlas_page_runs_and_drills_down(app_url, browser):
     body = page.inner_text("body")
     assert "Traceback" not in body
     assert "Counted en:" in body
+    # a deep link runs through main.py's st.navigation (not Streamlit's legacy pages/ mode)
+    nav = page.locator("[data-testid='stSidebarNav']").inner_text()
+    assert "Neuron atlas" in nav and "Home" in nav
     # Figure 1 is drawn: a plotly chart with the LAFN bars and one line per language
     page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
     legend = page.locator(".js-plotly-plot .legend").first.text_content()
