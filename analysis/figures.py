@@ -226,6 +226,17 @@ def _layout(fig: go.Figure, title: str, **kwargs) -> go.Figure:
 # --------------------------------------------------------------------------- figures
 
 
+def _check_neuron_counts(table: pd.DataFrame, keys: list[str], n_neurons: int, what: str) -> int:
+    """Integer ``layer``/``count`` columns, one row per ``keys``, no count above ``n_neurons``."""
+    n_neurons = _check_positive_int(n_neurons, "n_neurons")
+    _check_integer_column(table, "layer", what)
+    _check_integer_column(table, "count", what)
+    _check_unique(table, keys, what)
+    if (pd.to_numeric(table["count"]) > n_neurons).any():
+        raise InputError(f"{what}: a count exceeds n_neurons={n_neurons}, the number of neurons in a layer.")
+    return n_neurons
+
+
 def neurons_per_layer(table: pd.DataFrame, n_neurons: int, title: str | None = None) -> go.Figure:
     """Figure 1 of papers/lu-lafns.md: factual neurons per layer for each language (Eq. 5),
     the language-agnostic factual neurons (LAFNs, Eq. 6) as bars, language-specific sets dashed.
@@ -236,12 +247,7 @@ def neurons_per_layer(table: pd.DataFrame, n_neurons: int, title: str | None = N
     """
     what = "The neurons-per-layer table"
     table = _check_table(table, ["layer", "set", "count"], what, numeric=["layer", "count"])
-    n_neurons = _check_positive_int(n_neurons, "n_neurons")
-    _check_integer_column(table, "layer", what)
-    _check_integer_column(table, "count", what)
-    _check_unique(table, ["layer", "set"], what)
-    if (pd.to_numeric(table["count"]) > n_neurons).any():
-        raise InputError(f"{what}: a count exceeds n_neurons={n_neurons}, the number of neurons in a layer.")
+    n_neurons = _check_neuron_counts(table, ["layer", "set"], n_neurons, what)
 
     data = table.assign(
         layer=pd.to_numeric(table["layer"]).astype(int),
@@ -379,12 +385,7 @@ def beta_sweep(table: pd.DataFrame, n_neurons: int, title: str | None = None) ->
     """
     what = "The β-sweep table"
     table = _check_table(table, ["beta", "layer", "count"], what, numeric=["beta", "layer", "count"])
-    n_neurons = _check_positive_int(n_neurons, "n_neurons")
-    _check_integer_column(table, "layer", what)
-    _check_integer_column(table, "count", what)
-    _check_unique(table, ["beta", "layer"], what)
-    if (pd.to_numeric(table["count"]) > n_neurons).any():
-        raise InputError(f"{what}: a count exceeds n_neurons={n_neurons}, the number of neurons in a layer.")
+    n_neurons = _check_neuron_counts(table, ["beta", "layer"], n_neurons, what)
 
     data = table.assign(
         beta=pd.to_numeric(table["beta"]).astype(float),

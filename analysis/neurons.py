@@ -167,7 +167,7 @@ def _texts_with_subjects(corpus, language: str, text: str) -> tuple[list[str], l
     subjects = [str(s) for s in rows["subject"]]
     if text == "prompt":
         return prompts, subjects, [None] * len(prompts)
-    statements = [str(t) for t in corpus.statements()[rows.index]]
+    statements = [str(t) for t in corpus.statements(language)]
     ends = [len(p) if t.startswith(p) else None for t, p in zip(statements, prompts)]
     return statements, subjects, ends
 
@@ -263,8 +263,10 @@ def _forward_parameters(module_type: type) -> frozenset[str]:
 # ---------------------------------------------------------------- neuron sets
 
 
-def _check_beta(beta: float) -> float:
-    if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
+def check_beta(beta: float) -> float:
+    """β as a float in [0, 1], or an InputError."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= float(beta) <= 1.0:
         raise InputError(f"β must be a number in [0, 1]; got {beta!r}.")
     return float(beta)
 
@@ -275,7 +277,7 @@ def factual_neurons(counts: NeuronCounts, beta: float) -> dict[str, np.ndarray]:
     β = 0 keeps every neuron activated at least once; β = 1 keeps none
     (no ratio exceeds 1). A layer where no neuron fired has no factual neuron.
     """
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     out = {}
     for li, lang in enumerate(counts.languages):
         c = counts.counts[li].astype(np.float64)

@@ -123,7 +123,7 @@ def neurons(model: str = ModelOpt,
     langs = split_languages(languages) or []
     if len(langs) < 2:
         raise InputError("--languages needs at least two languages, e.g. en,zh.")
-    nr._check_beta(beta)
+    nr.check_beta(beta)
     if positions not in nr.POSITIONS:
         raise InputError(f"--positions must be one of {', '.join(nr.POSITIONS)}.")
     corp = load_corpus(corpus, languages=langs, relations=split_languages(relations), max_facts=max_facts)

@@ -211,13 +211,21 @@ class Corpus:
         cols = ["fact_id", "relation", "language", "subject", "object"]
         return self.rows[cols].drop_duplicates(["relation", "fact_id", "language"]).reset_index(drop=True)
 
-    def statements(self) -> pd.Series:
-        """The full sentences: each row's template with [X] and [Y] filled."""
+    def _isin(self, column: str, wanted: list[str], present: list[str], what: str) -> np.ndarray:
+        """Rows whose ``column`` is in ``wanted``; asking for a value the corpus lacks is an error."""
+        absent = sorted(set(wanted) - set(present))
+        if absent:
+            raise CorpusError(f"corpus {self.name!r} has no {what} {', '.join(absent)}; it has: {', '.join(present)}.")
+        return self.rows[column].isin(wanted).to_numpy()
+
+    def statements(self, language: str | None = None) -> pd.Series:
+        """The full sentences: each row's template with [X] and [Y] filled (of one language, if given)."""
+        rows = self.rows if language is None else self.rows[self.rows["language"] == language]
         out = [
             t.replace("[X]", s).replace("[Y]", o)
-            for t, s, o in zip(self.rows["template"], self.rows["subject"], self.rows["object"])
+            for t, s, o in zip(rows["template"], rows["subject"], rows["object"])
         ]
-        return pd.Series(out, index=self.rows.index, name="statement", dtype=object)
+        return pd.Series(out, index=rows.index, name="statement", dtype=object)
 
     def counts(self, margins: bool = False) -> pd.DataFrame:
         """Distinct facts per relation (index) and language (columns).
@@ -255,27 +263,10 @@ class Corpus:
         """
         mask = np.ones(len(self.rows), dtype=bool)
         if languages is not None:
-            if isinstance(languages, str):
-                languages = [languages]
-            wanted = [normalize_language(code) for code in languages]
-            absent = sorted(set(wanted) - set(self.languages))
-            if absent:
-                raise CorpusError(
-                    f"corpus {self.name!r} has no rows in language(s) {', '.join(absent)}; "
-                    f"it has: {', '.join(self.languages)}."
-                )
-            mask &= self.rows["language"].isin(wanted).to_numpy()
+            mask &= self._isin("language", [normalize_language(c) for c in _as_list(languages)], self.languages,
+                               "language(s)")
         if relations is not None:
-            if isinstance(relations, str):
-                relations = [relations]
-            wanted_rel = [str(r) for r in relations]
-            absent = sorted(set(wanted_rel) - set(self.relations))
-            if absent:
-                raise CorpusError(
-                    f"corpus {self.name!r} has no relation(s) {', '.join(absent)}; "
-                    f"it has: {', '.join(self.relations)}."
-                )
-            mask &= self.rows["relation"].isin(wanted_rel).to_numpy()
+            mask &= self._isin("relation", [str(r) for r in _as_list(relations)], self.relations, "relation(s)")
         rows = self.rows[mask]
         if max_facts is not None:
             if int(max_facts) < 1:
@@ -320,3 +311,8 @@ def _sample_facts(rows: pd.DataFrame, max_facts: int, seed: int) -> pd.DataFrame
         keep_parts.append(group.index[group["fact_id"].isin(ids).to_numpy()])
     keep = keep_parts[0].append(keep_parts[1:]) if keep_parts else rows.index[:0]
     return rows.loc[rows.index.isin(keep)]
+
+
+def _as_list(value) -> list:
+    """A single string means one item, not its characters."""
+    return [value] if isinstance(value, str) else list(value)
