@@ -110,6 +110,23 @@ class Workbench:
             self._tracer = NNsight(self.base_model()[0])
         return self._tracer
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the base model's output ``hidden`` [..., d_model] (already final-normed).
+
+        What the ``*ForCausalLM`` does after its base model: the LM head, then
+        ``tanh(z / c) * c`` where ``config.final_logit_softcapping`` is set
+        (gemma2). Call it on the positions you need only: the embedded model's
+        head has 262k rows.
+        """
+        z = self.arch.lm_head_module(self.model)(hidden)
+        cap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
+        if cap is None:
+            text_config = getattr(getattr(self.model, "config", None), "text_config", None)
+            cap = getattr(text_config, "final_logit_softcapping", None)
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        return z
+
     def summary(self) -> dict[str, Any]:
         """Plain-data description (safe to cache, print or show)."""
         return {

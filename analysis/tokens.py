@@ -108,3 +108,51 @@ def encode(tokenizer, texts: list[str], subjects: list[str] | None = None,
                 raise InputError(f"No token of {text!r} covers the subject {subject!r}.")
             subject_mask[row] = hit
     return Batch(enc["input_ids"], attention, real, last, subject_mask)
+
+
+def join_answer(prompt: str, answer: str) -> str:
+    """``prompt`` followed by ``answer`` as a statement writes it.
+
+    A space separates them unless the prompt already ends in whitespace, the
+    answer starts with one, or either side of the seam is a character of a
+    script written without spaces (CJK, kana, Thai), so "巴黎的首都是" + "巴黎"
+    stays "巴黎的首都是巴黎" and "The capital of France is" + "Paris" gets its space.
+    """
+    if not prompt or not answer or prompt[-1].isspace() or answer[0].isspace():
+        return prompt + answer
+    if _unspaced(prompt[-1]) or _unspaced(answer[0]):
+        return prompt + answer
+    return prompt + " " + answer
+
+
+def _unspaced(ch: str) -> bool:
+    code = ord(ch)
+    return (0x2E80 <= code <= 0x9FFF or 0xAC00 <= code <= 0xD7AF or 0xF900 <= code <= 0xFAFF
+            or 0xFF00 <= code <= 0xFFEF or 0x0E00 <= code <= 0x0E7F or 0x3000 <= code <= 0x303F)
+
+
+def answer_ids(tokenizer, prompt: str, answer: str) -> list[int]:
+    """Token ids of ``answer`` as the model would write it after ``prompt``.
+
+    The statement ``join_answer(prompt, answer)`` is tokenised and the ids
+    after the prompt's own ids are the answer's, so a leading-space token
+    ("ĠParis", "▁Paris") is chosen exactly where the model would produce it.
+    When the tokenizer merges across the seam (the prompt's ids are not a
+    prefix of the statement's) the answer is tokenised alone, with the same
+    separator, without special tokens. An empty answer is a user error.
+    """
+    if not answer or not answer.strip():
+        raise InputError("The answer (target) is empty.")
+    statement = join_answer(prompt, answer)
+    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    s_ids = tokenizer(statement, add_special_tokens=True)["input_ids"]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and s_ids and s_ids[-1] == eos and (not p_ids or p_ids[-1] == eos):
+        p_ids, s_ids = p_ids[:-1], s_ids[:-1]  # tokenizers that append EOS (none of ours by default)
+    if s_ids[:len(p_ids)] == p_ids and len(s_ids) > len(p_ids):
+        return list(s_ids[len(p_ids):])
+    seam = statement[len(prompt):]
+    ids = tokenizer(seam, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise InputError(f"The answer {answer!r} has no tokens.")
+    return list(ids)

@@ -1,0 +1,630 @@
+"""Knowledge neurons by integrated gradients (papers/memla.md §4.1, Eq. 1-4; Dai et al. 2022).
+
+For a prompt ``x`` and its answer ``y*``, Eq. 1 is the probability of the answer
+when the ``i``-th FFN neuron of layer ``l`` (the activation-function output,
+DESIGN Decision 1) at the prompt's last token is set to a value ``ŵ``. Eq. 2
+attributes each neuron by integrated gradients along the straight path from the
+baseline (zero activation) to its clean value ``w̄``::
+
+    Attr(w_i^l) = w̄_i^l ∫_0^1 ∂P_x(α w̄_i^l) / ∂w_i^l dα
+
+The path scales one layer at a time (every neuron of layer ``l`` together, the
+other layers computed as the forward pass computes them), as Dai et al. do. The
+integral is approximated with captum's quadrature; the default
+``riemann_right`` (α = k/m, k = 1..m, m = 20) is Dai et al.'s Riemann sum as
+written. ``gausslegendre`` (captum's default) is exact to far higher order for
+the same number of steps and is offered as an option.
+
+Sets (memla.md "following Chen et al. (2023)", i.e. Dai et al.'s procedure):
+
+* per prompt: neurons whose attribution is ≥ ``threshold`` × the prompt's
+  maximum attribution over all layers (``t = 0.2``);
+* per fact and language ``N_x^k``: neurons in at least ``share`` of the fact's
+  prompts (its paraphrases; ``p = 0.5`` by default, Dai et al. tune ``p``);
+* Eq. 3: language-independent ``I_x = ∩_k N_x^k``;
+* Eq. 4: language-specific ``S_x^k = N_x^k − I_x``.
+
+The answer's probability is that of its first token by default; ``target_tokens
+= "mean"`` averages the (teacher-forced) probabilities of all its tokens.
+
+How it is computed fast
+-----------------------
+Changing a neuron at the last prompt token changes nothing at earlier tokens
+(causal attention). So the prompt without its last token runs once, and its
+key/value cache is shared by every row of one batched forward that computes only
+the last token (plus the answer's tokens when they are averaged). One row per
+(layer, step): all steps of all layers of a prompt go through the model in one
+forward and one backward (in chunks of ``max_rows`` rows), and the LM head is
+applied at the answer positions only. captum's ``IntegratedGradients`` drives the
+steps; our forward function returns, per step, the sum over layers of each
+layer's row probability, whose gradient with respect to layer ``l``'s scaled
+activations is exactly ``∂P_x/∂w^l`` because no other row depends on them.
+
+The activations are replaced with plain PyTorch forward hooks rather than
+nnsight: captum needs an ordinary differentiable function of its scaled
+inputs, and a hook that returns a copy of the activation with one row-block
+overwritten is the most direct form of that.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import inspect
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analysis.errors import InputError, NeuroglotError
+from analysis.tokens import answer_ids
+
+Progress = Callable[[float, str], None]
+
+ATTRIBUTION_VERSION = 1
+METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre")
+TARGET_TOKENS = ("first", "mean")
+INDEPENDENT = "independent"
+
+
+# ---------------------------------------------------------------- one prompt
+
+
+@dataclass
+class PromptAttribution:
+    """Eq. 2 scores of every neuron of the chosen layers for one prompt and answer."""
+
+    prompt: str
+    target: str
+    target_ids: list[int]
+    layers: list[int]
+    scores: np.ndarray            # [len(layers), n_neurons] attributions (units of probability)
+    activations: np.ndarray       # [len(layers), n_neurons] clean activations w̄ at the last prompt token
+    prob: float                   # P_x(w̄): the answer's probability in the clean run
+    baseline_probs: np.ndarray    # [len(layers)] P_x with that layer's neurons at the baseline (zero)
+    steps: int = 20
+    method: str = "riemann_right"
+    target_tokens: str = "first"
+
+    @property
+    def completeness_gap(self) -> np.ndarray:
+        """Per layer: Σ_i Attr(w_i^l) − (P(w̄) − P(0)). Zero for exact integration (IG's completeness axiom)."""
+        return self.scores.sum(axis=1) - (self.prob - self.baseline_probs)
+
+
+def _check_method(method: str, steps: int, target_tokens: str) -> None:
+    if method not in METHODS:
+        raise InputError(f"Unknown integration method {method!r}: use one of {', '.join(METHODS)}.")
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise InputError(f"steps must be a positive integer, got {steps!r}.")
+    if target_tokens not in TARGET_TOKENS:
+        raise InputError(f"target_tokens must be 'first' or 'mean', got {target_tokens!r}.")
+
+
+def _check_layers(wb, layers: Sequence[int] | None) -> list[int]:
+    if layers is None:
+        return list(range(wb.n_layers))
+    out = []
+    for layer in layers:
+        if not isinstance(layer, (int, np.integer)) or not 0 <= int(layer) < wb.n_layers:
+            raise InputError(f"Layer {layer!r} is out of range: the model has layers 0..{wb.n_layers - 1}.")
+        out.append(int(layer))
+    if not out:
+        raise InputError("Choose at least one layer.")
+    return sorted(set(out))
+
+
+def _prompt_ids(wb, prompt: str) -> torch.Tensor:
+    if not prompt or not prompt.strip():
+        raise InputError("The prompt is empty.")
+    ids = wb.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise InputError(f"The prompt {prompt!r} has no tokens.")
+    return ids.to(wb.device)
+
+
+class _LastTokenRunner:
+    """Runs the model on the last prompt token (and teacher-forced answer tokens) for many rows.
+
+    The prompt's other tokens run once (:meth:`__init__`); each call copies
+    their key/value cache for its rows. ``replace`` maps a layer to
+    ``(row_slice, values [rows, n_neurons])``: those rows' neuron activations at
+    the last prompt token are replaced by ``values`` (differentiably).
+    """
+
+    def __init__(self, wb, prompt_ids: torch.Tensor, target: list[int], target_tokens: str):
+        self.wb = wb
+        self.base, _ = wb.base_model()
+        self.target = torch.tensor(target if target_tokens == "mean" else target[:1], device=wb.device)
+        n = prompt_ids.shape[1]
+        # new tokens: the last prompt token, then (teacher forcing) all answer tokens but the last
+        self.new = torch.cat([prompt_ids[0, -1:], self.target[:-1]])
+        self.n_prefix = n - 1
+        accepted = _forward_parameters(type(self.base))
+        self.takes_positions = "position_ids" in accepted
+        self.cache = None
+        if self.n_prefix:
+            with torch.no_grad():
+                kwargs: dict[str, Any] = {"input_ids": prompt_ids[:, :-1], "use_cache": True}
+                if "attention_mask" in accepted:
+                    kwargs["attention_mask"] = torch.ones_like(prompt_ids[:, :-1])
+                self.cache = self.base(**kwargs).past_key_values
+            if self.cache is None:  # pragma: no cover - every supported family returns a cache
+                raise NeuroglotError("This model returned no key/value cache; attribution needs one.")
+
+    def probabilities(self, rows: int, replace: dict[int, tuple[slice, torch.Tensor]] | None = None,
+                      record: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """[rows] probability of the answer (first token, or mean over its tokens)."""
+        wb = self.wb
+        t = self.new.shape[0]
+        kwargs: dict[str, Any] = {"input_ids": self.new.expand(rows, t),
+                                  "attention_mask": torch.ones(rows, self.n_prefix + t, dtype=torch.long,
+                                                               device=wb.device)}
+        if self.cache is not None:
+            cache = copy.deepcopy(self.cache)
+            if rows > 1:
+                cache.batch_repeat_interleave(rows)
+            kwargs["past_key_values"] = cache
+            kwargs["use_cache"] = True
+        else:
+            kwargs["use_cache"] = False
+        if self.takes_positions:
+            kwargs["position_ids"] = torch.arange(self.n_prefix, self.n_prefix + t,
+                                                  device=wb.device).expand(rows, t)
+        handles = []
+        try:
+            for layer, module in _neuron_modules(wb).items():
+                if (replace and layer in replace) or (record is not None):
+                    handles.append(module.register_forward_hook(_neuron_hook(layer, replace, record)))
+            hidden = self.base(**kwargs).last_hidden_state      # [rows, t, d_model]
+        finally:
+            for h in handles:
+                h.remove()
+        logp = torch.log_softmax(wb.logits(hidden).float(), dim=-1)  # LM head at these t positions only
+        picked = logp.gather(-1, self.target.expand(rows, -1).unsqueeze(-1)).squeeze(-1).exp()  # [rows, t]
+        return picked.mean(dim=1)
+
+
+def _neuron_hook(layer: int, replace, record):
+    def hook(module, args, output):
+        if record is not None:
+            record[layer] = output[:, 0].detach()
+        if replace and layer in replace:
+            rows, values = replace[layer]
+            output = output.clone()
+            output[rows, 0] = values.to(output.dtype)
+        return output
+    return hook
+
+
+def _neuron_modules(wb) -> dict[int, torch.nn.Module]:
+    return {layer: wb.arch.site(wb.model, layer, "neuron") for layer in range(wb.n_layers)}
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(module_type: type) -> frozenset[str]:
+    return frozenset(inspect.signature(module_type.forward).parameters)
+
+
+def neuron_attributions(wb, prompt: str, target: str, layers: Sequence[int] | None = None, steps: int = 20,
+                        method: str = "riemann_right", target_tokens: str = "first", max_rows: int = 512,
+                        target_ids: Sequence[int] | None = None) -> PromptAttribution:
+    """Eq. 2 for every neuron of ``layers`` (default: all) at the last token of ``prompt``.
+
+    ``target`` is the answer's text; its tokens are those the model would write
+    after the prompt (:func:`analysis.tokens.answer_ids`) unless ``target_ids``
+    gives them. ``max_rows`` bounds one forward's rows (layers × steps): lower
+    it when memory is short, raise it on a large GPU.
+    """
+    from captum.attr import IntegratedGradients
+
+    _check_method(method, steps, target_tokens)
+    chosen = _check_layers(wb, layers)
+    ids = _prompt_ids(wb, prompt)
+    tgt = list(target_ids) if target_ids is not None else answer_ids(wb.tokenizer, prompt, target)
+    if not tgt:
+        raise InputError(f"The answer {target!r} has no tokens.")
+    per_chunk = max(1, int(max_rows) // steps)
+    with wb.lock:
+        runner = _LastTokenRunner(wb, ids, tgt, target_tokens)
+        record: dict[int, torch.Tensor] = {}
+        with torch.no_grad():
+            prob = float(runner.probabilities(1, record=record)[0])
+        acts = torch.stack([record[layer][0] for layer in chosen])            # [n_layers, d_ff] = w̄
+        scores, zero_probs = [], []
+        for start in range(0, len(chosen), per_chunk):
+            chunk = chosen[start:start + per_chunk]
+
+            def summed_probability(x: torch.Tensor, chunk=chunk) -> torch.Tensor:
+                # x: [s, len(chunk), d_ff], the scaled activations α·w̄ of each layer (Eq. 1's ŵ).
+                # Row (i, k) scales layer chunk[i] at step k; the sum over i keeps every layer's
+                # gradient its own, since no row depends on another layer's inputs.
+                s = x.shape[0]
+                replace = {layer: (slice(i * s, (i + 1) * s), x[:, i]) for i, layer in enumerate(chunk)}
+                return runner.probabilities(len(chunk) * s, replace).view(len(chunk), s).sum(0)
+
+            inputs = acts[start:start + len(chunk)].unsqueeze(0)
+            attr = IntegratedGradients(summed_probability).attribute(
+                inputs, baselines=torch.zeros_like(inputs), n_steps=steps, method=method,
+                internal_batch_size=steps)
+            scores.append(attr[0].detach().float())
+            with torch.no_grad():  # P_x(0) per layer, for the completeness check
+                zeros = torch.zeros_like(inputs[0])
+                replace = {layer: (slice(i, i + 1), zeros[i:i + 1]) for i, layer in enumerate(chunk)}
+                zero_probs.append(runner.probabilities(len(chunk), replace).float())
+    return PromptAttribution(
+        prompt=prompt, target=target, target_ids=[int(i) for i in tgt], layers=chosen,
+        scores=torch.cat(scores).cpu().numpy(), activations=acts.float().cpu().numpy(), prob=prob,
+        baseline_probs=torch.cat(zero_probs).cpu().numpy(), steps=int(steps), method=method,
+        target_tokens=target_tokens)
+
+
+def neuron_attributions_reference(wb, prompt: str, target: str, layers: Sequence[int] | None = None,
+                                  steps: int = 20, method: str = "riemann_right",
+                                  target_tokens: str = "first") -> np.ndarray:
+    """The same scores computed as a captum user would: layer by layer, whole model, whole prompt.
+
+    For each layer one ``IntegratedGradients`` call over a function that runs
+    ``wb.model`` on the full prompt (plus teacher-forced answer tokens) for all
+    steps, replaces that layer's neurons at the last prompt token through a
+    hook, and reads the full logits. Used by the tests and ``bench/attribution.py``
+    to check :func:`neuron_attributions`; returns ``[len(layers), d_ff]``.
+    """
+    from captum.attr import IntegratedGradients
+
+    _check_method(method, steps, target_tokens)
+    chosen = _check_layers(wb, layers)
+    ids = _prompt_ids(wb, prompt)
+    tgt = torch.tensor(answer_ids(wb.tokenizer, prompt, target), device=wb.device)
+    tgt = tgt if target_tokens == "mean" else tgt[:1]
+    full = torch.cat([ids[0], tgt[:-1]]).unsqueeze(0)
+    last = ids.shape[1] - 1
+    modules = _neuron_modules(wb)
+    out = []
+    with wb.lock:
+        for layer in chosen:
+            clean: dict[str, torch.Tensor] = {}
+
+            def read(module, args, output):
+                clean["w"] = output[0, last].detach()
+
+            handle = modules[layer].register_forward_hook(read)
+            try:
+                with torch.no_grad():
+                    wb.model(input_ids=full)
+            finally:
+                handle.remove()
+
+            def probability(x: torch.Tensor, layer=layer) -> torch.Tensor:
+                def put(module, args, output):
+                    output = output.clone()
+                    output[:, last] = x.to(output.dtype)
+                    return output
+
+                h = modules[layer].register_forward_hook(put)
+                try:
+                    logits = wb.model(input_ids=full.expand(x.shape[0], -1)).logits.float()
+                finally:
+                    h.remove()
+                probs = torch.softmax(logits[:, last:last + len(tgt)], dim=-1)
+                return probs.gather(-1, tgt.expand(x.shape[0], -1).unsqueeze(-1)).squeeze(-1).mean(1)
+
+            inputs = clean["w"].unsqueeze(0)
+            attr = IntegratedGradients(probability).attribute(
+                inputs, baselines=torch.zeros_like(inputs), n_steps=steps, method=method,
+                internal_batch_size=steps)
+            out.append(attr[0].detach().float().cpu().numpy())
+    return np.stack(out)
+
+
+# ---------------------------------------------------------------- neuron sets
+
+
+def _check_fraction(value: float, name: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number between 0 and 1, got {value!r}.") from None
+    if not 0.0 < value <= 1.0:
+        raise InputError(f"{name} must be in (0, 1], got {value}.")
+    return value
+
+
+def prompt_knowledge_neurons(scores: np.ndarray, threshold: float = 0.2) -> np.ndarray:
+    """Neurons whose attribution is ≥ ``threshold`` × the prompt's maximum (all layers); bool like ``scores``.
+
+    A prompt whose largest attribution is not positive has no knowledge neuron.
+    """
+    threshold = _check_fraction(threshold, "The attribution threshold t")
+    top = float(np.max(scores)) if scores.size else 0.0
+    if top <= 0.0:
+        return np.zeros(scores.shape, dtype=bool)
+    return scores >= threshold * top
+
+
+def fact_knowledge_neurons(prompt_sets: Sequence[np.ndarray], share: float = 0.5) -> np.ndarray:
+    """``N_x^k``: neurons in at least ``share`` of the fact's prompts (paraphrases) in one language."""
+    share = _check_fraction(share, "The prompt share p")
+    if len(prompt_sets) == 0:
+        raise InputError("A fact needs at least one prompt.")
+    stacked = np.stack([np.asarray(s, dtype=bool) for s in prompt_sets])
+    # count ≥ p·n, written with integers so that p = 0.5 of 2 prompts means 1 prompt exactly
+    return stacked.sum(0) >= np.ceil(share * len(prompt_sets) - 1e-9)
+
+
+def language_independent_neurons(fact_sets: dict[str, np.ndarray]) -> np.ndarray:
+    """Eq. 3: ``I_x = ∩_k N_x^k`` over the languages of ``fact_sets``."""
+    if not fact_sets:
+        raise InputError("Language-independent neurons need the knowledge neurons of at least one language.")
+    sets = list(fact_sets.values())
+    out = np.asarray(sets[0], dtype=bool).copy()
+    for s in sets[1:]:
+        out &= np.asarray(s, dtype=bool)
+    return out
+
+
+def language_specific_neurons(fact_sets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Eq. 4: ``S_x^k = N_x^k − I_x`` for every language ``k``."""
+    shared = language_independent_neurons(fact_sets)
+    return {lang: np.asarray(s, dtype=bool) & ~shared for lang, s in fact_sets.items()}
+
+
+# ---------------------------------------------------------------- many facts
+
+
+PROMPT_COLUMNS = ("fact_id", "relation", "language", "subject", "object", "prompt", "template_id")
+
+
+@dataclass
+class AttributionRun:
+    """Eq. 2 scores of many prompts: the facts × languages × paraphrases of a request."""
+
+    prompts: pd.DataFrame   # one row per prompt: PROMPT_COLUMNS + prob, baseline_min, completeness_gap
+    scores: np.ndarray      # [n_prompts, n_layers, d_ff] float32
+    layers: list[int]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.prompts = self.prompts.reset_index(drop=True)
+        if self.scores.ndim != 3 or self.scores.shape[0] != len(self.prompts):
+            raise NeuroglotError("An attribution run needs one [layers, neurons] score table per prompt.")
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.meta.get("languages") or sorted(self.prompts["language"].unique()))
+
+    @property
+    def fact_ids(self) -> list[str]:
+        return list(pd.unique(self.prompts["fact_id"]))
+
+    @property
+    def n_neurons(self) -> int:
+        return int(self.scores.shape[2])
+
+    def fact_sets(self, fact_id: str, threshold: float = 0.2, share: float = 0.5) -> dict[str, np.ndarray]:
+        """``N_x^k`` of one fact for each language it has prompts in: bool [n_layers, d_ff]."""
+        rows = self.prompts[self.prompts["fact_id"] == fact_id]
+        if rows.empty:
+            raise InputError(f"No prompt of fact {fact_id!r} in this run.")
+        out = {}
+        for lang in self.languages:
+            idx = rows.index[rows["language"] == lang].to_numpy()
+            if len(idx):
+                out[lang] = fact_knowledge_neurons([prompt_knowledge_neurons(self.scores[i], threshold)
+                                                    for i in idx], share)
+        return out
+
+    def set_counts(self, threshold: float = 0.2, share: float = 0.5) -> pd.DataFrame:
+        """One row per fact: |N^k| per language, |I| (Eq. 3) and |S^k| per language (Eq. 4)."""
+        records = []
+        for fact_id in self.fact_ids:
+            sets = self.fact_sets(fact_id, threshold, share)
+            first = self.prompts[self.prompts["fact_id"] == fact_id].iloc[0]
+            rec: dict[str, Any] = {"fact_id": fact_id, "relation": first["relation"], "subject": first["subject"],
+                                   "object": first["object"]}
+            for lang, s in sets.items():
+                rec[f"N_{lang}"] = int(s.sum())
+            rec[INDEPENDENT] = int(language_independent_neurons(sets).sum()) if len(sets) == len(self.languages) else 0
+            for lang, s in language_specific_neurons(sets).items():
+                rec[f"S_{lang}"] = int(s.sum())
+            records.append(rec)
+        return pd.DataFrame.from_records(records)
+
+    def per_layer(self, threshold: float = 0.2, share: float = 0.5) -> pd.DataFrame:
+        """Knowledge neurons per layer summed over facts: columns = languages (N^k), 'independent', 'specific <k>'."""
+        totals: dict[str, np.ndarray] = {}
+        for fact_id in self.fact_ids:
+            sets = self.fact_sets(fact_id, threshold, share)
+            parts = {lang: s for lang, s in sets.items()}
+            if len(sets) == len(self.languages):
+                parts[INDEPENDENT] = language_independent_neurons(sets)
+                parts.update({f"specific {lang}": s for lang, s in language_specific_neurons(sets).items()})
+            for name, s in parts.items():
+                totals[name] = totals.get(name, 0) + s.sum(axis=1)
+        frame = pd.DataFrame({name: np.asarray(v, dtype=np.int64) for name, v in totals.items()},
+                             index=pd.Index(self.layers, name="layer"))
+        return frame
+
+    def mean_scores(self, fact_id: str | None = None) -> dict[str, np.ndarray]:
+        """Mean attribution [n_layers, d_ff] per language (over one fact's prompts, or over all)."""
+        rows = self.prompts if fact_id is None else self.prompts[self.prompts["fact_id"] == fact_id]
+        return {lang: self.scores[rows.index[rows["language"] == lang].to_numpy()].mean(0)
+                for lang in self.languages if (rows["language"] == lang).any()}
+
+    def top_neurons(self, fact_id: str, threshold: float = 0.2, share: float = 0.5, k: int = 20) -> pd.DataFrame:
+        """The fact's knowledge neurons, strongest first: layer, neuron, set, mean attribution per language."""
+        sets = self.fact_sets(fact_id, threshold, share)
+        means = self.mean_scores(fact_id)
+        union = np.zeros_like(next(iter(sets.values())))
+        for s in sets.values():
+            union |= s
+        shared = language_independent_neurons(sets) if len(sets) == len(self.languages) else np.zeros_like(union)
+        layer_idx, neuron_idx = np.nonzero(union)
+        records = []
+        for li, n in zip(layer_idx, neuron_idx):
+            in_langs = [lang for lang, s in sets.items() if s[li, n]]
+            rec: dict[str, Any] = {"layer": self.layers[li], "neuron": int(n),
+                                   "set": INDEPENDENT if shared[li, n] else "specific " + ",".join(in_langs)}
+            for lang, m in means.items():
+                rec[f"attr_{lang}"] = float(m[li, n])
+            rec["attr_max"] = max(rec[f"attr_{lang}"] for lang in means)
+            records.append(rec)
+        frame = pd.DataFrame.from_records(records, columns=["layer", "neuron", "set",
+                                                            *[f"attr_{lang}" for lang in means], "attr_max"])
+        return frame.sort_values("attr_max", ascending=False).head(int(k)).reset_index(drop=True)
+
+    # ---- run folder ---------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic(folder / "scores.npz", lambda f: np.savez_compressed(f, scores=self.scores.astype(np.float32),
+                                                                       layers=np.asarray(self.layers)))
+        _atomic(folder / "prompts.parquet", lambda f: self.prompts.to_parquet(f, index=False))
+        # the manifest last: a folder without it (an interrupted save) is never read back
+        _atomic(folder / "manifest.json",
+                lambda f: f.write(json.dumps(self.meta, indent=2, ensure_ascii=False, default=str).encode()))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "AttributionRun":
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "manifest.json").read_text())
+            with np.load(folder / "scores.npz") as data:
+                scores, layers = data["scores"], [int(x) for x in data["layers"]]
+            prompts = pd.read_parquet(folder / "prompts.parquet")
+        except Exception as exc:  # noqa: BLE001 - numpy, zipfile and pyarrow each raise their own errors
+            raise NeuroglotError(f"{folder} is not a readable attribution run folder: {exc}") from None
+        if not isinstance(meta, dict):
+            raise NeuroglotError(f"{folder}/manifest.json is not an attribution manifest.")
+        return cls(prompts=prompts, scores=scores, layers=layers, meta=meta)
+
+
+def _atomic(path: Path, write: Callable[[Any], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    tmp.replace(path)
+
+
+def attribute_prompts(wb, prompts: pd.DataFrame, layers: Sequence[int] | None = None, steps: int = 20,
+                      method: str = "riemann_right", target_tokens: str = "first", max_rows: int = 512,
+                      progress: Progress | None = None) -> AttributionRun:
+    """Eq. 2 for every row of ``prompts`` (columns PROMPT_COLUMNS; ``object`` is the answer)."""
+    missing = [c for c in ("fact_id", "language", "prompt", "object") if c not in prompts.columns]
+    if missing:
+        raise InputError(f"The prompts table lacks the column(s) {', '.join(missing)}.")
+    if prompts.empty:
+        raise InputError("There is no prompt to attribute.")
+    _check_method(method, steps, target_tokens)
+    chosen = _check_layers(wb, layers)
+    table = prompts.reset_index(drop=True).copy()
+    for col in PROMPT_COLUMNS:
+        if col not in table.columns:
+            table[col] = ""
+    started = time.perf_counter()
+    scores, probs, gaps, zero_min = [], [], [], []
+    for i, row in enumerate(table.itertuples(index=False)):
+        if progress:
+            progress(i / len(table), f"prompt {i + 1}/{len(table)} ({row.language}): {row.prompt}")
+        res = neuron_attributions(wb, row.prompt, row.object, layers=chosen, steps=steps, method=method,
+                                  target_tokens=target_tokens, max_rows=max_rows)
+        scores.append(res.scores.astype(np.float32))
+        probs.append(res.prob)
+        gaps.append(float(np.abs(res.completeness_gap).max()))
+        zero_min.append(float(res.baseline_probs.min()))
+    if progress:
+        progress(1.0, f"{len(table)} prompts attributed")
+    table = table[list(PROMPT_COLUMNS)].copy()
+    table["prob"] = probs
+    table["baseline_min"] = zero_min
+    table["completeness_gap"] = gaps
+    meta = {"model": wb.spec, "name": wb.name, "layers": chosen, "steps": int(steps), "method": method,
+            "target_tokens": target_tokens, "languages": sorted(table["language"].unique()),
+            "seconds": round(time.perf_counter() - started, 2), "version": ATTRIBUTION_VERSION}
+    return AttributionRun(prompts=table, scores=np.stack(scores), layers=chosen, meta=meta)
+
+
+def fact_prompts(corpus, languages: Sequence[str], max_facts: int = 20, prompts_per_fact: int | None = None,
+                 fact_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """The prompts of facts present in every language: ``fact_ids`` or ``max_facts`` facts.
+
+    Facts are taken round-robin over the relations (sorted), each relation's
+    facts in sorted order, so a small request still spans the relations and the
+    same request always picks the same facts. ``prompts_per_fact`` keeps each
+    fact's first templates per language (default: all its paraphrases).
+    """
+    if not languages:
+        raise InputError("Choose at least one language.")
+    rows = corpus.aligned(languages).rows
+    if fact_ids is not None:
+        absent = sorted(set(fact_ids) - set(rows["fact_id"]))
+        if absent:
+            raise InputError(f"Fact(s) {', '.join(absent)} are not in the corpus in all of {', '.join(languages)}.")
+        chosen = list(dict.fromkeys(fact_ids))
+    else:
+        if int(max_facts) < 1:
+            raise InputError(f"max_facts must be at least 1, got {max_facts}.")
+        per_relation = [sorted(pd.unique(g["fact_id"]), key=_natural) for _, g in rows.groupby("relation", sort=True)]
+        chosen = []
+        for depth in range(max(len(ids) for ids in per_relation)):
+            for ids in per_relation:
+                if depth < len(ids) and len(chosen) < int(max_facts):
+                    chosen.append(ids[depth])
+    sub = rows[rows["fact_id"].isin(chosen)].copy()
+    sub["_order"] = sub["fact_id"].map({f: i for i, f in enumerate(chosen)})
+    sub = sub.sort_values(["_order", "language", "template_id"], kind="stable").drop(columns="_order")
+    if prompts_per_fact is not None:
+        if int(prompts_per_fact) < 1:
+            raise InputError(f"prompts_per_fact must be at least 1, got {prompts_per_fact}.")
+        sub = sub.groupby(["fact_id", "language"], sort=False).head(int(prompts_per_fact))
+    return sub[list(PROMPT_COLUMNS)].reset_index(drop=True)
+
+
+def _natural(fact_id: str) -> tuple:
+    head, _, tail = str(fact_id).rpartition(":")
+    return (head, int(tail)) if tail.isdigit() else (str(fact_id), -1)
+
+
+def request_key(wb, prompts: pd.DataFrame, layers: list[int], steps: int, method: str, target_tokens: str) -> str:
+    """Identifies an attribution request: model, the exact prompts and answers, and the parameters."""
+    payload = json.dumps({"model": wb.spec, "name": wb.name, "params": wb.n_params, "dtype": str(wb.dtype),
+                          "prompts": prompts[list(PROMPT_COLUMNS)].astype(str).values.tolist(),
+                          "layers": layers, "steps": steps, "method": method, "target_tokens": target_tokens,
+                          "version": ATTRIBUTION_VERSION}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+def attribution_run(wb, prompts: pd.DataFrame, layers: Sequence[int] | None = None, steps: int = 20,
+                    method: str = "riemann_right", target_tokens: str = "first", max_rows: int = 512,
+                    folder: str | Path | None = None, progress: Progress | None = None,
+                    extra_meta: dict | None = None) -> tuple[AttributionRun, Path, bool]:
+    """:func:`attribute_prompts`, read back from its run folder when the same request ran before.
+
+    ``folder`` defaults to ``<cache>/runs/attribution-<key>``. Returns ``(run, folder, reused)``.
+    """
+    from analysis.model import cache_root
+    from analysis.neurons import versions
+
+    _check_method(method, steps, target_tokens)
+    chosen = _check_layers(wb, layers)
+    key = request_key(wb, prompts, chosen, int(steps), method, target_tokens)
+    folder = Path(folder) if folder is not None else cache_root() / "runs" / f"attribution-{key}"
+    if (folder / "manifest.json").is_file():
+        try:
+            run = AttributionRun.load(folder)
+            if run.meta.get("key") == key:
+                return run, folder, True
+        except (NeuroglotError, ValueError, OSError):
+            pass  # damaged or foreign folder: recompute and overwrite
+    run = attribute_prompts(wb, prompts, layers=chosen, steps=steps, method=method, target_tokens=target_tokens,
+                            max_rows=max_rows, progress=progress)
+    run.meta.update(key=key, created=time.strftime("%Y-%m-%dT%H:%M:%S"), versions=versions(),
+                    **(extra_meta or {}))
+    run.save(folder)
+    return run, folder, False
