@@ -165,6 +165,138 @@ def neurons(model: str = ModelOpt,
     typer.echo(f"figures: {', '.join(sorted(figs))} → {folder}")
 
 
+def per_language(values: Optional[list[str]], what: str) -> dict[str, list[str]]:
+    """``["en:The capital of France is", "zh:法国的首都是"]`` → {"en": [...], "zh": [...]}."""
+    from data.corpus import normalize_language
+
+    out: dict[str, list[str]] = {}
+    for value in values or []:
+        lang, sep, text = value.partition(":")
+        if not sep or not text.strip():
+            raise InputError(f"{what} must be written LANG:TEXT, e.g. en:Paris; got {value!r}.")
+        out.setdefault(normalize_language(lang.strip(), where=what), []).append(text.strip())
+    return out
+
+
+def parse_layers(value: Optional[str], n_layers: int) -> Optional[list[int]]:
+    """"3,5,9-12" → [3, 5, 9, 10, 11, 12]; None → all layers."""
+    if value is None or not value.strip():
+        return None
+    layers: list[int] = []
+    try:
+        for part in value.split(","):
+            lo, dash, hi = part.strip().partition("-")
+            layers.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+    except ValueError:
+        raise InputError(f"--layers must look like 3,5,9-12; got {value!r}.") from None
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad:
+        raise InputError(f"Layer {bad[0]} is out of range: the model has layers 0..{n_layers - 1}.")
+    return layers
+
+
+def typed_prompts(prompts: dict[str, list[str]], answers: dict[str, list[str]], subjects: dict[str, list[str]]):
+    """One typed fact: a prompt table (fact_id "typed") from per-language prompts and answers."""
+    import pandas as pd
+
+    missing = sorted(set(prompts) - set(answers))
+    if missing:
+        raise InputError(f"Give the answer for {', '.join(missing)} too (--target {missing[0]}:...).")
+    rows = []
+    for lang, texts in prompts.items():
+        for j, text in enumerate(texts):
+            rows.append(dict(fact_id="typed", relation="typed", language=lang,
+                             subject=(subjects.get(lang) or [""])[0], object=answers[lang][0], prompt=text,
+                             template_id=f"typed.{lang}.{j}"))
+    return pd.DataFrame(rows)
+
+
+@cli.command()
+@user_errors
+def attribute(model: str = ModelOpt,
+              corpus: str = typer.Option("demo", "--corpus", "-c", help="Corpus spec (see `neuroglot corpus`)."),
+              languages: str = typer.Option("en,zh", "--languages", "-l", help="Comma-separated."),
+              max_facts: int = typer.Option(20, "--max-facts", help="Facts (round-robin over relations)."),
+              facts: Optional[str] = typer.Option(None, "--facts", help="Comma-separated fact ids instead."),
+              relations: Optional[str] = typer.Option(None, "--relations", "-r", help="Comma-separated relation ids."),
+              prompts_per_fact: Optional[int] = typer.Option(None, "--prompts-per-fact",
+                                                             help="Paraphrases per fact and language (default all)."),
+              prompt: Optional[list[str]] = typer.Option(None, "--prompt",
+                                                         help="Type a fact instead: LANG:PROMPT, repeat per "
+                                                              "language/paraphrase."),
+              target: Optional[list[str]] = typer.Option(None, "--target", help="LANG:ANSWER for each typed language."),
+              out: Path = typer.Option(..., "--out", "-o", help="Run folder to write (reused if the request is the same)."),
+              threshold: float = typer.Option(0.2, "--threshold", "-t", help="Per prompt: ≥ t × the prompt's max."),
+              share: float = typer.Option(0.5, "--share", "-p", help="Per fact: in ≥ p of its prompts."),
+              steps: int = typer.Option(20, "--steps", help="Integration steps m."),
+              method: str = typer.Option("riemann_right", "--method", help="riemann_right (Dai et al.) or "
+                                                                            "gausslegendre, riemann_trapezoid, ..."),
+              target_tokens: str = typer.Option("first", "--target-tokens", help="first or mean."),
+              layers: Optional[str] = typer.Option(None, "--layers", help="e.g. 0-5,9 (default all)."),
+              max_rows: int = typer.Option(512, "--max-rows", help="Rows (layers × steps) per forward."),
+              png: bool = typer.Option(True, "--png/--no-png", help="Also write PNG figures (needs Chromium)."),
+              device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
+    """Knowledge neurons by integrated gradients (MEMLA Eq. 1-4) per language: independent vs specific."""
+    from tqdm import tqdm
+
+    from analysis import attribution as at
+    from analysis import figures
+    from analysis.model import load_model
+    from data import load_corpus
+
+    at.prompt_knowledge_neurons(np.zeros((1, 1)), threshold)  # validate t and p before loading anything
+    at.fact_knowledge_neurons([np.zeros(1, bool)], share)
+    typed = per_language(prompt, "--prompt")
+    if typed:
+        table = typed_prompts(typed, per_language(target, "--target"), {})
+        langs = list(typed)
+        source = "typed"
+    else:
+        if target:
+            raise InputError("--target goes with --prompt (a typed fact).")
+        langs = split_languages(languages) or []
+        if not langs:
+            raise InputError("--languages needs at least one language.")
+        corp = load_corpus(corpus, languages=langs, relations=split_languages(relations))
+        table = at.fact_prompts(corp, langs, max_facts=max_facts, prompts_per_fact=prompts_per_fact,
+                                fact_ids=split_languages(facts))
+        source = corp.name
+    wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    chosen = parse_layers(layers, wb.n_layers)
+    with tqdm(total=len(table), unit="prompt", desc="integrated gradients") as bar:
+        def progress(frac: float, message: str) -> None:
+            bar.n = round(frac * len(table))
+            bar.refresh()
+
+        run, folder, reused = at.attribution_run(wb, table, layers=chosen, steps=steps, method=method,
+                                                 target_tokens=target_tokens, max_rows=max_rows, folder=out,
+                                                 progress=progress, extra_meta={"corpus": source})
+    typer.echo(f"{'read' if reused else 'wrote'} attributions: {folder} ({len(run.prompts)} prompts, "
+               f"{len(run.fact_ids)} facts, {', '.join(run.languages)})")
+    counts = run.set_counts(threshold, share)
+    per_layer = run.per_layer(threshold, share)
+    counts.to_csv(folder / f"knowledge_neurons_t{threshold:g}_p{share:g}.csv", index=False)
+    per_layer.to_csv(folder / f"knowledge_neurons_per_layer_t{threshold:g}_p{share:g}.csv")
+    tops = [run.top_neurons(f, threshold, share).assign(fact_id=f) for f in run.fact_ids]
+    import pandas as pd
+
+    pd.concat(tops, ignore_index=True).to_csv(folder / f"top_neurons_t{threshold:g}_p{share:g}.csv", index=False)
+    figs = {f"knowledge_neurons_by_layer_t{threshold:g}_p{share:g}":
+            figures.knowledge_neurons_by_layer(per_layer, run.languages),
+            "attribution_strength": figures.attribution_strength(run.mean_scores(), run.layers)}
+    for name, fig in figs.items():
+        figures.save_figure(fig, folder / name, formats=("html", "png") if png else ("html",))
+    shown = counts.drop(columns=["object"]).set_index("fact_id")
+    typer.echo(shown.to_string())
+    totals = {c: int(counts[c].sum()) for c in counts.columns if c.startswith(("N_", "S_")) or c == at.INDEPENDENT}
+    specific = ", ".join(f"{lang}-specific {totals.get(f'S_{lang}', 0):,}" for lang in run.languages)
+    typer.echo(f"over {len(counts)} facts (t={threshold:g}, p={share:g}): language-independent "
+               f"{totals.get(at.INDEPENDENT, 0):,}; {specific}")
+    gap = float(run.prompts["completeness_gap"].max())
+    typer.echo(f"completeness: largest |Σ attributions − (P(w̄) − P(0))| over layers and prompts = {gap:.3g}")
+    typer.echo(f"figures: {', '.join(sorted(figs))} → {folder}")
+
+
 @cli.command()
 @user_errors
 def app(model: str = ModelOpt, corpus: str = typer.Option("demo", "--corpus", "-c", help="Corpus shown first."),

@@ -87,3 +87,53 @@ def test_neurons_bad_input_exits_2(tiny_folder, tmp_path, extra, fragment):
     result = runner.invoke(cli, args)
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "Traceback" not in result.output
+
+
+def test_attribute_writes_run_folder_counts_and_figures_then_reuses_it(tiny_folder, tmp_path):
+    folder, model = tiny_folder
+    out = tmp_path / "ig"
+    args = ["attribute", "--model", str(folder), "--languages", "en,de", "--max-facts", "2", "--steps", "3",
+            "--prompts-per-fact", "2", "--out", str(out), "--no-png"]
+    first = runner.invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert "wrote attributions" in first.output and "language-independent" in first.output
+    import pandas as pd
+
+    counts = pd.read_csv(out / "knowledge_neurons_t0.2_p0.5.csv")
+    assert len(counts) == 2 and {"N_en", "N_de", "independent", "S_en", "S_de"} <= set(counts.columns)
+    assert (counts["N_en"] == counts["S_en"] + counts["independent"]).all()
+    for name in ("manifest.json", "scores.npz", "prompts.parquet", "knowledge_neurons_by_layer_t0.2_p0.5.html",
+                 "attribution_strength.html", "top_neurons_t0.2_p0.5.csv"):
+        assert (out / name).stat().st_size > 0, name
+    second = runner.invoke(cli, args + ["--threshold", "0.5"])
+    assert second.exit_code == 0 and "read attributions" in second.output
+    assert (out / "knowledge_neurons_t0.5_p0.5.csv").is_file()
+
+
+def test_attribute_a_typed_fact(tiny_folder, tmp_path):
+    folder, _ = tiny_folder
+    result = runner.invoke(cli, ["attribute", "--model", str(folder), "--prompt", "en:The capital of France is",
+                                 "--prompt", "de:Die Hauptstadt von Frankreich ist", "--target", "en:Paris",
+                                 "--target", "de:Paris", "--steps", "2", "--layers", "0-1", "--out",
+                                 str(tmp_path / "typed"), "--no-png"])
+    assert result.exit_code == 0, result.output
+    assert "2 prompts, 1 facts, de, en" in result.output
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--threshold", "0"], "threshold"),
+    (["--share", "2"], "share"),
+    (["--languages", "en,xx"], "xx"),
+    (["--layers", "0-9"], "out of range"),
+    (["--layers", "a"], "--layers"),
+    (["--prompt", "The capital is"], "LANG:TEXT"),
+    (["--prompt", "en:The capital is"], "answer for en"),
+    (["--method", "simpson"], "integration method"),
+    (["--facts", "P99:1"], "P99:1"),
+])
+def test_attribute_bad_input_exits_2(tiny_folder, tmp_path, extra, fragment):
+    args = ["attribute", "--model", str(tiny_folder[0]), "--languages", "en,de", "--max-facts", "1",
+            "--steps", "2", "--out", str(tmp_path / "r"), "--no-png", *extra]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output and "Traceback" not in result.output
