@@ -529,6 +529,40 @@ def top_activating_texts(wb, corpus, layer: int, neuron: int, languages: Sequenc
             .sort_values(["language", "activation"], ascending=[True, False]).reset_index(drop=True))
 
 
+def neuron_contributions(wb, text: str, layer: int, position: int, k: int = 20) -> pd.DataFrame:
+    """The neurons of ``layer`` that write the most into the FFN output at token ``position`` of ``text``.
+
+    A neuron's contribution is its key (the down-projection input, DESIGN
+    Decision 1) times its value vector: its size is ``|key_i| · ‖v_i‖``. Columns
+    ``layer``, ``neuron``, ``activation`` (the neuron, act_fn(h W1)), ``key``,
+    ``contribution`` (the size), strongest first. Used where causal tracing finds
+    the FFN state that matters, to name the neurons behind it.
+    """
+    _check_neuron(wb, layer, 0)
+    if int(k) < 1:
+        raise InputError(f"k must be at least 1, got {k}.")
+    batch = encode(wb.tokenizer, [text]).to(wb.device)
+    n_tokens = int(batch.input_ids.shape[1])
+    if not -n_tokens <= int(position) < n_tokens:
+        raise InputError(f"Token {position} is out of range: the text has {n_tokens} tokens.")
+    _, layers = wb.base_model()
+    neuron_path = f"{layers}.{layer}.{wb.arch.neuron}"
+    key_path = f"{layers}.{layer}.{wb.arch.down_proj}"
+    with wb.lock, torch.no_grad():
+        nn_model = wb.tracer()
+        with nn_model.trace(**forward_inputs(wb, batch.input_ids, batch.attention_mask)) as tracer:
+            act = resolve(nn_model, neuron_path).output[0, int(position)].save()
+            key = resolve(nn_model, key_path).inputs[0][0][0, int(position)].save()
+            tracer.stop()
+    norms = wb.arch.value_vectors(wb.model, layer).detach().float().norm(dim=1).cpu()
+    key = key.float().cpu()
+    size = key.abs() * norms
+    top = torch.topk(size, min(int(k), size.numel()))
+    idx = top.indices
+    return pd.DataFrame({"layer": int(layer), "neuron": idx.numpy(), "activation": act.float().cpu()[idx].numpy(),
+                         "key": key[idx].numpy(), "contribution": top.values.numpy()})
+
+
 def _check_neuron(wb, layer: int, neuron: int) -> None:
     if not 0 <= int(layer) < wb.n_layers:
         raise InputError(f"Layer {layer} is out of range: the model has layers 0–{wb.n_layers - 1}.")

@@ -297,6 +297,132 @@ def attribute(model: str = ModelOpt,
     typer.echo(f"figures: {', '.join(sorted(figs))} → {folder}")
 
 
+def fact_in_languages(corp, fact_id: str, languages: list[str]) -> dict[str, tuple[str, str, str]]:
+    """Per language (prompt, subject, object) of one corpus fact: its first prompt that contains the subject."""
+    rows = corp.rows[corp.rows["fact_id"] == fact_id]
+    if rows.empty:
+        raise InputError(f"Fact {fact_id!r} is not in the corpus.")
+    out = {}
+    for lang in languages:
+        mine = rows[rows["language"] == lang]
+        usable = mine[[str(s) in str(p) for s, p in zip(mine["subject"], mine["prompt"])]]
+        if usable.empty:
+            raise InputError(f"Fact {fact_id!r} has no {lang} prompt that contains its subject.")
+        first = usable.iloc[0]
+        out[lang] = (str(first["prompt"]), str(first["subject"]), str(first["object"]))
+    return out
+
+
+@cli.command()
+@user_errors
+def trace(model: str = ModelOpt,
+          prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="LANG:PROMPT of a typed fact (repeat per "
+                                                                             "language)."),
+          subject: Optional[list[str]] = typer.Option(None, "--subject", help="LANG:SUBJECT for each typed prompt."),
+          answer: Optional[list[str]] = typer.Option(None, "--answer", help="LANG:ANSWER (default: the model's own "
+                                                                             "prediction)."),
+          corpus: str = typer.Option("demo", "--corpus", "-c", help="Corpus spec (see `neuroglot corpus`)."),
+          languages: str = typer.Option("en,zh", "--languages", "-l", help="Comma-separated."),
+          fact: Optional[str] = typer.Option(None, "--fact", help="One corpus fact id: heatmaps per language."),
+          max_facts: int = typer.Option(20, "--max-facts", help="Without --prompt/--fact: facts to average."),
+          answer_from: str = typer.Option("object", "--answer-from", help="Corpus facts: object (the corpus answer) "
+                                                                          "or model (its own prediction)."),
+          kinds: str = typer.Option("hidden,mlp,attn", "--kinds", help="Any of hidden, mlp, attn."),
+          samples: int = typer.Option(10, "--samples", help="Noise samples per cell."),
+          noise: float = typer.Option(3.0, "--noise", help="σ = noise × the std of the token embeddings."),
+          window: int = typer.Option(10, "--window", help="Layers restored together for mlp and attn."),
+          seed: int = typer.Option(0, "--seed"),
+          max_rows: int = typer.Option(256, "--max-rows", help="Rows per forward."),
+          out: Path = typer.Option(..., "--out", "-o", help="Run folder to write."),
+          png: bool = typer.Option(True, "--png/--no-png", help="Also write PNG figures (needs Chromium)."),
+          device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
+    """ROME-style causal tracing: heatmaps of one fact per language, or average effects over many facts."""
+    from tqdm import tqdm
+
+    from analysis import causal_trace as ct
+    from analysis import figures
+    from analysis.model import load_model
+    from data import load_corpus
+
+    chosen_kinds = split_languages(kinds) or []
+    bad = [k for k in chosen_kinds if k not in figures.TRACE_KINDS]
+    if bad or not chosen_kinds:
+        raise InputError(f"--kinds takes hidden, mlp and attn; got {kinds!r}.")
+    typed = per_language(prompt, "--prompt")
+    single: dict[str, tuple[str, str, Optional[str]]] = {}
+    if typed:
+        subjects, answers = per_language(subject, "--subject"), per_language(answer, "--answer")
+        for lang, texts in typed.items():
+            if lang not in subjects:
+                raise InputError(f"Give the subject of the {lang} prompt too (--subject {lang}:...).")
+            single[lang] = (texts[0], subjects[lang][0], (answers.get(lang) or [None])[0])
+    elif subject or answer:
+        raise InputError("--subject and --answer go with --prompt (a typed fact).")
+    langs = split_languages(languages) or []
+    corp = None
+    if not typed:
+        if not langs:
+            raise InputError("--languages needs at least one language.")
+        if answer_from not in ct.ANSWERS:
+            raise InputError("--answer-from must be object or model.")
+        corp = load_corpus(corpus, languages=langs)
+        if fact:
+            single = {lang: (p, s, o if answer_from == "object" else None)
+                      for lang, (p, s, o) in fact_in_languages(corp, fact, langs).items()}
+    wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    fmt = ("html", "png") if png else ("html",)
+    out.mkdir(parents=True, exist_ok=True)
+    if single:
+        traces = {}
+        for lang, (text, subj, ans) in single.items():
+            with tqdm(total=100, desc=f"tracing {lang}", unit="%") as bar:
+                def progress(frac: float, message: str) -> None:
+                    bar.n = round(100 * frac)
+                    bar.refresh()
+
+                result = ct.causal_trace(wb, text, subj, ans, kinds=chosen_kinds, samples=samples, noise=noise,
+                                         window=window, seed=seed, max_rows=max_rows, progress=progress,
+                                         language=lang)
+            traces[lang] = [result]
+            fig = figures.causal_trace_heatmaps(result.tokens, result.subject_range, result.scores,
+                                                result.p_clean, result.p_corrupted, result.answer,
+                                                title=f"[{lang}] {text} → {result.answer.strip()}")
+            figures.save_figure(fig, out / f"trace_{lang}", formats=fmt)
+            best = {k: np.unravel_index(np.argmax(v), v.shape) for k, v in result.scores.items()}
+            typer.echo(f"{lang}: {text!r} → {result.answer!r}: clean p = {result.p_clean:.4f}, corrupted p = "
+                       f"{result.p_corrupted:.4f}; strongest restoration " + ", ".join(
+                           f"{k} at token {result.tokens[t]!r} layer {l} (p = {result.scores[k][t, l]:.4f})"
+                           for k, (t, l) in best.items()))
+        ct.save_traces(out, traces, {"request": {"model": wb.spec, "kinds": chosen_kinds, "samples": samples,
+                                                 "noise": noise, "window": window, "seed": seed}})
+        typer.echo(f"wrote traces and figures trace_<language> → {out}")
+        return
+    with tqdm(total=100, desc="tracing facts", unit="%") as bar:
+        def progress(frac: float, message: str) -> None:
+            bar.n = round(100 * frac)
+            bar.refresh()
+
+        traces, folder, reused = ct.trace_run(wb, corp, langs, max_facts=max_facts, kinds=chosen_kinds,
+                                              samples=samples, noise=noise, window=window, seed=seed,
+                                              answer=answer_from, folder=out, max_rows=max_rows, progress=progress)
+    effects = {lang: {k: ct.average_effects(traces[lang], k) for k in chosen_kinds} for lang in langs if traces[lang]}
+    if not effects:
+        raise InputError("No fact could be traced (no prompt contains its subject).")
+    for lang, per_kind in effects.items():
+        for k, frame in per_kind.items():
+            frame.to_csv(folder / f"average_effect_{lang}_{k}.csv")
+    fig = figures.average_effect_heatmaps(effects)
+    figures.save_figure(fig, folder / "average_effects", formats=fmt)
+    n = {lang: len(traces[lang]) for lang in langs}
+    typer.echo(f"{'read' if reused else 'wrote'} traces: {folder} ({', '.join(f'{l}: {c} facts' for l, c in n.items())})")
+    for lang, per_kind in effects.items():
+        for k, frame in per_kind.items():
+            cat, layer = np.unravel_index(np.nanargmax(frame.to_numpy(dtype=float)), frame.shape)
+            typer.echo(f"{lang} {k}: strongest average effect {frame.iat[cat, layer]:.4f} at "
+                       f"{frame.index[cat]}, layer {frame.columns[layer]}")
+    typer.echo(f"figure: average_effects → {folder}")
+
+
 @cli.command()
 @user_errors
 def app(model: str = ModelOpt, corpus: str = typer.Option("demo", "--corpus", "-c", help="Corpus shown first."),

@@ -14,5 +14,7 @@ st.set_page_config(page_title="Neuroglot", page_icon="🧠", layout="wide")
 navigation = st.navigation([
     st.Page(str(PAGES / "home.py"), title="Home", icon="🏠", default=True),
     st.Page(str(PAGES / "atlas.py"), title="Neuron atlas", icon="🗺️", url_path="atlas"),
+    st.Page(str(PAGES / "attribution.py"), title="Attribution", icon="🎯", url_path="attribution"),
+    st.Page(str(PAGES / "tracing.py"), title="Causal tracing", icon="🔬", url_path="tracing"),
 ])
 navigation.run()

@@ -137,3 +137,48 @@ def test_attribute_bad_input_exits_2(tiny_folder, tmp_path, extra, fragment):
     result = runner.invoke(cli, args)
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "Traceback" not in result.output
+
+
+def test_trace_a_typed_fact_in_two_languages(tiny_folder, tmp_path):
+    folder, model = tiny_folder
+    out = tmp_path / "tr"
+    result = runner.invoke(cli, ["trace", "--model", str(folder), "--prompt", "en:The capital of France is",
+                                 "--subject", "en:France", "--prompt", "de:Die Hauptstadt von Frankreich ist",
+                                 "--subject", "de:Frankreich", "--answer", "en:Paris", "--samples", "2",
+                                 "--out", str(out), "--no-png"])
+    assert result.exit_code == 0, result.output
+    assert "en: 'The capital of France is' → " in result.output and "de: " in result.output
+    assert (out / "trace_en.html").stat().st_size > 0 and (out / "trace_de.html").stat().st_size > 0
+    from analysis.causal_trace import load_traces
+
+    traces = load_traces(out)
+    assert traces["en"][0].scores["hidden"].shape[1] == model.config.n_layer
+
+
+def test_trace_averages_corpus_facts_then_reuses(tiny_folder, tmp_path):
+    folder, _ = tiny_folder
+    out = tmp_path / "avg"
+    args = ["trace", "--model", str(folder), "--languages", "en,de", "--max-facts", "2", "--samples", "2",
+            "--kinds", "hidden,mlp", "--out", str(out), "--no-png"]
+    first = runner.invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert "wrote traces" in first.output and "en hidden: strongest average effect" in first.output
+    assert (out / "average_effects.html").is_file() and (out / "average_effect_de_mlp.csv").is_file()
+    second = runner.invoke(cli, args)
+    assert second.exit_code == 0 and "read traces" in second.output
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--prompt", "en:The capital of France is"], "subject of the en prompt"),
+    (["--prompt", "en:The capital of France is", "--subject", "en:Germany"], "Germany"),
+    (["--kinds", "hidden,mlps"], "--kinds"),
+    (["--fact", "P99:1"], "P99:1"),
+    (["--answer-from", "nobody"], "--answer-from"),
+    (["--subject", "en:France"], "go with --prompt"),
+])
+def test_trace_bad_input_exits_2(tiny_folder, tmp_path, extra, fragment):
+    args = ["trace", "--model", str(tiny_folder[0]), "--languages", "en,de", "--max-facts", "1", "--samples", "1",
+            "--out", str(tmp_path / "r"), "--no-png", *extra]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output and "Traceback" not in result.output

@@ -9,6 +9,7 @@ import streamlit as st
 from analysis import figures
 from analysis import neurons as nr
 from app.state import corpus_rows, current_corpus_spec, current_model_spec, user_errors, workbench
+from app.widgets import downloads, neuron_drilldown
 
 st.title("Neuron atlas")
 st.caption("Eq. 4 counts how often each FFN neuron fires (> 0) on each language's facts; Eq. 5 keeps a "
@@ -27,31 +28,6 @@ def atlas(model_spec: str, corpus_spec: str, languages: tuple[str, ...], relatio
     counts, _, _ = nr.atlas_counts(workbench(model_spec), corp, list(languages), positions=positions, text=text,
                                    progress=_progress)
     return counts
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def drilldown(model_spec: str, corpus_spec: str, languages: tuple[str, ...], text: str, layer: int,
-              neuron: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from data import load_corpus
-
-    wb = workbench(model_spec)
-    corp = load_corpus(corpus_spec, languages=list(languages))
-    return (nr.top_activating_texts(wb, corp, layer, neuron, languages, k=5, text=text, max_texts=200),
-            nr.neuron_top_tokens(wb, layer, neuron, k=12))
-
-
-def downloads(fig, stem: str, table: pd.DataFrame | None = None) -> None:
-    cols = st.columns(3)
-    if table is not None:
-        cols[0].download_button("CSV", table.to_csv(index=False).encode(), f"{stem}.csv", "text/csv",
-                                key=f"csv-{stem}")
-    cols[1].download_button("HTML", fig.to_html(include_plotlyjs=True).encode(), f"{stem}.html", "text/html",
-                            key=f"html-{stem}")
-    if cols[2].button("PNG", key=f"png-{stem}", help="Render a PNG (takes a few seconds)"):
-        with user_errors():
-            st.session_state[f"png-{stem}"] = figures.figure_to_png_bytes(fig)
-    if png := st.session_state.get(f"png-{stem}"):
-        cols[2].download_button("Save PNG", png, f"{stem}.png", "image/png", key=f"png-dl-{stem}")
 
 
 with user_errors():
@@ -151,9 +127,4 @@ with user_errors():
         picked = event.selection.rows if event is not None else []
         if picked:
             row = shown.iloc[picked[0]]
-            layer, neuron = int(row["layer"]), int(row["neuron"])
-            with st.spinner(f"Reading neuron L{layer}.{neuron}..."):
-                top_prompts, top_tokens = drilldown(model_spec, corpus_spec, languages, text, layer, neuron)
-            fig = figures.neuron_drilldown(top_prompts, top_tokens, layer, neuron)
-            st.plotly_chart(fig, width="stretch", key="drill")
-            downloads(fig, f"neuron_L{layer}_{neuron}", top_prompts)
+            neuron_drilldown(model_spec, corpus_spec, languages, int(row["layer"]), int(row["neuron"]), text)
