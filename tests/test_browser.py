@@ -129,3 +129,68 @@ def test_neuron_atlas_page_runs_and_drills_down(app_url, browser):
     page.get_by_text("promoted").first.wait_for(timeout=120_000)
     assert "Traceback" not in page.inner_text("body")
     page.close()
+
+
+def _shot(page, name: str) -> None:
+    page.screenshot(path=str(Path(os.environ.get("NEUROGLOT_SHOTS", "/tmp")) / name))
+
+
+def test_attribution_page_typed_fact_and_drilldown(app_url, browser):
+    """Integrated gradients of a typed fact in en and zh: the per-language figure, then a neuron's drill-down."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_url + "/attribution")
+    page.get_by_text("Type a fact").wait_for(timeout=120_000)
+    page.get_by_text("Type a fact").click()
+    page.get_by_role("textbox", name="Answer (zh)").wait_for(timeout=60_000)
+    steps = page.get_by_role("spinbutton", name="Steps m")
+    steps.fill("4")
+    steps.press("Enter")
+    page.get_by_role("button", name="Compute", exact=True).click()
+    page.get_by_text("language-independent", exact=False).first.wait_for(timeout=300_000)
+    page.get_by_text("Attributed 4 prompts").wait_for(timeout=60_000)
+    body = page.inner_text("body")
+    assert "Traceback" not in body and "Mean answer probability: en" in body
+    page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+    legend = page.locator(".js-plotly-plot .legend").first.text_content()
+    assert "language-independent" in legend and "en-specific" in legend and "zh-specific" in legend
+    _shot(page, "attribution.png")
+    page.get_by_role("tab", name="Top neurons").click()
+    table = page.locator("[data-testid='stDataFrame']").last
+    table.wait_for(timeout=60_000)
+    box = table.bounding_box()
+    page.mouse.click(box["x"] + 15, box["y"] + 55)
+    page.get_by_text("promoted").first.wait_for(timeout=120_000)
+    assert "Traceback" not in page.inner_text("body")
+    page.close()
+
+
+def test_causal_tracing_page_heatmaps_and_bad_subject(app_url, browser):
+    """Trace a typed fact (en, zh, de): three heatmaps per language; a subject not in the prompt is an error box."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_url + "/tracing")
+    page.get_by_text("Type a fact").wait_for(timeout=120_000)
+    page.get_by_text("Type a fact").click()
+    page.get_by_role("textbox", name="Subject (de)").wait_for(timeout=60_000)
+    samples = page.get_by_role("spinbutton", name="Noise samples")
+    samples.fill("2")
+    samples.press("Enter")
+    page.get_by_role("button", name="Trace", exact=True).click()
+    page.get_by_text("Strongest MLP effect").first.wait_for(timeout=300_000)
+    body = page.inner_text("body")
+    assert "Traceback" not in body
+    titles = page.locator(".js-plotly-plot").first.text_content()
+    assert "single restored hidden state" in titles and "restored MLP" in titles and "restored attention" in titles
+    assert "Eiffel" in titles
+    _shot(page, "tracing.png")
+    for lang in ("zh", "de"):
+        page.get_by_role("tab", name=lang, exact=True).click()
+    # bad input: the English subject is not in the English prompt
+    subject = page.get_by_role("textbox", name="Subject (en)")
+    subject.fill("Louvre")
+    page.get_by_role("button", name="Trace", exact=True).click()
+    page.get_by_text("does not occur in the prompt").wait_for(timeout=120_000)
+    body = page.inner_text("body")
+    assert "Traceback" not in body
+    page.get_by_role("tab", name="zh", exact=True).click()
+    assert page.locator(".js-plotly-plot").count() >= 1   # the other languages' traces are still shown
+    page.close()
