@@ -62,6 +62,7 @@ import pandas as pd
 import torch
 
 from analysis.errors import InputError, NeuroglotError
+from analysis.neurons import atomic_write
 from analysis.tokens import answer_ids
 
 Progress = Callable[[float, str], None]
@@ -482,11 +483,11 @@ class AttributionRun:
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic(folder / "scores.npz", lambda f: np.savez_compressed(f, scores=self.scores.astype(np.float32),
+        atomic_write(folder / "scores.npz", lambda f: np.savez_compressed(f, scores=self.scores.astype(np.float32),
                                                                        layers=np.asarray(self.layers)))
-        _atomic(folder / "prompts.parquet", lambda f: self.prompts.to_parquet(f, index=False))
+        atomic_write(folder / "prompts.parquet", lambda f: self.prompts.to_parquet(f, index=False))
         # the manifest last: a folder without it (an interrupted save) is never read back
-        _atomic(folder / "manifest.json",
+        atomic_write(folder / "manifest.json",
                 lambda f: f.write(json.dumps(self.meta, indent=2, ensure_ascii=False, default=str).encode()))
         return folder
 
@@ -503,13 +504,6 @@ class AttributionRun:
         if not isinstance(meta, dict):
             raise NeuroglotError(f"{folder}/manifest.json is not an attribution manifest.")
         return cls(prompts=prompts, scores=scores, layers=layers, meta=meta)
-
-
-def _atomic(path: Path, write: Callable[[Any], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    tmp.replace(path)
 
 
 def attribute_prompts(wb, prompts: pd.DataFrame, layers: Sequence[int] | None = None, steps: int = 20,

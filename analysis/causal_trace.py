@@ -80,7 +80,7 @@ import torch
 
 from analysis.arch import first_tensor
 from analysis.errors import InputError, NeuroglotError
-from analysis.neurons import _atomic_write, _check_languages, forward_inputs, versions
+from analysis.neurons import atomic_write, check_languages, forward_inputs, versions
 from analysis.tokens import answer_ids, encode
 
 log = logging.getLogger(__name__)
@@ -654,6 +654,20 @@ def _fact_prompts(rows: pd.DataFrame) -> dict[str, tuple[str, str, str, str]] | 
     return out
 
 
+def fact_prompt(rows: pd.DataFrame, fact_id: str, languages: Sequence[str]) -> dict[str, tuple[str, str, str]]:
+    """One corpus fact in each language: (prompt, subject, object) of its first prompt that contains the subject."""
+    mine = rows[(rows["fact_id"] == fact_id) & rows["language"].isin(list(languages))]
+    if mine.empty:
+        raise InputError(f"Fact {fact_id!r} is not in the corpus in {', '.join(languages)}.")
+    found = _fact_prompts(mine)
+    if isinstance(found, str):
+        raise InputError(f"Fact {fact_id!r} cannot be traced: {found}.")
+    absent = [lang for lang in languages if lang not in found]
+    if absent:
+        raise InputError(f"Fact {fact_id!r} has no prompt in {', '.join(absent)}.")
+    return {lang: found[lang][:3] for lang in languages}
+
+
 def trace_facts(wb, corpus, languages: Sequence[str], max_facts: int = 20, kinds: Sequence[str] = KINDS,
                 samples: int = 10, noise: float = 3.0, window: int = 10, seed: int = 0, answer: str = "object",
                 progress: Progress | None = None, sigma: float | None = None,
@@ -668,7 +682,7 @@ def trace_facts(wb, corpus, languages: Sequence[str], max_facts: int = 20, kinds
     languages and listed in ``result.skipped``. ``answer="object"`` traces the
     first token of the corpus object, ``"model"`` the model's own prediction.
     """
-    languages = _check_languages(languages)
+    languages = check_languages(languages)
     if answer not in ANSWERS:
         raise InputError(f"Unknown answer {answer!r}: use 'object' (the corpus object) or 'model' (the prediction).")
     if not _is_number(max_facts) or int(max_facts) < 1:
@@ -742,9 +756,9 @@ def save_traces(folder: str | Path, traces: dict[str, list[TraceResult]], meta: 
                 arrays[name] = np.asarray(table, dtype=np.float64)
                 record["scores"][kind] = name
             entries[lang].append(record)
-    _atomic_write(folder / "scores.npz", lambda f: np.savez_compressed(f, **arrays))
+    atomic_write(folder / "scores.npz", lambda f: np.savez_compressed(f, **arrays))
     manifest = dict(_manifest_head(traces, meta), traces=entries)
-    _atomic_write(folder / "manifest.json",
+    atomic_write(folder / "manifest.json",
                   lambda f: f.write(json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8")))
     return folder
 
@@ -807,7 +821,7 @@ def trace_run(wb, corpus, languages: Sequence[str], max_facts: int = 20, kinds: 
     """
     from analysis.model import cache_root
 
-    languages = _check_languages(languages)
+    languages = check_languages(languages)
     request = trace_request(wb, corpus, languages, max_facts, kinds, samples, noise, sigma, window, seed, answer)
     folder = Path(folder) if folder is not None else cache_root() / "runs" / f"trace-{request['key']}"
     if (folder / "manifest.json").is_file():

@@ -108,12 +108,12 @@ class NeuronCounts:
         """Write ``counts.npz`` + ``manifest.json`` atomically into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / "counts.npz", lambda f: np.savez_compressed(
+        atomic_write(folder / "counts.npz", lambda f: np.savez_compressed(
             f, counts=self.counts, tokens=self.tokens, texts=self.texts))
         manifest = dict(self.meta, languages=self.languages, positions=self.positions,
                         shape=list(self.counts.shape), tokens=dict(zip(self.languages, self.tokens.tolist())),
                         texts=dict(zip(self.languages, self.texts.tolist())))
-        _atomic_write(folder / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        atomic_write(folder / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
         return folder
 
     @classmethod
@@ -133,7 +133,7 @@ class NeuronCounts:
             raise NeuroglotError(f"{folder} holds a damaged neuron run: {exc}") from exc
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -144,7 +144,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
             os.unlink(tmp)
 
 
-def _check_languages(languages: Sequence[str], at_least: int = 1) -> list[str]:
+def check_languages(languages: Sequence[str], at_least: int = 1) -> list[str]:
     languages = list(dict.fromkeys(languages))  # keep order, drop repeats
     if len(languages) < at_least:
         raise InputError(f"Choose at least {at_least} language{'s' if at_least > 1 else ''}; got {languages or 'none'}.")
@@ -182,7 +182,7 @@ def count_activations(wb, corpus, languages: Sequence[str], positions: str = "al
     streams through in constant memory. ``progress(done, total)`` is called
     after each batch.
     """
-    languages = _check_languages(languages)
+    languages = check_languages(languages)
     if positions not in POSITIONS:
         raise InputError(f"Unknown positions {positions!r}: use {', '.join(POSITIONS)}.")
     if batch_size < 1:
@@ -288,7 +288,7 @@ def factual_neurons(counts: NeuronCounts, beta: float) -> dict[str, np.ndarray]:
 
 
 def _chosen(factual: dict[str, np.ndarray], languages: Sequence[str] | None, at_least: int) -> list[str]:
-    languages = _check_languages(languages if languages is not None else list(factual), at_least)
+    languages = check_languages(languages if languages is not None else list(factual), at_least)
     unknown = [lang for lang in languages if lang not in factual]
     if unknown:
         raise InputError(f"No factual neurons for {', '.join(unknown)}; have {', '.join(factual)}.")
@@ -319,7 +319,7 @@ def lape(counts: NeuronCounts) -> np.ndarray:
     normalised over languages and LAPE = -Σ_l p'_l log p'_l. Low LAPE = the
     neuron fires in few languages. Neurons that never fire get the maximum, log L.
     """
-    _check_languages(counts.languages, 2)
+    check_languages(counts.languages, 2)
     p = counts.probabilities()
     total = p.sum(axis=0)
     q = np.divide(p, total, out=np.full_like(p, 1.0 / len(counts.languages)), where=total > 0)
@@ -454,7 +454,7 @@ def atlas_counts(wb, corpus, languages: Sequence[str], positions: str = "all", t
     """
     from analysis.model import cache_root
 
-    languages = _check_languages(languages)
+    languages = check_languages(languages)
     key = request_key(wb, corpus, languages, positions, text)
     folder = Path(folder) if folder is not None else cache_root() / "runs" / f"neurons-{key}"
     manifest = folder / "manifest.json"
@@ -501,7 +501,7 @@ def top_activating_texts(wb, corpus, layer: int, neuron: int, languages: Sequenc
     language are traced (a reproducible sample).
     """
     _check_neuron(wb, layer, neuron)
-    languages = _check_languages(languages)
+    languages = check_languages(languages)
     _, layers = wb.base_model()
     path = f"{layers}.{layer}.{wb.arch.neuron}"
     rng = np.random.default_rng(seed)

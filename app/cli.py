@@ -297,22 +297,6 @@ def attribute(model: str = ModelOpt,
     typer.echo(f"figures: {', '.join(sorted(figs))} → {folder}")
 
 
-def fact_in_languages(corp, fact_id: str, languages: list[str]) -> dict[str, tuple[str, str, str]]:
-    """Per language (prompt, subject, object) of one corpus fact: its first prompt that contains the subject."""
-    rows = corp.rows[corp.rows["fact_id"] == fact_id]
-    if rows.empty:
-        raise InputError(f"Fact {fact_id!r} is not in the corpus.")
-    out = {}
-    for lang in languages:
-        mine = rows[rows["language"] == lang]
-        usable = mine[[str(s) in str(p) for s, p in zip(mine["subject"], mine["prompt"])]]
-        if usable.empty:
-            raise InputError(f"Fact {fact_id!r} has no {lang} prompt that contains its subject.")
-        first = usable.iloc[0]
-        out[lang] = (str(first["prompt"]), str(first["subject"]), str(first["object"]))
-    return out
-
-
 @cli.command()
 @user_errors
 def trace(model: str = ModelOpt,
@@ -368,7 +352,7 @@ def trace(model: str = ModelOpt,
         corp = load_corpus(corpus, languages=langs)
         if fact:
             single = {lang: (p, s, o if answer_from == "object" else None)
-                      for lang, (p, s, o) in fact_in_languages(corp, fact, langs).items()}
+                      for lang, (p, s, o) in ct.fact_prompt(corp.rows, fact, langs).items()}
     wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     fmt = ("html", "png") if png else ("html",)
     out.mkdir(parents=True, exist_ok=True)

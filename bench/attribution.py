@@ -21,8 +21,6 @@ line is ``speedup: time(a) / time(b)``.
 from __future__ import annotations
 
 import argparse
-import platform
-import resource
 import statistics
 import sys
 import time
@@ -35,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis.attribution import neuron_attributions, neuron_attributions_reference  # noqa: E402
 from analysis.model import load_model  # noqa: E402
+from bench.common import device_line, peak_rss_mib  # noqa: E402
 
 TARGET = 3.0
 TOLERANCE = 1e-4
@@ -52,9 +51,8 @@ def main() -> int:
 
     wb = load_model(args.model, device=args.device)
     n_tokens = len(wb.tokenizer(args.prompt)["input_ids"])
-    print(f"model {wb.name} · {wb.n_layers} layers × {wb.n_neurons} neurons · device {wb.device} · "
-          f"torch {torch.__version__} · {platform.processor() or platform.machine()} · "
-          f"{torch.get_num_threads()} threads")
+    print(f"model {wb.name} · {wb.n_layers} layers × {wb.n_neurons} neurons · device {device_line(wb)} · "
+          f"torch {torch.__version__}")
     print(f"prompt {args.prompt!r} ({n_tokens} tokens) → {args.target!r}; {args.steps} steps, riemann_right")
 
     def project():
@@ -80,7 +78,7 @@ def main() -> int:
     t_ref, t_ours = statistics.median(times["reference"]), statistics.median(times["project"])
     print(f"(a) captum layer by layer: {t_ref:.2f} s")
     print(f"(b) project:               {t_ours:.2f} s")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB; target speedup ≥ {TARGET}")
+    print(f"peak RSS {peak_rss_mib() / 1024:.2f} GiB; target speedup ≥ {TARGET}")
     if diff > TOLERANCE:
         print(f"FAIL: results differ by {diff:.2e} > {TOLERANCE}")
         return 1

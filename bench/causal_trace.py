@@ -22,8 +22,6 @@ each path runs once. The last line is ``speedup: time(r) / time(p)``.
 from __future__ import annotations
 
 import argparse
-import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis.causal_trace import KINDS, causal_trace, causal_trace_per_cell, noise_sigma  # noqa: E402
 from analysis.model import load_model  # noqa: E402
+from bench.common import device_line, peak_rss_mib  # noqa: E402
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"
@@ -78,12 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     diff = max(float(np.abs(ref.scores[k] - proj.scores[k]).max()) for k in KINDS)
     diff = max(diff, abs(ref.p_clean - proj.p_clean), abs(ref.p_corrupted - proj.p_corrupted))
     T, L = len(proj.tokens), wb.n_layers
-    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    device = str(wb.device)
-    if wb.device.type == "cuda":
-        device += f" ({torch.cuda.get_device_name(wb.device)})"
-    else:
-        device += f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    rss_mib = peak_rss_mib()
+    device = device_line(wb)
     print(f"model: {wb.name} [{wb.summary()['family']}, {L} layers, d_model {wb.d_model}, "
           f"vocab {wb.summary()['vocab_size']:,}, {str(wb.dtype).replace('torch.', '')}]")
     print(f"device: {device}")

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import platform
-import resource
 import statistics
 import sys
 import time
@@ -37,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis.arch import first_tensor  # noqa: E402
 from analysis.model import load_model  # noqa: E402
+from bench.common import device_line, peak_rss_mib  # noqa: E402
 from analysis.neurons import corpus_texts, count_batch, forward_inputs  # noqa: E402
 from analysis.tokens import Batch, encode  # noqa: E402
 from data import load_corpus  # noqa: E402
@@ -136,12 +135,8 @@ def main(argv: list[str] | None = None) -> None:
             times[name].append(total)
     ta, tb, ts = (statistics.median(times[name]) for name in ("a", "b", "s"))
 
-    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    device = str(wb.device)
-    if wb.device.type == "cuda":
-        device += f" ({torch.cuda.get_device_name(wb.device)})"
-    else:
-        device += f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    rss_mib = peak_rss_mib()
+    device = device_line(wb)
     print(f"model: {wb.name} [{wb.summary()['family']}, {wb.n_layers} layers x {wb.n_neurons} neurons, "
           f"{str(wb.dtype).replace('torch.', '')}]")
     print(f"device: {device}")

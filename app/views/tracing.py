@@ -46,18 +46,6 @@ def contributions(model_spec: str, prompt: str, layer: int, position: int) -> pd
     return nr.neuron_contributions(workbench(model_spec), prompt, layer, position, k=25)
 
 
-def corpus_fact(rows: pd.DataFrame, fact_id: str, languages: list[str]) -> dict[str, tuple[str, str, str]]:
-    out = {}
-    mine = rows[rows["fact_id"] == fact_id]
-    for lang in languages:
-        sub = mine[mine["language"] == lang]
-        usable = sub[[str(s) in str(p) for s, p in zip(sub["subject"], sub["prompt"])]]
-        if not usable.empty:
-            first = usable.iloc[0]
-            out[lang] = (str(first["prompt"]), str(first["subject"]), str(first["object"]))
-    return out
-
-
 def typed_fact(languages: list[str]) -> dict[str, tuple[str, str, str]]:
     examples = {"en": ("The Eiffel Tower is located in the city of", "Eiffel Tower", "Paris"),
                 "zh": ("埃菲尔铁塔位于", "埃菲尔铁塔", "巴黎"),
@@ -143,12 +131,9 @@ with user_errors():
             st.session_state["tr_request"] = ("many", tuple(languages), int(n_facts),
                                               "model" if use_model else "object", params)
         else:
-            facts_by_lang = (corpus_fact(rows, fact, languages) if source == SOURCES[0] else typed)
+            facts_by_lang = (ct.fact_prompt(rows, fact, languages) if source == SOURCES[0] else typed)
             if source == SOURCES[0] and use_model:
                 facts_by_lang = {k: (p, s, "") for k, (p, s, o) in facts_by_lang.items()}
-            missing = [lang for lang in languages if lang not in facts_by_lang]
-            if missing:
-                st.warning(f"No prompt containing the subject in {', '.join(missing)}: left out.")
             st.session_state["tr_request"] = ("one", facts_by_lang, params)
 
     request = st.session_state.get("tr_request")
