@@ -36,7 +36,7 @@ def typed_fact(languages: list[str]) -> pd.DataFrame:
     """Per language: paraphrases (one per line) and the answer."""
     examples = {"en": ("The Eiffel Tower is located in the city of\nThe Eiffel Tower is in", "Paris"),
                 "zh": ("埃菲尔铁塔位于\n埃菲尔铁塔所在的城市是", "巴黎"),
-                "de": ("Der Eiffelturm steht in der Stadt\nDer Eiffelturm befindet sich in", "Paris")}
+                "de": ("Der Eiffelturm ist ein Wahrzeichen von\nDer Eiffelturm befindet sich in", "Paris")}
     rows = []
     cols = st.columns(max(1, len(languages)))
     for col, lang in zip(cols, languages):

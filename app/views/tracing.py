@@ -49,7 +49,7 @@ def contributions(model_spec: str, prompt: str, layer: int, position: int) -> pd
 def typed_fact(languages: list[str]) -> dict[str, tuple[str, str, str]]:
     examples = {"en": ("The Eiffel Tower is located in the city of", "Eiffel Tower", "Paris"),
                 "zh": ("埃菲尔铁塔位于", "埃菲尔铁塔", "巴黎"),
-                "de": ("Der Eiffelturm steht in der Stadt", "Eiffelturm", "Paris")}
+                "de": ("Der Eiffelturm ist ein Wahrzeichen von", "Eiffelturm", "Paris")}
     out = {}
     cols = st.columns(max(1, len(languages)))
     for col, lang in zip(cols, languages):
