@@ -155,11 +155,16 @@ def test_attribution_page_typed_fact_and_drilldown(app_url, browser):
     assert "language-independent" in legend and "en-specific" in legend and "zh-specific" in legend
     _shot(page, "attribution.png")
     page.get_by_role("tab", name="Top neurons").click()
-    table = page.locator("[data-testid='stDataFrame']").last
+    panel = page.get_by_role("tabpanel", name="Top neurons")
+    table = panel.locator("[data-testid='stDataFrame']").first
     table.wait_for(timeout=60_000)
+    page.wait_for_timeout(1000)
     box = table.bounding_box()
     page.mouse.click(box["x"] + 15, box["y"] + 55)
-    page.get_by_text("promoted").first.wait_for(timeout=120_000)
+    try:
+        page.get_by_text("promoted").first.wait_for(timeout=120_000)
+    finally:
+        _shot(page, "attribution_drill.png")
     assert "Traceback" not in page.inner_text("body")
     page.close()
 
@@ -188,6 +193,7 @@ def test_causal_tracing_page_heatmaps_and_bad_subject(app_url, browser):
     subject = page.get_by_role("textbox", name="Subject (en)")
     subject.fill("Louvre")
     page.get_by_role("button", name="Trace", exact=True).click()
+    page.get_by_role("tab", name="en", exact=True).click()
     page.get_by_text("does not occur in the prompt").wait_for(timeout=120_000)
     body = page.inner_text("body")
     assert "Traceback" not in body
