@@ -40,21 +40,6 @@ PROMPT, SUBJECT, ANSWER = "The capital of France is", "France", "Paris"
 LONG_PROMPT, LONG_SUBJECT = "People in Albert Einstein speak", "Albert Einstein"
 
 
-@pytest.fixture(autouse=True)
-def one_thread_for_tiny_models(request):
-    """Tiny models run on one intra-op thread: their matrices are too small to share, and with a
-    second thread a busy machine turns each small op into a wait for a descheduled thread."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @functools.lru_cache(maxsize=None)
 def tiny_wb(family: str = "llama") -> Workbench:
     model, tok = tiny_model_and_tokenizer(family)

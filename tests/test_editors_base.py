@@ -40,20 +40,6 @@ from tests.tiny import tiny_model_and_tokenizer
 FAMILIES = ("llama", "gpt2", "gemma3_text", "bloom")
 
 
-@pytest.fixture(autouse=True)
-def one_thread_for_tiny_models(request):
-    """Tiny models run on one intra-op thread (the machine is shared; see tests/test_causal_trace.py)."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @functools.lru_cache(maxsize=None)
 def tiny_wb(family: str = "llama") -> Workbench:
     model, tok = tiny_model_and_tokenizer(family)
@@ -220,7 +206,6 @@ def test_preset_by_workbench_name_then_family_and_size():
         DummyHParams.preset(fake_wb("qwen3", 36, 4096))
     with pytest.raises(InputError, match="HParams has no presets"):
         HParams.preset("embedded")
-
 
 
 def test_hparams_plain_data_and_field_checks():

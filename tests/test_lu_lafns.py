@@ -28,20 +28,6 @@ from tests.tiny import tiny_model_and_tokenizer
 FAMILIES = ("llama", "gpt2", "gemma3_text")
 
 
-@pytest.fixture(autouse=True)
-def one_thread_for_tiny_models(request):
-    """Tiny models run on one intra-op thread (the machine is shared)."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @functools.lru_cache(maxsize=None)
 def tiny_wb(family: str = "llama") -> Workbench:
     model, tok = tiny_model_and_tokenizer(family)

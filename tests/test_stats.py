@@ -30,17 +30,6 @@ TEXTS = {lang: [s.strip() for s in tiny._FREE[lang].splitlines() if s.strip()] f
 SHARED_FLORES = Path(__file__).resolve().parents[2] / "shared" / "data" / "flores200_devtest"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run on one intra-op thread (other work shares this machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @lru_cache(maxsize=None)
 def tiny_wb(family: str = "llama", padding_side: str = "right", seed: int = 0) -> Workbench:
     model, tokenizer = tiny_model_and_tokenizer(family, seed=seed, padding_side=padding_side)
