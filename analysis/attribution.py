@@ -48,9 +48,7 @@ overwritten is the most direct form of that.
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
-import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -62,7 +60,7 @@ import pandas as pd
 import torch
 
 from analysis.errors import InputError, NeuroglotError
-from analysis.neurons import atomic_write
+from analysis.neurons import atomic_write, forward_parameters
 from analysis.tokens import answer_ids
 
 Progress = Callable[[float, str], None]
@@ -146,7 +144,7 @@ class _LastTokenRunner:
         # new tokens: the last prompt token, then (teacher forcing) all answer tokens but the last
         self.new = torch.cat([prompt_ids[0, -1:], self.target[:-1]])
         self.n_prefix = n - 1
-        accepted = _forward_parameters(type(self.base))
+        accepted = forward_parameters(type(self.base))
         self.takes_positions = "position_ids" in accepted
         self.cache = None
         if self.n_prefix:
@@ -205,11 +203,6 @@ def _neuron_hook(layer: int, replace, record):
 
 def _neuron_modules(wb) -> dict[int, torch.nn.Module]:
     return {layer: wb.arch.site(wb.model, layer, "neuron") for layer in range(wb.n_layers)}
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_parameters(module_type: type) -> frozenset[str]:
-    return frozenset(inspect.signature(module_type.forward).parameters)
 
 
 def neuron_attributions(wb, prompt: str, target: str, layers: Sequence[int] | None = None, steps: int = 20,
@@ -326,7 +319,8 @@ def neuron_attributions_reference(wb, prompt: str, target: str, layers: Sequence
 # ---------------------------------------------------------------- neuron sets
 
 
-def _check_fraction(value: float, name: str) -> float:
+def check_fraction(value: float, name: str) -> float:
+    """``value`` as a float in (0, 1], or an InputError naming ``name``."""
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -341,7 +335,7 @@ def prompt_knowledge_neurons(scores: np.ndarray, threshold: float = 0.2) -> np.n
 
     A prompt whose largest attribution is not positive has no knowledge neuron.
     """
-    threshold = _check_fraction(threshold, "The attribution threshold t")
+    threshold = check_fraction(threshold, "The attribution threshold t")
     top = float(np.max(scores)) if scores.size else 0.0
     if top <= 0.0:
         return np.zeros(scores.shape, dtype=bool)
@@ -350,7 +344,7 @@ def prompt_knowledge_neurons(scores: np.ndarray, threshold: float = 0.2) -> np.n
 
 def fact_knowledge_neurons(prompt_sets: Sequence[np.ndarray], share: float = 0.5) -> np.ndarray:
     """``N_x^k``: neurons in at least ``share`` of the fact's prompts (paraphrases) in one language."""
-    share = _check_fraction(share, "The prompt share p")
+    share = check_fraction(share, "The prompt share p")
     if len(prompt_sets) == 0:
         raise InputError("A fact needs at least one prompt.")
     stacked = np.stack([np.asarray(s, dtype=bool) for s in prompt_sets])
@@ -420,19 +414,32 @@ class AttributionRun:
                                                     for i in idx], share)
         return out
 
+    def set_parts(self, fact_id: str, threshold: float = 0.2, share: float = 0.5) -> dict[str, np.ndarray]:
+        """One fact's sets, bool [n_layers, d_ff] each: ``N^k`` under the language code, ``"independent"``
+        (Eq. 3) and ``"specific <k>"`` (Eq. 4). A fact without prompts in every language of the run shares
+        nothing: its independent set is empty and each language's specific set is its whole ``N^k``."""
+        sets = self.fact_sets(fact_id, threshold, share)
+        if len(sets) == len(self.languages):
+            shared = language_independent_neurons(sets)
+        else:
+            shared = np.zeros_like(next(iter(sets.values())))
+        parts = dict(sets)
+        parts[INDEPENDENT] = shared
+        parts.update({f"specific {lang}": s & ~shared for lang, s in sets.items()})
+        return parts
+
     def set_counts(self, threshold: float = 0.2, share: float = 0.5) -> pd.DataFrame:
         """One row per fact: |N^k| per language, |I| (Eq. 3) and |S^k| per language (Eq. 4)."""
         records = []
         for fact_id in self.fact_ids:
-            sets = self.fact_sets(fact_id, threshold, share)
+            parts = self.set_parts(fact_id, threshold, share)
             first = self.prompts[self.prompts["fact_id"] == fact_id].iloc[0]
             rec: dict[str, Any] = {"fact_id": fact_id, "relation": first["relation"], "subject": first["subject"],
                                    "object": first["object"]}
-            for lang, s in sets.items():
-                rec[f"N_{lang}"] = int(s.sum())
-            rec[INDEPENDENT] = int(language_independent_neurons(sets).sum()) if len(sets) == len(self.languages) else 0
-            for lang, s in language_specific_neurons(sets).items():
-                rec[f"S_{lang}"] = int(s.sum())
+            langs = [lang for lang in self.languages if lang in parts]
+            rec.update({f"N_{lang}": int(parts[lang].sum()) for lang in langs})
+            rec[INDEPENDENT] = int(parts[INDEPENDENT].sum())
+            rec.update({f"S_{lang}": int(parts[f"specific {lang}"].sum()) for lang in langs})
             records.append(rec)
         return pd.DataFrame.from_records(records)
 
@@ -440,16 +447,10 @@ class AttributionRun:
         """Knowledge neurons per layer summed over facts: columns = languages (N^k), 'independent', 'specific <k>'."""
         totals: dict[str, np.ndarray] = {}
         for fact_id in self.fact_ids:
-            sets = self.fact_sets(fact_id, threshold, share)
-            parts = {lang: s for lang, s in sets.items()}
-            if len(sets) == len(self.languages):
-                parts[INDEPENDENT] = language_independent_neurons(sets)
-                parts.update({f"specific {lang}": s for lang, s in language_specific_neurons(sets).items()})
-            for name, s in parts.items():
+            for name, s in self.set_parts(fact_id, threshold, share).items():
                 totals[name] = totals.get(name, 0) + s.sum(axis=1)
-        frame = pd.DataFrame({name: np.asarray(v, dtype=np.int64) for name, v in totals.items()},
-                             index=pd.Index(self.layers, name="layer"))
-        return frame
+        return pd.DataFrame({name: np.asarray(v, dtype=np.int64) for name, v in totals.items()},
+                            index=pd.Index(self.layers, name="layer"))
 
     def mean_scores(self, fact_id: str | None = None) -> dict[str, np.ndarray]:
         """Mean attribution [n_layers, d_ff] per language (over one fact's prompts, or over all)."""
@@ -459,12 +460,11 @@ class AttributionRun:
 
     def top_neurons(self, fact_id: str, threshold: float = 0.2, share: float = 0.5, k: int = 20) -> pd.DataFrame:
         """The fact's knowledge neurons, strongest first: layer, neuron, set, mean attribution per language."""
-        sets = self.fact_sets(fact_id, threshold, share)
+        parts = self.set_parts(fact_id, threshold, share)
+        sets = {lang: parts[lang] for lang in self.languages if lang in parts}
+        shared = parts[INDEPENDENT]
         means = self.mean_scores(fact_id)
-        union = np.zeros_like(next(iter(sets.values())))
-        for s in sets.values():
-            union |= s
-        shared = language_independent_neurons(sets) if len(sets) == len(self.languages) else np.zeros_like(union)
+        union = np.logical_or.reduce(list(sets.values()))
         layer_idx, neuron_idx = np.nonzero(union)
         records = []
         for li, n in zip(layer_idx, neuron_idx):

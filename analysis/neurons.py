@@ -247,7 +247,7 @@ def forward_inputs(wb, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     and ``use_cache=False``: a trace never generates, so no key/value cache is kept.
     """
     inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    accepted = _forward_parameters(type(wb.base_model()[0]))
+    accepted = forward_parameters(type(wb.base_model()[0]))
     if "position_ids" in accepted:
         inputs["position_ids"] = position_ids(attention_mask)
     if "use_cache" in accepted:
@@ -256,7 +256,8 @@ def forward_inputs(wb, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_parameters(module_type: type) -> frozenset[str]:
+def forward_parameters(module_type: type) -> frozenset[str]:
+    """Names of the keyword arguments ``module_type.forward`` accepts (cached per type)."""
     return frozenset(inspect.signature(module_type.forward).parameters)
 
 

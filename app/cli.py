@@ -244,8 +244,8 @@ def attribute(model: str = ModelOpt,
     from analysis.model import load_model
     from data import load_corpus
 
-    at.prompt_knowledge_neurons(np.zeros((1, 1)), threshold)  # validate t and p before loading anything
-    at.fact_knowledge_neurons([np.zeros(1, bool)], share)
+    at.check_fraction(threshold, "The attribution threshold t")  # before loading anything
+    at.check_fraction(share, "The prompt share p")
     typed = per_language(prompt, "--prompt")
     if typed:
         table = typed_prompts(typed, per_language(target, "--target"), {})

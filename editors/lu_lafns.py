@@ -66,7 +66,7 @@ import time
 import weakref
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch

@@ -5,7 +5,6 @@ Tiny random models (llama, gpt2 with its Conv1D layout, gemma3_text, bloom); one
 subject detection on the embedded model (slow)."""
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import threading
@@ -35,30 +34,12 @@ from editors.base import (
     register,
     subject_token_variants,
 )
-from tests.tiny import tiny_model_and_tokenizer
+from tests.tiny import assert_bit_identical, hook_count, snapshot, tiny_model_and_tokenizer, tiny_workbench
 
 FAMILIES = ("llama", "gpt2", "gemma3_text", "bloom")
 
 
-@functools.lru_cache(maxsize=None)
-def tiny_wb(family: str = "llama") -> Workbench:
-    model, tok = tiny_model_and_tokenizer(family)
-    return Workbench.from_loaded(model, tok, spec=f"tiny-{family}", name=f"tiny-{family}")
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_bit_identical(model: torch.nn.Module, snap: dict[str, torch.Tensor]) -> None:
-    state = model.state_dict()
-    assert state.keys() == snap.keys()
-    for name, value in snap.items():
-        assert torch.equal(state[name], value), name
-
-
-def hook_count(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+tiny_wb = tiny_workbench
 
 
 def down_name(wb: Workbench, layer: int) -> str:

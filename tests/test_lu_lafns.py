@@ -3,7 +3,6 @@
 unchanged), no mutation of the model, clear errors. Tiny random models; the embedded model in a slow test."""
 from __future__ import annotations
 
-import functools
 import time
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from analysis.errors import InputError
 from analysis.model import Workbench
-from analysis.tokens import answer_ids, encode
+from analysis.tokens import answer_ids
 from editors.base import ActivationPatch, Edit, EditRequest, LanguageFact, available_editors, get_editor
 from editors.lu_lafns import (
     KL_TEMPLATES,
@@ -23,30 +22,12 @@ from editors.lu_lafns import (
     locate,
     paraphrase_set,
 )
-from tests.tiny import tiny_model_and_tokenizer
+from tests.tiny import assert_bit_identical, hook_count, snapshot, tiny_workbench
 
 FAMILIES = ("llama", "gpt2", "gemma3_text")
 
 
-@functools.lru_cache(maxsize=None)
-def tiny_wb(family: str = "llama") -> Workbench:
-    model, tok = tiny_model_and_tokenizer(family)
-    return Workbench.from_loaded(model, tok, spec=f"tiny-{family}", name=f"tiny-{family}")
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_bit_identical(model: torch.nn.Module, snap: dict[str, torch.Tensor]) -> None:
-    state = model.state_dict()
-    assert state.keys() == snap.keys()
-    for name, value in snap.items():
-        assert torch.equal(state[name], value), name
-
-
-def hook_count(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+tiny_wb = tiny_workbench
 
 
 def tiny_hparams(**kw) -> LULAFNsHParams:

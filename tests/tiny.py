@@ -297,3 +297,33 @@ def save_tiny_checkpoint(family: str, folder) -> transformers.PreTrainedModel:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return model
+
+
+# ---------------------------------------------------------------- shared test helpers
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_workbench(family: str = "llama"):
+    """A cached Workbench over the tiny ``family`` model (spec and name ``tiny-<family>``)."""
+    from analysis.model import Workbench
+
+    model, tok = tiny_model_and_tokenizer(family)
+    return Workbench.from_loaded(model, tok, spec=f"tiny-{family}", name=f"tiny-{family}")
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every tensor of the model's state dict."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bit_identical(model: torch.nn.Module, snap: dict[str, torch.Tensor]) -> None:
+    """Every tensor of the model equals its ``snapshot`` bit for bit."""
+    state = model.state_dict()
+    assert state.keys() == snap.keys()
+    for name, value in snap.items():
+        assert torch.equal(state[name], value), name
+
+
+def hook_count(model: torch.nn.Module) -> int:
+    """Forward hooks and pre-hooks registered anywhere in the model."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
