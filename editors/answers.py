@@ -1,0 +1,217 @@
+"""How the workbench produces and scores answers: greedy decoding and teacher-forced answer scores.
+
+Every metric of :mod:`editors.evaluate` and every before/after comparison of the
+Edit lab reads the model through these two functions, so they are the one place
+that fixes *how answers are produced*:
+
+Prompt format
+    The question (or cloze prompt) itself, tokenised with the tokenizer's
+    special tokens (BOS for Gemma/Llama), with no template around it; the answer
+    follows it as :func:`analysis.tokens.join_answer` writes a statement (a space
+    after the prompt, none in scripts written without spaces). This is how
+    ROME/MEMIT evaluate zsRE on base models, and it is the format the editors
+    train (``prompt`` + target, teacher forced).
+
+Greedy decoding
+    :func:`greedy_answers` picks the arg-max token ``n`` times (no sampling, no
+    repetition penalty, no stop token: a fixed number of new tokens). The
+    metrics decode exactly as many tokens as the reference answer has after
+    that prompt (:func:`analysis.tokens.answer_ids`), so a right answer
+    followed by more text is not counted wrong for its continuation; generation
+    stops early only at the end-of-sequence token. Base models often start
+    their answer on a new line after a question ("?\n\nThe IAAF ..."): up to
+    :data:`LEADING_BLANKS` leading tokens that are only whitespace are not
+    counted in the length, and the answer is the first line of the text after
+    them (``stop_at_newline``).
+
+Teacher-forced scores
+    :func:`answer_scores` runs ``prompt + answer`` once and returns, per answer
+    token, its log-probability and whether it was the arg-max: the sequence
+    probability ``P(answer | prompt)`` is the product (memla's ES/PS), the
+    share of arg-max tokens is LangEdit's top-1 accuracy.
+
+Batches are padded on the left for decoding and on the right for scoring, with
+position ids counted over real tokens (:func:`analysis.neurons.forward_inputs`),
+so a padded row computes what its text computes alone; activation patches of an
+applied edit see the ``input_ids`` of every call and so apply as in a single run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from analysis.errors import InputError
+from analysis.neurons import forward_inputs
+from analysis.tokens import answer_ids
+
+#: Upper bound on decoded tokens per call (a guard against a huge ``n``).
+MAX_NEW_TOKENS = 64
+#: Leading whitespace-only tokens (newlines after a question) not counted in an answer's length.
+LEADING_BLANKS = 2
+
+
+def _pad_id(wb: Any) -> int:
+    pad = wb.tokenizer.pad_token_id
+    return int(pad if pad is not None else 0)
+
+
+def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    prompts = list(prompts)
+    if not prompts:
+        raise InputError("No prompt to answer.")
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise InputError("A prompt is empty.")
+    return prompts
+
+
+@torch.no_grad()
+def greedy_answers(wb: Any, prompts: Sequence[str], n_tokens: int | Sequence[int] = 8,
+                   stop_at_newline: bool = True, batch_size: int = 16) -> list[str]:
+    """Greedy continuations of ``prompts``: ``n_tokens`` new tokens each (one number or one per prompt).
+
+    Returns the decoded new text, stripped, cut at the first newline when
+    ``stop_at_newline``. Deterministic; see the module docstring for the format.
+    """
+    prompts = _check_prompts(prompts)
+    lengths = [int(n_tokens)] * len(prompts) if isinstance(n_tokens, int) else [int(n) for n in n_tokens]
+    if len(lengths) != len(prompts):
+        raise InputError("Give one answer length per prompt.")
+    if any(n < 1 or n > MAX_NEW_TOKENS for n in lengths):
+        raise InputError(f"Answer lengths must be 1-{MAX_NEW_TOKENS} tokens, got {lengths}.")
+    return [text for text, _ in greedy_decode(wb, prompts, lengths, stop_at_newline, batch_size)]
+
+
+@torch.no_grad()
+def greedy_decode(wb: Any, prompts: Sequence[str], n_tokens: int | Sequence[int] = 8,
+                  stop_at_newline: bool = True, batch_size: int = 16) -> list[tuple[str, list[int]]]:
+    """:func:`greedy_answers` with the generated token ids (leading blanks included) of each answer."""
+    prompts = _check_prompts(prompts)
+    lengths = [int(n_tokens)] * len(prompts) if isinstance(n_tokens, int) else [int(n) for n in n_tokens]
+    if len(lengths) != len(prompts):
+        raise InputError("Give one answer length per prompt.")
+    if any(n < 1 or n > MAX_NEW_TOKENS for n in lengths):
+        raise InputError(f"Answer lengths must be 1-{MAX_NEW_TOKENS} tokens, got {lengths}.")
+    out: list[tuple[str, list[int]]] = [("", [])] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        decoded = _decode_batch(wb, [prompts[i] for i in rows], [lengths[i] for i in rows])
+        for i, ids in zip(rows, decoded):
+            text = wb.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+            out[i] = ((text.split("\n", 1)[0] if stop_at_newline else text).strip(), ids)
+    return out
+
+
+def _decode_batch(wb: Any, prompts: list[str], lengths: list[int]) -> list[list[int]]:
+    tok = wb.tokenizer
+    seqs = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    eos = tok.eos_token_id
+    pad = _pad_id(wb)
+    new: list[list[int]] = [[] for _ in prompts]
+    blanks = [0] * len(prompts)       # leading whitespace-only tokens, not counted in the length
+    done = [False] * len(prompts)
+    base, _ = wb.base_model()
+    for _ in range(max(lengths) + LEADING_BLANKS):
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):           # left padding: the last column is every row's last token
+            ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[r, width - len(s):] = 1
+        ids, mask = ids.to(wb.device), mask.to(wb.device)
+        hidden = base(**forward_inputs(wb, ids, mask))[0][:, -1]
+        nxt = wb.logits(hidden).float().argmax(-1).tolist()
+        for r, t in enumerate(nxt):
+            if done[r] or len(new[r]) - blanks[r] >= lengths[r]:
+                continue
+            if eos is not None and t == eos:
+                done[r] = True
+                continue
+            if len(new[r]) == blanks[r] and blanks[r] < LEADING_BLANKS and not tok.decode([t]).strip():
+                blanks[r] += 1
+            new[r].append(int(t))
+            seqs[r] = seqs[r] + [int(t)]
+        if all(done[r] or len(new[r]) - blanks[r] >= lengths[r] for r in range(len(seqs))):
+            break
+    return new
+
+
+@dataclass
+class AnswerScore:
+    """Teacher-forced score of one answer after one prompt."""
+
+    token_ids: list[int]
+    logprobs: list[float]      # log P(token_k | prompt, tokens_<k)
+    top1: list[bool]           # token_k was the arg-max
+
+    @property
+    def logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+    @property
+    def probability(self) -> float:
+        """P(answer | prompt): the product of the token probabilities."""
+        return float(torch.tensor(self.logprob).exp())
+
+    @property
+    def first_token_probability(self) -> float:
+        return float(torch.tensor(self.logprobs[0]).exp())
+
+    @property
+    def top1_accuracy(self) -> float:
+        """Share of answer tokens that were the arg-max (LangEdit / MEMIT zsRE top-1 accuracy)."""
+        return sum(self.top1) / len(self.top1)
+
+
+@torch.no_grad()
+def answer_scores(wb: Any, prompts: Sequence[str], answers: Sequence[str | Sequence[int]],
+                  batch_size: int = 16) -> list[AnswerScore]:
+    """Teacher-forced :class:`AnswerScore` of ``answers[i]`` after ``prompts[i]`` (one forward per batch).
+
+    An answer is a text (tokenised as :func:`analysis.tokens.answer_ids` writes it
+    after the prompt) or a list of token ids (e.g. a greedy answer's own ids).
+    """
+    prompts = _check_prompts(prompts)
+    answers = list(answers)
+    if len(answers) != len(prompts):
+        raise InputError("Give one answer per prompt.")
+    tok = wb.tokenizer
+    pad = _pad_id(wb)
+    base, _ = wb.base_model()
+    out: list[AnswerScore] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(zip(prompts[start:start + batch_size], answers[start:start + batch_size]))
+        seqs, spans = [], []
+        for p, a in chunk:
+            p_ids = list(tok(p, add_special_tokens=True)["input_ids"])
+            a_ids = answer_ids(tok, p, a) if isinstance(a, str) else [int(t) for t in a]
+            if not a_ids:
+                raise InputError("An answer to score is empty.")
+            seqs.append(p_ids + a_ids)
+            spans.append((len(p_ids), a_ids))
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[r, :len(s)] = 1
+        hidden = base(**forward_inputs(wb, ids.to(wb.device), mask.to(wb.device)))[0]
+        rows = [r for r, (n, a) in enumerate(spans) for _ in a]
+        cols = [n - 1 + k for n, a in spans for k in range(len(a))]
+        targets = torch.tensor([t for _, a in spans for t in a], device=wb.device)
+        logp = torch.log_softmax(wb.logits(hidden[rows, cols]).float(), dim=-1)
+        picked = logp.gather(1, targets[:, None]).squeeze(1).tolist()
+        best = (logp.argmax(-1) == targets).tolist()
+        k = 0
+        for _, a in spans:
+            out.append(AnswerScore(list(a), picked[k:k + len(a)], best[k:k + len(a)]))
+            k += len(a)
+    return out
+
+
+def answer_length(wb: Any, prompt: str, answer: str) -> int:
+    """Tokens of ``answer`` after ``prompt`` (capped at :data:`MAX_NEW_TOKENS`): the decoding length of the metrics."""
+    return min(len(answer_ids(wb.tokenizer, prompt, answer)), MAX_NEW_TOKENS)

@@ -1,0 +1,565 @@
+"""The papers' editing metrics per language, and evaluation runs over an edit data set.
+
+One *probe* is a prompt with a reference answer in one test language. For each
+record and test language the probes are (MzsRE / Bi-ZsRE fields):
+
+=============  =======================  ==========================================
+kind           prompt                   reference
+=============  =======================  ==========================================
+reliability    the edit question         the new target
+generality     each paraphrase           the new target
+locality       each locality question    the *unedited* model's answer
+portability    each portability question the portability answer
+=============  =======================  ==========================================
+
+Answers are produced by :mod:`editors.answers` (the prompt as it is, greedy,
+as many tokens as the reference has) and compared by :mod:`editors.metrics`
+(SQuAD normalisation, characters as tokens in scripts without spaces).
+
+Metric families (all computed on every probe, see :func:`score_probes`)
+    * papers/lu-lafns.md App. A.1 (Wang et al. 2023a): **Reliability,
+      Generality, Locality, Portability** as F1 and EM of the greedy answer
+      against the reference. Locality compares the edited model's answer with
+      the unedited model's answer to the same question (Locality: "F'(x) should
+      be the same as F(x)").
+    * papers/memla.md App. B: **ES** (Eq. 9) and **PS** (Eq. 10) =
+      1[P'(y*|x) > P'(y°|x)] with sequence probabilities, where y° is the old
+      target when the request gives one and otherwise the unedited model's
+      greedy answer (MzsRE has no old target; a probe whose y° is empty is
+      skipped); **NS** (Eq. 11) = F1 of the edited model's answer against the
+      locality question's gold answer. Transferability = the mean over source
+      ≠ target language pairs (:func:`transfer_matrix`).
+    * papers/langedit.md §4.1.2: **Efficacy / Generality** = top-1 accuracy of
+      the new target on the edit question / paraphrases, **Specificity** = top-1
+      accuracy of the unedited model's answer on the locality questions; top-1
+      accuracy is the share of answer tokens that are the arg-max under teacher
+      forcing (MEMIT's zsRE convention for multi-token answers).
+
+Runs
+    :func:`run_evaluation` edits every record with every method and every set
+    of edit languages (one edit at a time, reverted before the next: the
+    papers' single-edit setting), scores the test languages and appends one
+    JSON line per record to ``rows.jsonl`` of the run folder, so an
+    interrupted run resumes where it stopped. :func:`table2` (F1/EM per
+    metric and language, "avg" = the mean of all F1 and EM values, as
+    lu-lafns Table 2), :func:`table1` (mean EM of the four metrics, monolingual
+    vs multilingual editing, lu-lafns Table 1), :func:`transfer_matrix` and
+    :func:`langedit_table` turn the rows into tables.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import pandas as pd
+
+from analysis.errors import InputError
+from editors.answers import answer_length, answer_scores, greedy_decode
+from editors.base import EditRequest, get_editor
+from editors.metrics import exact_match, token_f1
+
+KINDS = ("reliability", "generality", "locality", "portability")
+KIND_TITLES = {"reliability": "Reliability", "generality": "Generality", "locality": "Locality",
+               "portability": "Portability"}
+#: Display names of methods in tables; a multilingual edit with ROME/MEMIT is their M- adaptation.
+METHOD_TITLES = {"lu-lafns": "LU-LAFNs", "rome": "M-ROME", "memit": "M-MEMIT", "alphaedit": "M-AlphaEdit",
+                 "lora-ft": "LoRA-FT", "unedited": "Unedited"}
+ROWS_FILE = "rows.jsonl"
+CONFIG_FILE = "config.json"
+UNEDITED = "unedited"
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class Probe:
+    """One prompt with its reference answer in one test language."""
+
+    language: str
+    kind: str
+    prompt: str
+    reference: str          # what the answer is scored against (see the module table)
+    gold: str = ""          # locality: the data set's answer (memla NS); others: = reference
+    old: str | None = None  # reliability/generality: the old target y° given by the request
+
+
+def probes(request: EditRequest, languages: Sequence[str] | None = None) -> list[Probe]:
+    """The probes of ``request`` in ``languages`` (default: all of its languages); locality references unset."""
+    out: list[Probe] = []
+    for lang in languages or request.languages:
+        if lang not in request.facts:
+            raise InputError(f"{request.label} has no language {lang!r} to test.")
+        fact = request.facts[lang]
+        out.append(Probe(lang, "reliability", fact.prompt, fact.target_new, fact.target_new, fact.target_old))
+        out += [Probe(lang, "generality", p, fact.target_new, fact.target_new, fact.target_old) for p in fact.paraphrases]
+        out += [Probe(lang, "locality", q, "", a) for q, a in fact.locality]
+        out += [Probe(lang, "portability", q, a, a) for q, a in fact.portability]
+    return out
+
+
+def _length(wb: Any, probe: Probe) -> int:
+    return answer_length(wb, probe.prompt, probe.gold or probe.reference)
+
+
+def unedited_answers(wb: Any, items: Sequence[Probe]) -> list[tuple[str, list[int]]]:
+    """The unedited model's greedy answers and their token ids (the locality references and y°).
+
+    Call it without an edit applied.
+    """
+    return greedy_decode(wb, [p.prompt for p in items], [_length(wb, p) for p in items])
+
+
+def score_probes(wb: Any, items: Sequence[Probe], before: Sequence[str]) -> list[dict[str, Any]]:
+    """Every metric of every probe on ``wb`` as it is now (apply the edit around this call).
+
+    ``before`` holds the unedited model's greedy answers to the same probes with
+    their token ids (:func:`unedited_answers`). y° and the locality answer kept
+    are scored on those very token ids. Returns one plain dict per probe.
+    """
+    items = list(items)
+    before_text = [b[0] for b in before]
+    with wb.lock:
+        answers = [a for a, _ in greedy_decode(wb, [p.prompt for p in items], [_length(wb, p) for p in items])]
+        # teacher-forced scores: y* and y° on the edit prompts, the unedited answer on the locality prompts
+        jobs: list[tuple[int, str, Any]] = []
+        for i, (p, (b_text, b_ids)) in enumerate(zip(items, before)):
+            if p.kind in ("reliability", "generality"):
+                jobs.append((i, "new", p.reference))
+                old = p.old if p.old else (b_ids if b_text.strip() else None)
+                if old:
+                    jobs.append((i, "old", old))
+            elif p.kind == "locality" and b_ids:
+                jobs.append((i, "kept", b_ids))
+        scored = answer_scores(wb, [items[i].prompt for i, _, _ in jobs], [a for _, _, a in jobs]) if jobs else []
+    by: dict[tuple[int, str], Any] = {(i, what): s for (i, what, _), s in zip(jobs, scored)}
+    rows = []
+    for i, (p, answer, b) in enumerate(zip(items, answers, before_text)):
+        reference = b if p.kind == "locality" else p.reference
+        row: dict[str, Any] = {"language": p.language, "kind": p.kind, "prompt": p.prompt, "reference": reference,
+                               "answer": answer, "f1": token_f1(answer, reference, p.language),
+                               "em": exact_match(answer, reference, p.language)}
+        if p.kind in ("reliability", "generality"):
+            new = by[(i, "new")]
+            old = by.get((i, "old"))
+            row.update(p_new=new.probability, top1=new.top1_accuracy,
+                       p_old=None if old is None else old.probability,
+                       old=(p.old if p.old else b) or None,
+                       es=None if old is None else float(new.logprob > old.logprob))
+        elif p.kind == "locality":
+            row["ns"] = token_f1(answer, p.gold, p.language)
+            kept = by.get((i, "kept"))
+            row["top1"] = None if kept is None else kept.top1_accuracy
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- configuration
+
+def parse_language_sets(values: Iterable[str] | str) -> list[tuple[str, ...]]:
+    """"en,zh" -> [("en", "zh")]; several values give several edit-language sets."""
+    from data.corpus import normalize_language
+
+    values = [values] if isinstance(values, str) else list(values)
+    out = []
+    for value in values:
+        langs = tuple(normalize_language(x.strip()) for x in str(value).replace("+", ",").split(",") if x.strip())
+        if not langs:
+            raise InputError(f"Empty edit-language set {value!r}.")
+        if len(set(langs)) != len(langs):
+            raise InputError(f"Edit languages {value!r} name a language twice.")
+        out.append(langs)
+    return out
+
+
+def edit_sets_for(edit_languages: Sequence[str], monolingual: bool = True) -> list[tuple[str, ...]]:
+    """The multilingual set of ``edit_languages`` and (for Table 1) each language alone."""
+    langs = tuple(edit_languages)
+    sets = [langs]
+    if monolingual and len(langs) > 1:
+        sets += [(lang,) for lang in langs]
+    return sets
+
+
+@dataclass
+class EvalConfig:
+    """What a run evaluates; saved as ``config.json`` and checked when a run folder is resumed."""
+
+    dataset: str
+    methods: list[str]
+    edit_sets: list[list[str]]
+    test_languages: list[str]
+    n: int
+    offset: int = 0
+    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model: str = ""
+
+    def key(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("methods", "edit_sets", "n")}
+
+
+def resolve_hparams(wb: Any, method: str, overrides: Mapping[str, Any] | None) -> Any:
+    """The preset of ``method`` for ``wb`` with ``overrides`` applied (field values)."""
+    editor = get_editor(method)
+    cls = editor.hparams_class
+    try:
+        base = cls.preset(wb).to_dict()
+    except InputError:
+        if not overrides:
+            raise
+        base = {}
+    base.update(dict(overrides or {}))
+    return cls.from_dict(base)
+
+
+def load_records(dataset: str | Path, languages: Sequence[str], n: int, offset: int = 0) -> list[Any]:
+    """``n`` records of an MzsRE/Bi-ZsRE folder or file that have every one of ``languages``."""
+    from data.edit_records import load_mzsre
+
+    records = [r for r in load_mzsre(dataset, languages) if all(lang in r.fields for lang in languages)]
+    if offset < 0 or n < 1:
+        raise InputError("--n must be at least 1 and --offset at least 0.")
+    chosen = records[offset:offset + n]
+    if not chosen:
+        raise InputError(f"{dataset}: no record with all of {', '.join(languages)} at offset {offset}.")
+    return chosen
+
+
+# --------------------------------------------------------------------- the run
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.exists():
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                line = line.strip()
+                if line:
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue  # a line cut by an interrupted write: that record is redone
+    return rows
+
+
+def _append(path: Path, record: Mapping[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def run_evaluation(wb: Any, config: EvalConfig, out: str | Path, progress: Progress | None = None,
+                   records: Sequence[Any] | None = None) -> pd.DataFrame:
+    """Evaluate ``config`` on ``wb`` into the run folder ``out`` (resumed when it holds the same run).
+
+    Returns the probe rows of the whole folder as a DataFrame (columns: method,
+    edit_languages, record, seconds, and those of :func:`score_probes`).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / CONFIG_FILE
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text(encoding="utf-8"))
+        old_key = {k: v for k, v in old.items() if k not in ("methods", "edit_sets", "n")}
+        if old_key != config.key():
+            raise InputError(f"{out} holds another evaluation ({old.get('dataset')}, model {old.get('model')}, "
+                             "other test languages or hyper-parameters); choose a new --out folder.")
+        merged = asdict(config)
+        merged["methods"] = sorted(set(old.get("methods", [])) | set(config.methods))
+        merged["edit_sets"] = [list(s) for s in dict.fromkeys(
+            tuple(s) for s in list(old.get("edit_sets", [])) + config.edit_sets)]
+        merged["n"] = max(int(old.get("n", 0)), config.n)
+        cfg_path.write_text(json.dumps(merged, indent=2, ensure_ascii=False), encoding="utf-8")
+    else:
+        cfg_path.write_text(json.dumps(asdict(config), indent=2, ensure_ascii=False), encoding="utf-8")
+    all_langs = list(dict.fromkeys([lang for s in config.edit_sets for lang in s] + list(config.test_languages)))
+    if records is None:
+        records = load_records(config.dataset, all_langs, config.n, config.offset)
+    rows_path = out / ROWS_FILE
+    if rows_path.exists() and rows_path.stat().st_size:
+        with rows_path.open("rb+") as fh:           # a line cut by an interruption: end it, it is skipped
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+    done = {(r["method"], r["edit_languages"], r["record"]) for r in _read_rows(rows_path) if r.get("done")}
+    editors = {m: get_editor(m, resolve_hparams(wb, m, config.hparams.get(m))) for m in config.methods}
+    jobs = [(m, tuple(s)) for m in config.methods for s in config.edit_sets]
+    total = len(records) * (1 + len(jobs))
+    step = 0
+    before_cache: dict[str, tuple[list[Probe], list[tuple[str, list[int]]]]] = {}
+    for record in records:
+        test_request = EditRequest.from_record(record, config.test_languages).validate(wb)
+        items = probes(test_request)
+        rid = test_request.case_id
+        if (UNEDITED, "-", rid) not in done or any((m, "+".join(s), rid) not in done for m, s in jobs):
+            if progress:
+                progress(step / total, f"{rid}: the unedited model")
+            before = unedited_answers(wb, items)
+            before_cache[rid] = (items, before)
+            if (UNEDITED, "-", rid) not in done:
+                t0 = time.perf_counter()
+                scored = score_probes(wb, items, before)
+                _append(rows_path, {"method": UNEDITED, "edit_languages": "-", "record": rid, "done": True,
+                                    "seconds": time.perf_counter() - t0, "probes": scored})
+        step += 1
+        for method, langs in jobs:
+            label = "+".join(langs)
+            if (method, label, rid) in done:
+                step += 1
+                continue
+            if progress:
+                progress(step / total, f"{rid}: {METHOD_TITLES.get(method, method)} editing {label}")
+            request = EditRequest.from_record(record, langs)
+            t0 = time.perf_counter()
+            edit = editors[method].compute(wb, request)
+            seconds = time.perf_counter() - t0
+            with edit.applied(wb):
+                scored = score_probes(wb, items, before_cache[rid][1])
+            _append(rows_path, {"method": method, "edit_languages": label, "record": rid, "done": True,
+                                "seconds": seconds, "probes": scored,
+                                "diagnostics": _diagnostics(edit.meta)})
+            step += 1
+    if progress:
+        progress(1.0, "done")
+    frame = rows_frame(out)
+    write_tables(frame, out, config)
+    return frame
+
+
+def _diagnostics(meta: Mapping[str, Any]) -> dict[str, Any]:
+    keep = {}
+    for key, value in meta.items():
+        if key in ("requests", "model", "versions", "created"):
+            continue
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        keep[key] = value
+    return keep
+
+
+def rows_frame(out: str | Path) -> pd.DataFrame:
+    """One row per probe of a run folder (the latest result per method, edit set and record)."""
+    latest: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in _read_rows(Path(out) / ROWS_FILE):
+        if r.get("done"):
+            latest[(r["method"], r["edit_languages"], r["record"])] = r
+    flat = []
+    for (method, label, rid), r in latest.items():
+        for p in r["probes"]:
+            flat.append({"method": method, "edit_languages": label, "record": rid, "seconds": r.get("seconds"), **p})
+    return pd.DataFrame(flat)
+
+
+# -------------------------------------------------------------------- tables
+
+def _mean100(values: pd.Series) -> float:
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    return float(values.mean() * 100) if len(values) else math.nan
+
+
+def _record_means(frame: pd.DataFrame, column: str) -> pd.Series:
+    """Mean per record first (a record with two paraphrases weighs as one with one), then over records."""
+    return frame.groupby("record")[column].mean()
+
+
+def metric_value(frame: pd.DataFrame, kind: str, language: str, column: str) -> float:
+    part = frame[(frame["kind"] == kind) & (frame["language"] == language)]
+    if part.empty or column not in part:
+        return math.nan
+    part = part.assign(**{column: pd.to_numeric(part[column], errors="coerce")}).dropna(subset=[column])
+    if part.empty:
+        return math.nan
+    return float(_record_means(part, column).mean() * 100)
+
+
+def table2(frame: pd.DataFrame, edit_languages: str, test_languages: Sequence[str],
+           methods: Sequence[str] | None = None) -> pd.DataFrame:
+    """lu-lafns Table 2: F1 and EM (%) per metric per test language for edits of ``edit_languages``; avg."""
+    methods = list(methods or _methods(frame))
+    out = []
+    for method in methods:
+        part = frame[(frame["method"] == method) & (frame["edit_languages"] == (edit_languages if method != UNEDITED else "-"))]
+        if part.empty:
+            continue
+        row: dict[str, Any] = {"method": METHOD_TITLES.get(method, method)}
+        values = []
+        for lang in test_languages:
+            for kind in KINDS:
+                f1, em = metric_value(part, kind, lang, "f1"), metric_value(part, kind, lang, "em")
+                row[f"{lang} {KIND_TITLES[kind]} F1"] = f1
+                row[f"{lang} {KIND_TITLES[kind]} EM"] = em
+                values += [f1, em]
+        finite = [v for v in values if not math.isnan(v)]
+        row["avg"] = sum(finite) / len(finite) if finite else math.nan
+        row["records"] = part["record"].nunique()
+        row["s/edit"] = float(part.groupby("record")["seconds"].first().mean()) if method != UNEDITED else math.nan
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def mean_em(frame: pd.DataFrame, language: str) -> float:
+    """Mean EM (%) of the four metrics in ``language`` (lu-lafns Table 1's number)."""
+    vals = [metric_value(frame, kind, language, "em") for kind in KINDS]
+    vals = [v for v in vals if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def table1(frame: pd.DataFrame, edit_languages: Sequence[str], methods: Sequence[str] | None = None) -> pd.DataFrame:
+    """lu-lafns Table 1: mean EM of the four metrics; monolingual (edit l, test l) vs multilingual (edit all, test l)."""
+    multi = "+".join(edit_languages)
+    out = []
+    for method in list(methods or _methods(frame)):
+        if method == UNEDITED:
+            continue
+        part = frame[frame["method"] == method]
+        row: dict[str, Any] = {"method": METHOD_TITLES.get(method, method)}
+        for lang in edit_languages:
+            row[f"mono {lang}"] = mean_em(part[part["edit_languages"] == lang], lang)
+        for lang in edit_languages:
+            m = mean_em(part[part["edit_languages"] == multi], lang)
+            row[f"multi {lang}"] = m
+            row[f"Δ {lang}"] = m - row[f"mono {lang}"]
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def transfer_matrix(frame: pd.DataFrame, method: str, test_languages: Sequence[str],
+                    column: str = "em", kinds: Sequence[str] = KINDS) -> pd.DataFrame:
+    """Edit-language sets × test languages for one method: the mean of ``column`` (%) over ``kinds``.
+
+    With ``column="es"`` and ``kinds=("reliability",)`` this is memla's ES_{ls,lt}
+    (``"generality"``: PS; ``column="ns", kinds=("locality",)``: NS). The last
+    column, "x-avg", is memla's transferability: the mean over test languages
+    that are not in the edit set.
+    """
+    part = frame[frame["method"] == method]
+    sets = list(dict.fromkeys(part["edit_languages"]))
+    out = []
+    for label in sets:
+        sub = part[part["edit_languages"] == label]
+        row: dict[str, Any] = {"edit": label}
+        cross = []
+        for lang in test_languages:
+            vals = [metric_value(sub, kind, lang, column) for kind in kinds]
+            vals = [v for v in vals if not math.isnan(v)]
+            row[lang] = sum(vals) / len(vals) if vals else math.nan
+            if lang not in label.split("+") and not math.isnan(row[lang]):
+                cross.append(row[lang])
+        row["x-avg"] = sum(cross) / len(cross) if cross else math.nan
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def memla_table(frame: pd.DataFrame, edit_languages: str, test_languages: Sequence[str]) -> pd.DataFrame:
+    """memla App. B: ES, PS, NS (%) per method and test language for edits of ``edit_languages``."""
+    out = []
+    for method in _methods(frame):
+        part = frame[(frame["method"] == method) & (frame["edit_languages"] == (edit_languages if method != UNEDITED else "-"))]
+        if part.empty:
+            continue
+        row: dict[str, Any] = {"method": METHOD_TITLES.get(method, method)}
+        for lang in test_languages:
+            row[f"{lang} ES"] = metric_value(part, "reliability", lang, "es")
+            row[f"{lang} PS"] = metric_value(part, "generality", lang, "es")
+            row[f"{lang} NS"] = metric_value(part, "locality", lang, "ns")
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def langedit_table(frame: pd.DataFrame, edit_languages: str, test_languages: Sequence[str]) -> pd.DataFrame:
+    """LangEdit §4.1.2: Efficacy, Generality, Specificity (top-1 accuracy, %) per method and test language."""
+    out = []
+    for method in _methods(frame):
+        part = frame[(frame["method"] == method) & (frame["edit_languages"] == (edit_languages if method != UNEDITED else "-"))]
+        if part.empty:
+            continue
+        row: dict[str, Any] = {"method": METHOD_TITLES.get(method, method)}
+        for lang in test_languages:
+            row[f"{lang} Efficacy"] = metric_value(part, "reliability", lang, "top1")
+            row[f"{lang} Generality"] = metric_value(part, "generality", lang, "top1")
+            row[f"{lang} Specificity"] = metric_value(part, "locality", lang, "top1")
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _methods(frame: pd.DataFrame) -> list[str]:
+    order = [UNEDITED, "lu-lafns", "memit", "rome", "alphaedit", "lora-ft"]
+    present = list(dict.fromkeys(frame["method"])) if not frame.empty else []
+    return [m for m in order if m in present] + [m for m in present if m not in order]
+
+
+def format_table2(table: pd.DataFrame, test_languages: Sequence[str]) -> str:
+    """Table 2 as Markdown: one "F1 / EM" cell per metric and language."""
+    head = ["Method"] + [f"{lang} {KIND_TITLES[k]}" for lang in test_languages for k in KINDS] + ["avg", "s/edit"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, row in table.iterrows():
+        cells = [row["method"]]
+        for lang in test_languages:
+            for k in KINDS:
+                cells.append(f"{_fmt(row[f'{lang} {KIND_TITLES[k]} F1'])} / {_fmt(row[f'{lang} {KIND_TITLES[k]} EM'])}")
+        cells += [_fmt(row["avg"]), _fmt(row.get("s/edit"), 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_table(table: pd.DataFrame, digits: int = 2) -> str:
+    """Any table of this module as Markdown."""
+    if table.empty:
+        return "(no rows)"
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c], digits) if isinstance(row[c], float) else str(row[c])
+                                       for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def report(frame: pd.DataFrame, config: EvalConfig) -> str:
+    """Every table of a run as one Markdown text."""
+    tests = list(config.test_languages)
+    sets = ["+".join(s) for s in config.edit_sets]
+    multi = max(sets, key=lambda s: len(s.split("+")))
+    parts = [f"## Table 2 style: F1 / EM (%), editing {multi}, {frame['record'].nunique()} records",
+             format_table2(table2(frame, multi, tests), tests)]
+    multi_langs = multi.split("+")
+    if len(multi_langs) > 1 and all(lang in sets for lang in multi_langs):
+        parts += [f"## Table 1 style: mean EM (%) of the four metrics, monolingual vs multilingual editing",
+                  format_table(table1(frame, multi_langs))]
+    for method in _methods(frame):
+        if method == UNEDITED:
+            continue
+        parts += [f"## Transfer matrix, {METHOD_TITLES.get(method, method)}: mean EM (%) of the four metrics "
+                  "(rows: edit languages; x-avg: test languages outside the edit)",
+                  format_table(transfer_matrix(frame, method, tests))]
+    parts += [f"## memla App. B: ES / PS / NS (%), editing {multi}", format_table(memla_table(frame, multi, tests))]
+    for method in _methods(frame):
+        if method == UNEDITED or len(sets) < 2:
+            continue
+        es = transfer_matrix(frame, method, tests, "es", ("reliability",))
+        parts += [f"## memla ES transfer, {METHOD_TITLES.get(method, method)} (x-avg: transferability)",
+                  format_table(es)]
+    parts += [f"## LangEdit §4.1.2: top-1 accuracy (%), editing {multi}",
+              format_table(langedit_table(frame, multi, tests))]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_tables(frame: pd.DataFrame, out: Path, config: EvalConfig) -> Path:
+    """``tables.md`` (all tables) and ``probes.csv`` (every probe) in the run folder."""
+    text = report(frame, config)
+    (out / "tables.md").write_text(text, encoding="utf-8")
+    frame.to_csv(out / "probes.csv", index=False)
+    return out / "tables.md"
