@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from functools import wraps
 from pathlib import Path
 from typing import Callable, Optional
@@ -405,6 +406,203 @@ def trace(model: str = ModelOpt,
             typer.echo(f"{lang} {k}: strongest average effect {frame.iat[cat, layer]:.4f} at "
                        f"{frame.index[cat]}, layer {frame.columns[layer]}")
     typer.echo(f"figure: average_effects → {folder}")
+
+
+def read_json_option(value: Optional[str], what: str):
+    """A JSON value given inline or as the path of a JSON file; None when not given."""
+    import json
+
+    if value is None or not value.strip():
+        return None
+    text = value
+    path = Path(value)
+    if not value.lstrip().startswith(("{", "[")):
+        if not path.is_file():
+            raise InputError(f"{what}: {value!r} is neither JSON nor a file.")
+        text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{what} is not valid JSON: {exc}.") from None
+
+
+def typed_request(prompt, subject, target, old, paraphrase, locality, portability):
+    """An EditRequest from per-language ``LANG:TEXT`` options (``Q|A`` pairs for locality/portability)."""
+    from editors.base import EditRequest, LanguageFact
+
+    prompts, subjects = per_language(prompt, "--prompt"), per_language(subject, "--subject")
+    targets, olds = per_language(target, "--target"), per_language(old, "--old")
+    paras = per_language(paraphrase, "--paraphrase")
+
+    def pairs(values, what):
+        out = {}
+        for lang, texts in per_language(values, what).items():
+            for text in texts:
+                q, bar, a = text.rpartition("|")
+                if not bar or not q.strip() or not a.strip():
+                    raise InputError(f"{what} must be written LANG:QUESTION|ANSWER; got {lang}:{text!r}.")
+                out.setdefault(lang, []).append((q.strip(), a.strip()))
+        return out
+
+    locs, ports = pairs(locality, "--locality"), pairs(portability, "--portability")
+    for what, given in (("--subject", subjects), ("--target", targets)):
+        missing = sorted(set(prompts) - set(given))
+        if missing:
+            raise InputError(f"Give {what} for {', '.join(missing)} too ({what} {missing[0]}:...).")
+    extra = sorted((set(subjects) | set(targets) | set(olds) | set(paras) | set(locs) | set(ports)) - set(prompts))
+    if extra:
+        raise InputError(f"Language {extra[0]!r} has no --prompt {extra[0]}:...")
+    facts = {lang: LanguageFact(prompts[lang][0], subjects[lang][0], targets[lang][0],
+                                target_old=(olds.get(lang) or [None])[0],
+                                paraphrases=prompts[lang][1:] + paras.get(lang, []),
+                                locality=locs.get(lang, []), portability=ports.get(lang, []))
+             for lang in prompts}
+    return EditRequest(facts, "typed")
+
+
+def editor_with(wb, method: str, hparams_json: Optional[str], preset: Optional[str]):
+    """The editor ``method`` with the model's preset (or ``preset``'s) and JSON overrides."""
+    from editors.base import get_editor
+    from editors.evaluate import resolve_hparams
+
+    overrides = read_json_option(hparams_json, "--hparams") or {}
+    if not isinstance(overrides, dict):
+        raise InputError("--hparams must be a JSON object of field values, e.g. '{\"beta\": 0.2}'.")
+    if preset:
+        cls = get_editor(method).hparams_class
+        fields = dict(cls.PRESETS[cls.preset_name(preset)])
+        fields.update(overrides)
+        return get_editor(method, cls.from_dict(fields))
+    return get_editor(method, resolve_hparams(wb, method, overrides))
+
+
+@cli.command()
+@user_errors
+def edit(model: str = ModelOpt,
+         method: str = typer.Option("lu-lafns", "--method", help="Editor (see --list)."),
+         request: Optional[str] = typer.Option(None, "--request", help="JSON file (or inline JSON) of one edit "
+                                                                        "request: {facts: {LANG: {prompt, subject, "
+                                                                        "target_new, ...}}}."),
+         record: Optional[str] = typer.Option(None, "--record", help="An MzsRE record instead, e.g. mzsre:5 or 5."),
+         dataset: Path = typer.Option(Path("../shared/data/mzsre/dev"), "--dataset", help="MzsRE folder for --record."),
+         languages: str = typer.Option("en,zh", "--languages", "-l", help="Languages of --record."),
+         prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Type the fact: LANG:QUESTION (repeat per "
+                                                                            "language; more per language = paraphrases)."),
+         subject: Optional[list[str]] = typer.Option(None, "--subject", help="LANG:SUBJECT (in the prompt)."),
+         target: Optional[list[str]] = typer.Option(None, "--target", help="LANG:NEW ANSWER."),
+         old: Optional[list[str]] = typer.Option(None, "--old", help="LANG:OLD ANSWER (optional)."),
+         paraphrase: Optional[list[str]] = typer.Option(None, "--paraphrase", help="LANG:PARAPHRASE (repeat)."),
+         locality: Optional[list[str]] = typer.Option(None, "--locality", help="LANG:QUESTION|ANSWER (repeat)."),
+         portability: Optional[list[str]] = typer.Option(None, "--portability", help="LANG:QUESTION|ANSWER (repeat)."),
+         hparams: Optional[str] = typer.Option(None, "--hparams", help="JSON object (or file) of hyper-parameter "
+                                                                        "values over the preset."),
+         preset: Optional[str] = typer.Option(None, "--preset", help="Use another model's preset by name."),
+         save: Optional[Path] = typer.Option(None, "--save", help="Write the edit to this folder (safetensors + JSON)."),
+         list_editors: bool = typer.Option(False, "--list", help="List the editors and exit."),
+         device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
+    """Edit one fact in several languages and print every probe's answer before and after, per language."""
+    import pandas as pd
+
+    from editors.base import EditRequest, available_editors
+    from editors.evaluate import before_after
+
+    if list_editors:
+        typer.echo("\n".join(available_editors()))
+        return
+    sources = sum(x is not None and x != [] for x in (request, record, prompt))
+    if sources != 1:
+        raise InputError("Give the fact one way: --request FILE, --record ID or --prompt/--subject/--target.")
+    if request is not None:
+        data = read_json_option(request, "--request")
+        if not isinstance(data, dict):
+            raise InputError("--request must hold one JSON object (an edit request).")
+        req = EditRequest.from_dict(data)
+    elif record is not None:
+        from editors.evaluate import load_records
+
+        langs = split_languages(languages) or []
+        index = record.split(":")[-1].strip()
+        if not index.isdigit():
+            raise InputError(f"--record must be a record number such as mzsre:5; got {record!r}.")
+        recs = load_records(dataset, langs, 1, int(index))
+        if recs[0].record_id != f"mzsre:{index}":
+            raise InputError(f"Record {record} does not have all of {', '.join(langs)}.")
+        req = EditRequest.from_record(recs[0], langs)
+    else:
+        req = typed_request(prompt, subject, target, old, paraphrase, locality, portability)
+    from analysis.model import load_model
+
+    wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    req = req.validate(wb)
+    editor = editor_with(wb, method, hparams, preset)
+    typer.echo(f"editing {', '.join(req.languages)} with {editor.name} ...")
+    started = time.perf_counter()
+    result = editor.compute(wb, req)
+    typer.echo(f"computed in {time.perf_counter() - started:.1f} s: {result}")
+    table = before_after(wb, req, result)
+    with pd.option_context("display.max_colwidth", 48, "display.width", 200):
+        for lang, part in table.groupby("language", sort=False):
+            typer.echo(f"\n[{lang}]")
+            shown = part.drop(columns=["language"]).copy()
+            for col in ("P(new) before", "P(new) after", "F1 after", "EM after"):
+                shown[col] = shown[col].map(lambda v: "" if v is None or pd.isna(v) else f"{v:.3f}")
+            typer.echo(shown.to_string(index=False))
+    if save is not None:
+        folder = result.save(save)
+        typer.echo(f"\nsaved the edit: {folder}")
+
+
+@cli.command()
+@user_errors
+def evaluate(model: str = ModelOpt,
+             methods: str = typer.Option("lu-lafns,memit,rome,lora-ft", "--methods", help="Comma-separated editors."),
+             dataset: Path = typer.Option(Path("../shared/data/mzsre/dev"), "--dataset",
+                                          help="MzsRE / Bi-ZsRE folder or file."),
+             edit_languages: str = typer.Option("en,zh", "--edit-languages", help="Edited together (Table 2)."),
+             test_languages: str = typer.Option("en,zh", "--test-languages", help="Scored in each."),
+             n: int = typer.Option(50, "--n", help="Records (the first n with every language)."),
+             offset: int = typer.Option(0, "--offset", help="Skip this many records first."),
+             monolingual: bool = typer.Option(True, "--monolingual/--no-monolingual",
+                                              help="Also edit each language alone (Table 1, transfer matrix)."),
+             hparams: Optional[str] = typer.Option(None, "--hparams", help='JSON (or file): {"lu-lafns": {"beta": '
+                                                                          '0.2}, ...} over the presets.'),
+             out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (resumed if it holds this run)."),
+             device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
+    """The papers' comparison: edit n records with each method, score every test language, print the tables."""
+    from tqdm import tqdm
+
+    from analysis.model import load_model
+    from editors.base import get_editor
+    from editors.evaluate import EvalConfig, edit_sets_for, load_records, parse_language_sets, report, run_evaluation
+
+    names = split_languages(methods) or []
+    for name in names:
+        get_editor(name)                                   # unknown names fail before the model loads
+    edit_langs = list(parse_language_sets(edit_languages)[0])
+    tests = list(parse_language_sets(test_languages)[0])
+    overrides = read_json_option(hparams, "--hparams") or {}
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise InputError('--hparams must be a JSON object {"method": {"field": value}}.')
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise InputError(f"--hparams names {unknown[0]!r}, which is not in --methods.")
+    sets = [list(s) for s in edit_sets_for(edit_langs, monolingual)]
+    records = load_records(dataset, list(dict.fromkeys(edit_langs + tests)), n, offset)
+    wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    config = EvalConfig(dataset=str(Path(dataset).resolve()), methods=names, edit_sets=sets, test_languages=tests,
+                        n=n, offset=offset, hparams=overrides, model=wb.spec)
+    if out is None:
+        out = Path("runs") / f"evaluate-{'-'.join(names)}-{'+'.join(edit_langs)}-n{n}"
+    total = len(records) * (1 + len(names) * len(sets))
+    with tqdm(total=total, unit="step", desc="evaluate") as bar:
+        def progress(frac: float, message: str) -> None:
+            bar.n = round(frac * total)
+            bar.set_postfix_str(message[:60])
+            bar.refresh()
+
+        frame = run_evaluation(wb, config, out, progress=progress, records=records)
+    typer.echo(report(frame, config))
+    typer.echo(f"run folder: {out} (rows.jsonl, probes.csv, tables.md)")
 
 
 @cli.command()

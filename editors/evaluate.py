@@ -158,6 +158,30 @@ def score_probes(wb: Any, items: Sequence[Probe], before: Sequence[str]) -> list
     return rows
 
 
+def before_after(wb: Any, request: EditRequest, edit: Any, languages: Sequence[str] | None = None) -> pd.DataFrame:
+    """Every probe of ``request`` answered and scored by the unedited model and under ``edit``.
+
+    One row per probe: language, kind, prompt, reference, and for "before" and
+    "after" the greedy answer, F1, EM and (edit prompts) P(new target). The
+    model is edited only inside this call (``edit.applied``).
+    """
+    request = request.validate(wb)
+    items = probes(request, languages)
+    with wb.lock:
+        answers = unedited_answers(wb, items)
+        before = score_probes(wb, items, answers)
+        with edit.applied(wb):
+            after = score_probes(wb, items, answers)
+    rows = []
+    for p, b, a in zip(items, before, after):
+        rows.append({"language": p.language, "kind": p.kind, "prompt": p.prompt,
+                     "reference": p.gold if p.kind == "locality" else p.reference,
+                     "answer before": b["answer"], "answer after": a["answer"],
+                     "P(new) before": b.get("p_new"), "P(new) after": a.get("p_new"),
+                     "F1 after": a["f1"], "EM after": a["em"]})
+    return pd.DataFrame(rows)
+
+
 # ---------------------------------------------------------------- configuration
 
 def parse_language_sets(values: Iterable[str] | str) -> list[tuple[str, ...]]:
@@ -537,7 +561,7 @@ def report(frame: pd.DataFrame, config: EvalConfig) -> str:
              format_table2(table2(frame, multi, tests), tests)]
     multi_langs = multi.split("+")
     if len(multi_langs) > 1 and all(lang in sets for lang in multi_langs):
-        parts += [f"## Table 1 style: mean EM (%) of the four metrics, monolingual vs multilingual editing",
+        parts += ["## Table 1 style: mean EM (%) of the four metrics, monolingual vs multilingual editing",
                   format_table(table1(frame, multi_langs))]
     for method in _methods(frame):
         if method == UNEDITED:

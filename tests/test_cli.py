@@ -182,3 +182,99 @@ def test_trace_bad_input_exits_2(tiny_folder, tmp_path, extra, fragment):
     result = runner.invoke(cli, args)
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "Traceback" not in result.output
+
+
+# ============================================================ edit / evaluate
+
+TINY_LU = '{"layers": [0, 1], "beta": 0.1, "steps": 3, "lr": 0.5, "n_prefixes": 1, "prefix_length": 2}'
+
+
+def test_edit_a_typed_fact_prints_before_and_after_and_saves(tiny_folder, tmp_path):
+    folder, _ = tiny_folder
+    result = runner.invoke(cli, ["edit", "--model", str(folder), "--method", "lu-lafns", "--hparams", TINY_LU,
+                                 "--prompt", "en:The capital of France is", "--subject", "en:France",
+                                 "--target", "en:Berlin", "--prompt", "de:Die Hauptstadt von Frankreich ist",
+                                 "--subject", "de:Frankreich", "--target", "de:Berlin",
+                                 "--locality", "en:The capital of Spain is|Madrid",
+                                 "--save", str(tmp_path / "edit")])
+    assert result.exit_code == 0, result.output
+    assert "[en]" in result.output and "[de]" in result.output
+    assert "answer before" in result.output and "answer after" in result.output and "locality" in result.output
+    from editors.base import Edit
+
+    saved = Edit.load(tmp_path / "edit")
+    assert saved.method == "lu-lafns" and saved.patches
+    assert set(saved.meta["requests"][0]["facts"]) == {"en", "de"}
+
+
+def test_edit_a_request_file_with_another_editor(tiny_folder, tmp_path):
+    import json
+
+    folder, _ = tiny_folder
+    path = tmp_path / "req.json"
+    path.write_text(json.dumps({"case_id": "x", "facts": {"en": {"prompt": "The capital of France is",
+                                                                  "subject": "France", "target_new": "Rome"}}}))
+    result = runner.invoke(cli, ["edit", "--model", str(folder), "--method", "lora-ft", "--request", str(path),
+                                 "--hparams", '{"steps": 2, "layers": [0], "target_modules": ["down_proj"]}'])
+    assert result.exit_code == 0, result.output
+    assert "reliability" in result.output
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ([], "one way"),
+    (["--prompt", "en:The capital of France is", "--subject", "en:Spain", "--target", "en:Rome"], "does not occur"),
+    (["--prompt", "en:The capital of France is", "--subject", "en:France"], "--target"),
+    (["--prompt", "en:The capital of France is", "--subject", "en:France", "--target", "en:"], "LANG:TEXT"),
+    (["--prompt", "xx:The capital", "--subject", "xx:capital", "--target", "xx:Rome"], "xx"),
+    (["--prompt", "en:The capital of France is", "--subject", "en:France", "--target", "en:Rome",
+      "--hparams", '{"layers": [99]}'], "out of range"),
+    (["--prompt", "en:The capital of France is", "--subject", "en:France", "--target", "en:Rome",
+      "--method", "nope"], "Unknown editor"),
+    (["--prompt", "en:The capital of France is", "--subject", "en:France", "--target", "en:Rome",
+      "--hparams", "{bad"], "not valid JSON"),
+    (["--prompt", "en:The capital of France is", "--subject", "en:France", "--target", "en:Rome",
+      "--locality", "en:no bar"], "QUESTION|ANSWER"),
+])
+def test_edit_bad_input_exits_2(tiny_folder, extra, fragment):
+    result = runner.invoke(cli, ["edit", "--model", str(tiny_folder[0])] + extra)
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output
+    assert "Traceback" not in result.output
+
+
+def test_evaluate_prints_both_tables_and_writes_a_run_folder(tiny_folder, tmp_path):
+    from tests.test_evaluate import write_dataset
+
+    folder, _ = tiny_folder
+    data = tmp_path / "data"
+    data.mkdir()
+    write_dataset(data)
+    out = tmp_path / "run"
+    result = runner.invoke(cli, ["evaluate", "--model", str(folder), "--methods", "lu-lafns", "--dataset", str(data),
+                                 "--edit-languages", "en,de", "--test-languages", "en,de", "--n", "2",
+                                 "--hparams", '{"lu-lafns": ' + TINY_LU + '}', "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Table 2 style" in result.output and "Table 1 style" in result.output
+    assert "| LU-LAFNs |" in result.output and "mono en" in result.output
+    assert (out / "tables.md").exists() and (out / "rows.jsonl").exists()
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--methods", "nope"], "Unknown editor"),
+    (["--dataset", "/nope"], "/nope"),
+    (["--n", "0"], "--n"),
+    (["--edit-languages", "en,en"], "twice"),
+    (["--hparams", '{"memit": {"layers": [0]}}'], "not in --methods"),
+])
+def test_evaluate_bad_input_exits_2(tiny_folder, tmp_path, extra, fragment):
+    from tests.test_evaluate import write_dataset
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_dataset(data)
+    args = ["evaluate", "--model", str(tiny_folder[0]), "--methods", "lu-lafns", "--dataset", str(data),
+            "--edit-languages", "en,de", "--test-languages", "en,de", "--out", str(tmp_path / "r")]
+    result = runner.invoke(cli, args + extra)
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output
+    assert "Traceback" not in result.output
