@@ -799,3 +799,20 @@ def average_effect_heatmaps(effects: dict[str, dict[str, pd.DataFrame]], title: 
     _layout(fig, title or "Average indirect effect of restoring each state, per language",
             height=max(360, 230 * len(languages)))
     return fig
+
+
+def edit_probability_bars(table: pd.DataFrame, title: str) -> go.Figure:
+    """P(new target) on the edit prompt, before vs after, per language (the Edit lab's comparison table:
+    columns language, probe ("edit" rows are drawn), "P(target) before", "P(target) after")."""
+    table = _check_table(table, ["language", "probe", "P(target) before", "P(target) after"], "The comparison table",
+                         numeric=["P(target) before", "P(target) after"])
+    edit_rows = table[table["probe"] == "edit"]
+    fig = go.Figure()
+    for column, name, opacity in (("P(target) before", "before", 0.45), ("P(target) after", "after", 1.0)):
+        fig.add_bar(x=edit_rows["language"], y=edit_rows[column], name=name, opacity=opacity,
+                    marker_color=[language_colour(lang) for lang in edit_rows["language"]],
+                    text=[f"{v:.3f}" for v in edit_rows[column]], textposition="outside",
+                    hovertemplate="%{x}: P(new target) " + name + " = %{y:.4f}<extra></extra>")
+    fig.update_layout(barmode="group", title=title, yaxis_title="P(new target | edit prompt)",
+                      xaxis_title="language", yaxis_range=[0, 1.08], height=380, margin=dict(t=60, b=40))
+    return fig

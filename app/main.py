@@ -16,5 +16,6 @@ navigation = st.navigation([
     st.Page(str(PAGES / "atlas.py"), title="Neuron atlas", icon="🗺️", url_path="atlas"),
     st.Page(str(PAGES / "attribution.py"), title="Attribution", icon="🎯", url_path="attribution"),
     st.Page(str(PAGES / "tracing.py"), title="Causal tracing", icon="🔬", url_path="tracing"),
+    st.Page(str(PAGES / "edit_lab.py"), title="Edit lab", icon="✏️", url_path="edit-lab"),
 ])
 navigation.run()

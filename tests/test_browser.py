@@ -200,3 +200,51 @@ def test_causal_tracing_page_heatmaps_and_bad_subject(app_url, browser):
     page.get_by_role("tab", name="zh", exact=True).click()
     assert page.locator(".js-plotly-plot").count() >= 1   # the other languages' traces are still shown
     page.close()
+
+
+def test_edit_lab_mzsre_record_and_a_second_session_sees_no_edit(app_url, browser):
+    """Edit an MzsRE record (en, zh) with LU-LAFNs in one browser session: the before/after table and chart
+    appear. A second browser context (another session on the same server) shows no applied edit and no
+    "after" numbers."""
+    import json
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_url + "/edit-lab")
+    page.get_by_text("Record (").wait_for(timeout=180_000)
+    search = page.get_by_role("textbox", name="Search the records")
+    search.fill("IAAF Combined Events")
+    search.press("Enter")
+    page.get_by_text("Record (1 of").wait_for(timeout=60_000)
+    # a cheap LU-LAFNs: two layers, two steps, one short prefix (the preset's 25 steps take minutes on a CPU)
+    box = page.locator("textarea").first
+    box.wait_for(timeout=60_000)
+    hparams = json.loads(box.input_value())
+    hparams.update(layers=[9, 17], steps=2, n_prefixes=1, prefix_length=2, paraphrase_sources=["prompt"])
+    box.fill(json.dumps(hparams))
+    box.press("Control+Enter")
+    page.wait_for_timeout(1500)
+    page.get_by_role("button", name="Apply edit", exact=True).click()
+    page.get_by_text("1 edit(s) applied in this session").wait_for(timeout=300_000)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
+    body = page.inner_text("body")
+    assert "Traceback" not in body and "⚠️" not in body
+    legend = page.locator(".js-plotly-plot .legend").first.text_content()
+    assert "before" in legend and "after" in legend
+    assert page.locator("[data-testid='stDataFrame']").count() >= 3   # record preview, edit list, before/after
+    assert "Edit 1: lu-lafns · mzsre:0" in body
+    page.locator("[data-testid='stDataFrame']").last.scroll_into_view_if_needed()
+    _shot(page, "edit_lab.png")
+
+    # another session on the same server: no edit, no "after"
+    other = browser.new_context(viewport={"width": 1400, "height": 1000})
+    second = other.new_page()
+    second.goto(app_url + "/edit-lab")
+    second.get_by_text("No edit applied in this session").wait_for(timeout=120_000)
+    body2 = second.inner_text("body")
+    assert "edit(s) applied" not in body2 and "Edit 1:" not in body2
+    assert second.locator(".js-plotly-plot").count() == 0
+    other.close()
+    # the first session still has its edit after the other session's visit
+    page.get_by_role("button", name="Revert all", exact=True).wait_for(timeout=10_000)
+    assert "1 edit(s) applied in this session" in page.inner_text("body")
+    page.close()

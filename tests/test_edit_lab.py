@@ -1,0 +1,206 @@
+"""The Edit lab page (app/views/edit_lab.py) under Streamlit's AppTest, on a tiny random llama checkpoint.
+
+A typed two-language fact is edited with LU-LAFNs (a few steps, set in the hyper-parameters box): the
+before/after table and chart appear, the session lists one edit, the shared model is bit-identical to
+before (the edit is applied only while the page measures), revert empties the list; a bad request is an
+error box that keeps the earlier edit."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import assert_bit_identical, save_tiny_checkpoint, snapshot
+
+PAGE = str(Path(__file__).resolve().parent.parent / "app" / "views" / "edit_lab.py")
+HPARAMS = dict(layers=[0, 1, 2], beta=0.1, steps=5, lr=0.5, clamp_norm_factor=0.0, weight_decay=0.0,
+               n_prefixes=1, prefix_length=2, seed=0)
+FACT = {
+    "en": dict(prompt="The capital of France", subject="France", new="Berlin", old="Paris",
+               para="Capital city of France", loc="The capital of Japan is | Tokyo"),
+    "de": dict(prompt="Die Hauptstadt von Frankreich", subject="Frankreich", new="Berlin", old="Paris",
+               para="Hauptstadt von Frankreich", loc=""),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_spec(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama-editlab")
+    save_tiny_checkpoint("llama", folder)
+    return str(folder)
+
+
+def new_page(spec: str, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(PAGE, default_timeout=120)
+    at.session_state["model_spec"] = spec
+    return at
+
+
+def fill_typed_fact(at, fact=FACT) -> None:
+    at.radio(key="el-source").set_value("Type a fact").run()
+    at.multiselect(key="el-typed-languages").set_value(list(fact)).run()
+    for lang, f in fact.items():
+        at.text_input(key=f"el-prompt-{lang}").set_value(f["prompt"])
+        at.text_input(key=f"el-subject-{lang}").set_value(f["subject"])
+        at.text_input(key=f"el-new-{lang}").set_value(f["new"])
+        at.text_input(key=f"el-old-{lang}").set_value(f["old"])
+        at.text_area(key=f"el-para-{lang}").set_value(f["para"])
+        at.text_area(key=f"el-loc-{lang}").set_value(f["loc"])
+        at.text_area(key=f"el-port-{lang}").set_value("")
+    hp_box = next(t for t in at.text_area if str(t.key).startswith("el-hp-lu-lafns"))
+    hp_box.set_value(json.dumps(HPARAMS))
+    at.run()
+
+
+def errors(at) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def test_typed_fact_is_edited_for_this_session_only_and_reverted(tiny_spec, tmp_path, monkeypatch):
+    import analysis.model
+    from app.state import workbench
+
+    loads = []
+    real_load = analysis.model.load_model
+    monkeypatch.setattr(analysis.model, "load_model", lambda spec: loads.append(spec) or real_load(spec))
+    at = new_page(tiny_spec, tmp_path)
+    at.run()
+    assert not at.exception, at.exception
+    # the tiny model has no LU-LAFNs preset: an error box, and editable defaults
+    assert any("preset" in e for e in errors(at))
+    assert at.selectbox(key="el-editor").value == "lu-lafns"
+    wb = workbench(tiny_spec)          # the server-wide shared model the page uses
+    assert len(loads) <= 1             # ... the same object (st.cache_resource), not a second copy
+    before = snapshot(wb.model)
+
+    fill_typed_fact(at)
+    at.button(key="el-apply").click().run()
+    assert not at.exception, at.exception
+    assert not [e for e in errors(at) if "preset" not in e], errors(at)
+    entries = at.session_state["el_edits"]
+    assert len(entries) == 1 and entries[0]["editor"] == "lu-lafns"
+    assert set(entries[0]["request"]["facts"]) == {"en", "de"}
+
+    assert not at.button(key="el-revert").disabled and not at.button(key="el-revert-all").disabled
+    table = at.dataframe[-1].value
+    assert list(table["language"]) == ["en", "en", "en", "de", "de"]
+    assert list(table["probe"]) == ["edit", "paraphrase 1", "locality 1", "edit", "paraphrase 1"]
+    for column in ("answer before", "answer after", "P(target) before", "P(target) after", "P(old) before", "Δ P(target)"):
+        assert column in table.columns
+    edited = table[table["probe"] == "edit"]
+    assert (edited["P(target) after"] != edited["P(target) before"]).all()   # the edit changes the prompt's answer
+    assert len(at.get("plotly_chart")) == 1
+    # the shared model carries no edit outside the page's measurements
+    assert_bit_identical(wb.model, before)
+
+    # an unrelated rerun reuses the cached numbers (no new measurement)
+    after_cache = dict(at.session_state["el_after"])
+    at.run()
+    assert dict(at.session_state["el_after"]).keys() == after_cache.keys()
+
+    at.button(key="el-revert").click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["el_edits"] == []
+    assert any("No edit applied" in i.value for i in at.info)
+    assert_bit_identical(wb.model, before)
+
+
+def test_bad_requests_show_an_error_box_and_keep_earlier_edits(tiny_spec, tmp_path):
+    from app.state import workbench
+
+    at = new_page(tiny_spec, tmp_path)
+    at.run()
+    fill_typed_fact(at)
+    at.button(key="el-apply").click().run()
+    assert len(at.session_state["el_edits"]) == 1
+    wb = workbench(tiny_spec)
+    before = snapshot(wb.model)
+
+    # subject not in the prompt
+    at.text_input(key="el-subject-en").set_value("Germany").run()
+    at.button(key="el-apply").click().run()
+    assert not at.exception, at.exception
+    assert any("does not occur in the prompt" in e for e in errors(at)), errors(at)
+    assert len(at.session_state["el_edits"]) == 1
+    assert "answer after" in at.dataframe[-1].value.columns     # the earlier edit's table is still shown
+    at.text_input(key="el-subject-en").set_value("France").run()
+
+    # empty target, a layer out of range, bad JSON, an unknown field: each an error box, the edit kept
+    at.text_input(key="el-new-de").set_value(" ").run()
+    at.button(key="el-apply").click().run()
+    assert any("empty target" in e for e in errors(at)), errors(at)
+    at.text_input(key="el-new-de").set_value("Berlin").run()
+    hp_box = next(t for t in at.text_area if str(t.key).startswith("el-hp-lu-lafns"))
+    for text, message in [(json.dumps({**HPARAMS, "layers": [0, 7]}), "out of range"),
+                          ("{layers: [0]", "not valid JSON"),
+                          (json.dumps({**HPARAMS, "gamma": 1}), "no field")]:
+        hp_box.set_value(text).run()
+        at.button(key="el-apply").click().run()
+        assert not at.exception, at.exception
+        assert any(message in e for e in errors(at)), (message, errors(at))
+        assert len(at.session_state["el_edits"]) == 1
+    assert_bit_identical(wb.model, before)
+
+    # an unknown language typed into the languages box
+    at.multiselect(key="el-typed-languages").set_value(["en", "klingon"]).run()
+    at.text_input(key="el-prompt-klingon").set_value("x y")
+    at.text_input(key="el-subject-klingon").set_value("x")
+    at.text_input(key="el-new-klingon").set_value("z")
+    hp_box = next(t for t in at.text_area if str(t.key).startswith("el-hp-lu-lafns"))
+    hp_box.set_value(json.dumps(HPARAMS)).run()
+    at.button(key="el-apply").click().run()
+    assert not at.exception, at.exception
+    assert any("klingon" in e for e in errors(at)), errors(at)
+    assert len(at.session_state["el_edits"]) == 1
+
+    # a second edit stacks on the first; Revert removes the last, Revert all the rest
+    at.multiselect(key="el-typed-languages").set_value(["en"]).run()
+    at.text_input(key="el-new-en").set_value("Madrid")
+    hp_box = next(t for t in at.text_area if str(t.key).startswith("el-hp-lu-lafns"))
+    hp_box.set_value(json.dumps(HPARAMS)).run()
+    at.button(key="el-apply").click().run()
+    assert not at.exception, at.exception
+    assert [e["editor"] for e in at.session_state["el_edits"]] == ["lu-lafns", "lu-lafns"]
+    assert list(at.session_state["el_after"]) and all(len(k[2]) == 2 for k in at.session_state["el_after"])
+    table = at.dataframe[-1].value
+    assert list(table["language"]) == ["en", "en", "en"] and table["target"].iloc[0] == "Madrid"
+    assert_bit_identical(wb.model, before)
+    at.button(key="el-revert").click().run()
+    assert [e["request"]["facts"]["en"]["target_new"] for e in at.session_state["el_edits"]] == ["Berlin"]
+    at.button(key="el-revert-all").click().run()
+    assert at.session_state["el_edits"] == []
+    assert_bit_identical(wb.model, before)
+
+
+def test_a_corpus_fact_with_a_typed_new_target(tiny_spec, tmp_path):
+    at = new_page(tiny_spec, tmp_path)
+    at.session_state["corpus_spec"] = "demo"
+    at.run()
+    at.radio(key="el-source").set_value("A fact from the corpus").run()
+    assert not at.exception, at.exception
+    languages = at.multiselect(key="el-corpus-languages").value
+    assert languages == ["en", "zh"]
+    for box in at.text_input:
+        if str(box.key).startswith("el-corpus-new-"):
+            box.set_value("Berlin")
+    hp_box = next(t for t in at.text_area if str(t.key).startswith("el-hp-lu-lafns"))
+    hp_box.set_value(json.dumps(HPARAMS)).run()
+    at.button(key="el-apply").click().run()
+    assert not at.exception, at.exception
+    assert not [e for e in errors(at) if "preset" not in e], errors(at)
+    (entry,) = at.session_state["el_edits"]
+    assert set(entry["request"]["facts"]) == {"en", "zh"}
+    assert entry["request"]["facts"]["en"]["target_old"]        # the corpus object is the old target
+    assert set(at.dataframe[-1].value["language"]) == {"en", "zh"}
+
+
+def test_mzsre_folder_missing_shows_an_info_box(tiny_spec, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUROGLOT_MZSRE", str(tmp_path / "absent"))
+    at = new_page(tiny_spec, tmp_path)
+    at.run()
+    assert not at.exception, at.exception
+    assert at.radio(key="el-source").value == "A record from MzsRE"
+    assert any("No MzsRE data" in i.value for i in at.info)
