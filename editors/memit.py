@@ -1,0 +1,873 @@
+"""ROME, MEMIT and AlphaEdit on one implementation of keys, target values and key statistics.
+
+All three treat the down-projection of an FFN as a linear associative memory
+``W k = v`` whose keys ``k`` are the down-projection *input* (the ``"key"``
+site of :mod:`analysis.arch`, DESIGN.md Decision 1) and insert new
+(key, value) pairs with a closed-form update of ``W`` (``[d_model, d_ff]``).
+
+Multilingual editing: M-ROME / M-MEMIT (papers/lu-lafns.md §4.2)
+    "since the knowledge to be edited of different languages corresponds to
+    different answers, we train the new value for updating FFNs separately for
+    each language. And we estimate the previously memorized keys of FFNs for
+    each language." Every language ``l`` of every request is therefore one
+    (key, value) pair of its own:
+
+    * its target (:func:`compute_target`: ROME's ``compute_v`` / MEMIT's
+      ``compute_z``) is optimised on that language's prompt and target only;
+    * its key (:func:`fact_keys`: ROME's Eq. 3 ``k* = 1/N Σ_j k(x_j + s)``) is
+      the mean of the key site at the last subject token over that language's
+      contexts;
+    * all pairs of all requests are then inserted together.
+
+The shared steps (one function each, named after its symbol)
+    Contexts ``x_j + s``: the bare prompt (``empty_prefix``, ROME/MEMIT's
+    ``"{}"`` template) and the prompt after model-generated prefixes, for each
+    ``[length, count]`` of ``context_template_length_params``
+    (:func:`editors.lu_lafns.generate_prefixes`, joined with
+    :func:`editors.lu_lafns.prefixed` as ``"{prefix}. {prompt}"``).
+
+    Target (:func:`compute_target`): a vector ``δ`` added at the last subject
+    token of every context (and of the KL prompt), at the output of the
+    down-projection of ROME's layer (ROME: the MLP output ``m``) or at the
+    output of MEMIT's last layer ``L`` (the residual stream ``h^L``), is
+    optimised with Adam (``v_lr``, ``v_num_grad_steps``) on
+
+        mean over contexts of the per-token NLL of ``target_new`` (teacher forced,
+        all target tokens, :func:`analysis.tokens.answer_ids`)
+        + kl_factor · KL(P_δ || P_0) on ``kl_prompt(l, subject)`` at its last subject token
+        + v_weight_decay · ||δ|| / ||v_0||²
+
+    (as ROME's and MEMIT's code: ``v_0`` is the site's output at the bare
+    prompt; after every step ``||δ||`` is clamped to ``clamp_norm_factor ·
+    ||v_0||``; the loop stops once the total loss is below ``early_stop_loss``
+    and, as the code does, the last iteration only evaluates). The target is
+    ``v_0 + δ``.
+
+    Keys (:func:`fact_keys`) and the statistics ``C = E[k kᵀ]`` of the key over
+    text (:func:`key_second_moments`: :func:`analysis.stats.cached_key_statistics`
+    over the union of the requests' languages, ``mom2_n_tokens`` tokens of
+    ``mom2_source``).
+
+ROME (Meng et al. 2022, Eq. 2), one layer, ``n`` pairs at once
+    ``Δ = R (Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹`` with ``K = [k_1 … k_n]`` (``d_ff × n``) and
+    ``R = V − W K`` (:func:`rome_update`). For ``n = 1`` this is the paper's
+    rank-one ``Λ (C⁻¹k*)ᵀ`` with ``Λ = (v* − W k*) / ((C⁻¹k*)ᵀ k*)``; for ``n``
+    pairs it is the exact multi-constraint solution of the same problem
+    (minimise ``||Δ||_C`` subject to ``(W + Δ) K = V``): ``(W + Δ) k_l = v_l``
+    holds for every language's key. The target value of language ``l`` is
+    ``v_l = W k_l + b + δ_l`` (the MLP output at the mean key, moved by the
+    optimised ``δ_l``), so ``R = [δ_1 … δ_n]``.
+
+MEMIT (Meng et al. 2023, Alg. 1 and Eq. 14)
+    ``z_l = h^L_0 + δ_l`` at the last layer ``L`` of ``layers``. For each layer
+    ``i`` in ascending order (with the updates of the earlier layers in force,
+    applied through :meth:`Edit.applied` and undone at the end): keys ``K``
+    at layer ``i``; ``R = (Z − h^L(K)) / (number of layers left)`` where
+    ``h^L`` is read at the bare prompts' last subject token; ``ΔW = R Kᵀ (λ C +
+    K Kᵀ)⁻¹`` with ``λ = mom2_update_weight`` (:func:`memit_update`).
+
+AlphaEdit (Fang et al. 2025, Eq. 8 and its code; papers/langedit.md §2.2, §3)
+    MEMIT's ``z`` and spreading, with ``P = Û Ûᵀ`` where ``Û`` are the
+    eigenvectors of ``C`` whose eigenvalue is below ``nullspace_threshold``
+    (:func:`nullspace_projection`) and ``ΔW = R Kᵀ P (K Kᵀ P + λ I)⁻¹`` with
+    ``λ = l2`` (:func:`alphaedit_update`). For any key ``k`` in the preserved
+    subspace (``P k = 0``): ``(K Kᵀ P + λ I) k = λ k``, so ``ΔW k = 0``.
+
+Sandwich norms (Gemma 2/3: ``h = x + post_ffn_norm(m)``, ``arch.post_ffn_norm``)
+    ROME's target is already in the down-projection's output space (``δ`` is
+    added before the norm, and the gradient goes through it). MEMIT/AlphaEdit's
+    layer residual ``r`` is in the residual stream: at layer ``i`` with the
+    current MLP output ``m`` (bare prompt) and ``c = norm(m) = g ⊙ m / rms(m)``,
+    the wanted contribution is ``t = c + r``. The norm's outputs are exactly
+    the set ``{g ⊙ a : rms(a) = 1}`` (its input's scale does not matter), so we
+    take the point of that set closest to ``t`` (``a = g t / (g² + μ)`` with the
+    Lagrange multiplier ``μ`` found by bisection so that ``rms(a) = 1``;
+    ``a = t / g`` whenever ``t`` is reachable) and invert the norm keeping the
+    current scale: ``m' = rms(m) · a``; ``m' − m`` is the residual the closed form
+    inserts. Since ``c`` itself lies in that set, the layer's contribution never
+    ends farther from ``t`` than before; what is left over is seen by the next
+    layer (Alg. 1 reads ``h^L`` again) and the fraction of ``||r||`` closed is
+    reported per layer (``post_ffn_norm_fit`` in ``edit.meta``).
+
+Deviations from the papers and their code (each a hyper-parameter where it can be)
+    * Prefixes are sampled by the model from BOS (``generate_prefixes``), not
+      from ROME's ``"<|endoftext|>"`` / MEMIT's ``["The", "Therefore",
+      "Because", "I", "You"]`` starts, and not with nucleus sampling.
+    * ``C`` comes from FLORES-200 (or a corpus) in the request languages, not
+      Wikipedia, and ``mom2_n_tokens`` counts *tokens* where the papers'
+      ``mom2_n_samples`` counts texts (100 000 Wikipedia records).
+    * MEMIT's ``C``: MEMIT's code uses ``λ · E[k kᵀ]`` (the *mean* second moment,
+      ``mom2.moment()``) with ``λ = mom2_update_weight = 15000`` standing in
+      for the unknown count ``n`` of the paper's ``K₀K₀ᵀ``; we do the same
+      (``KeyStats.second_moment`` is that mean), not ``tokens × E[k kᵀ]``.
+    * AlphaEdit's threshold is absolute on the eigenvalues of ``E[k kᵀ]``, as
+      its code (``S < nullspace_threshold`` on the SVD of ``mom2.moment()``);
+      ``nullspace_relative=True`` makes it relative to the largest eigenvalue
+      (the scale of keys differs between models; the tiny test models use it;
+      the embedded preset keeps the absolute 2e-2).
+      Eigen-decomposition (``eigh``) instead of SVD: ``C`` is symmetric PSD,
+      the two agree.
+    * AlphaEdit's cache of earlier edited keys (``cache_c``, sequential editing)
+      is not kept: each ``compute`` is one batch edit (``cache_c = 0``).
+    * ROME's code puts the equality constraint on the bare prompt's key
+      (``right_vector = (v − W k_prompt) / (k_prompt · u)``); we use the
+      paper's ``k*`` (the mean over contexts) for both the direction and the
+      constraint, which with ``v = W k* + b + δ`` gives ``R = δ``.
+    * ROME's ``mom2_adjustment=False`` (EasyEdit's Llama/Qwen presets) uses
+      ``C = I``; the multi-pair formula stays exact.
+    * Keys are the plain mean over all contexts (ROME Eq. 3); MEMIT's code
+      averages the mean of each context *type* (bare prompt; prefixed).
+    * A singular ``C`` (or ``λC + KKᵀ``) gets a ridge of ``1e-6 · trace/d``
+      (logged in ``edit.meta``) where the code would fail.
+    * Weight decay as the code writes it: ``||δ|| / ||v_0||²`` (not squared).
+    * The target's tokens are :func:`analysis.tokens.answer_ids` of the prompt
+      and ``target_new`` (the join of :mod:`editors.lu_lafns`: a leading-space
+      token exactly where the model would write one), not ``" " + target``
+      tokenised alone; the per-token NLL is averaged as MEMIT's ``compute_z``.
+    * ROME's ``δ`` is added at the down-projection's output (ROME: the MLP
+      module's output); they are the same tensor for every family except BLOOM,
+      whose MLP module adds the residual itself (its down-projection output is
+      the FFN output proper).
+    * The tiny test models need a small ``mom2_update_weight`` (their keys'
+      ``E[k kᵀ]`` is O(1) over 80 neurons) and a relative null-space
+      threshold; see tests/test_memit.py.
+
+Invariant: the model at the end of ``_compute`` equals the model at its
+beginning (parameters bit for bit, ``requires_grad`` flags, training flag, no
+hooks), also when it raises.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from analysis.arch import first_tensor, resolve
+from analysis.errors import InputError
+from analysis.neurons import forward_inputs
+from analysis.tokens import answer_ids, encode
+from editors.base import Edit, Editor, EditRequest, HParams, register
+from editors.lu_lafns import generate_prefixes, kl_prompt, prefixed
+
+log = logging.getLogger(__name__)
+
+
+# ============================================================ hyper-parameters
+
+
+def _number(hp: Any, name: str, low: float = 0.0, strict: bool = False) -> None:
+    value = getattr(hp, name)
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (value > low if strict else value >= low)
+    if not ok:
+        raise InputError(f"{name} must be a number {'>' if strict else '>='} {low:g}, got {value!r}.")
+
+
+def _whole(hp: Any, name: str, low: int) -> None:
+    value = getattr(hp, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InputError(f"{name} must be a whole number >= {low}, got {value!r}.")
+
+
+@dataclass
+class KeyValueHParams(HParams):
+    """Fields shared by ROME, MEMIT and AlphaEdit: the target (compute_v / compute_z) and the key statistics."""
+
+    v_lr: float = 0.5                     # Adam learning rate on δ
+    v_num_grad_steps: int = 25            # iterations (the last one only evaluates, as the code)
+    v_weight_decay: float = 1e-3          # v_weight_decay * ||δ|| / ||v_0||^2
+    clamp_norm_factor: float = 4.0        # ||δ|| <= factor * ||v_0|| (0: no clamp)
+    kl_factor: float = 0.0625             # weight of KL on "{subject} is a"
+    early_stop_loss: float = 5e-2         # stop when the total loss is below this (ROME/MEMIT code)
+    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[10, 5]])  # [[length, count]]
+    empty_prefix: bool = True             # the bare prompt is a context too (the "{}" template)
+    seed: int = 0                         # prefix sampling
+    mom2_adjustment: bool = True          # use C = E[k kᵀ] (False: C = I; ROME only)
+    mom2_n_tokens: int = 100_000          # tokens of key statistics
+    mom2_source: str = "flores"           # "flores" (FLORES-200 in the request languages)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        params = self.context_template_length_params
+        if isinstance(params, (list, tuple)):
+            self.context_template_length_params = [list(p) if isinstance(p, (list, tuple)) else p for p in params]
+
+    def validate(self, wb: Any = None) -> None:
+        super().validate(wb)
+        if not self.layers:
+            raise InputError(f"{type(self).__name__} needs at least one layer to edit (layers=[...]).")
+        _number(self, "v_lr", 0.0, strict=True)
+        for name in ("v_weight_decay", "clamp_norm_factor", "kl_factor", "early_stop_loss"):
+            _number(self, name)
+        _whole(self, "v_num_grad_steps", 1)
+        _whole(self, "mom2_n_tokens", 1)
+        _whole(self, "seed", 0)
+        params = self.context_template_length_params
+        if not isinstance(params, list) or any(
+                not isinstance(p, list) or len(p) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in p)
+                or p[0] < 1 or p[1] < 0 for p in params):
+            raise InputError("context_template_length_params must be a list of [length, count] pairs "
+                             f"(length >= 1, count >= 0), got {params!r}.")
+        if not self.empty_prefix and sum(p[1] for p in params) == 0:
+            raise InputError("No context to optimise the target on: empty_prefix is False and "
+                             "context_template_length_params asks for no prefix.")
+        if not isinstance(self.mom2_source, str) or not self.mom2_source.strip():
+            raise InputError(f"mom2_source must name the text of the key statistics ('flores'), "
+                             f"got {self.mom2_source!r}.")
+
+
+@dataclass
+class ROMEHParams(KeyValueHParams):
+    """ROME (Meng et al. 2022): one layer; the target is the MLP output of that layer."""
+
+    layers: list[int] = field(default_factory=lambda: [5])
+    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # EasyEdit hparams/ROME/llama3-8b.yaml (published for Llama-3-8B; the same shape as 3.1):
+        # layer 5, v_lr 5e-1, 25 steps, weight decay 1e-3, clamp 4, kl 0.0625, mom2_adjustment false,
+        # context_template_length_params [[5, 10], [10, 10]].
+        "meta-llama/Llama-3.1-8B": dict(layers=[5], v_lr=0.5, v_num_grad_steps=25, v_weight_decay=1e-3,
+                                        clamp_norm_factor=4.0, kl_factor=0.0625, mom2_adjustment=False,
+                                        context_template_length_params=[[5, 10], [10, 10]]),
+        # EasyEdit hparams/ROME/qwen2-7b.yaml: the same values.
+        "Qwen/Qwen2-7B": dict(layers=[5], v_lr=0.5, v_num_grad_steps=25, v_weight_decay=1e-3,
+                              clamp_norm_factor=4.0, kl_factor=0.0625, mom2_adjustment=False,
+                              context_template_length_params=[[5, 10], [10, 10]]),
+        # No published ROME preset for BLOOMZ: EasyEdit's LLaMA values (layer 5 of 30), with ROME's own
+        # mom2_adjustment (true, as the ROME paper for GPT-2 XL / GPT-J).
+        "bigscience/bloomz-7b1-mt": dict(layers=[5], v_lr=0.5, v_num_grad_steps=25, v_weight_decay=1e-3,
+                                         clamp_norm_factor=4.0, kl_factor=0.0625, mom2_adjustment=True,
+                                         context_template_length_params=[[5, 10], [10, 10]]),
+        # Embedded Gemma 3 270M (18 layers): layer 4 CHOSEN FROM OUR CAUSAL TRACE (strongest MLP restoration
+        # at the subject's last token), not swept; the rest ROME's values with fewer prefixes (speed).
+        # Contexts: 2 + 2 generated prefixes and the bare prompt, 20 steps (ROME's count): on 2 CPU cores one
+        # en+zh edit then takes ~40 s; ROME's 20 contexts x 25 steps took minutes.
+        "embedded": dict(layers=[4], v_lr=0.5, v_num_grad_steps=20, v_weight_decay=1e-3, clamp_norm_factor=4.0,
+                         kl_factor=0.0625, mom2_adjustment=True, mom2_n_tokens=20_000,
+                         context_template_length_params=[[5, 2], [10, 2]]),
+    }
+
+    def validate(self, wb: Any = None) -> None:
+        super().validate(wb)
+        if len(self.layers) != 1:
+            raise InputError(f"ROME edits exactly one layer; got layers={self.layers}. Use MEMIT for several.")
+
+
+@dataclass
+class MEMITHParams(KeyValueHParams):
+    """MEMIT (Meng et al. 2023): several layers; the target is the residual stream after the last one."""
+
+    layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    clamp_norm_factor: float = 0.75
+    mom2_update_weight: float = 15000.0   # λ of ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # AlphaEdit repository hparams/MEMIT/Llama3-8B.json (MEMIT as run by the AlphaEdit authors on
+        # Llama-3-8B): layers 4-8, clamp 0.75, v_lr 1e-1, 25 steps, weight decay 0.5, kl 0.0625, λ 15000.
+        "meta-llama/Llama-3.1-8B": dict(layers=[4, 5, 6, 7, 8], clamp_norm_factor=0.75, v_lr=0.1,
+                                        v_num_grad_steps=25, v_weight_decay=0.5, kl_factor=0.0625,
+                                        mom2_update_weight=15000.0),
+        # EasyEdit hparams/MEMIT/qwen2-7b.yaml: layers 4-8, clamp 4, v_lr 5e-1, weight decay 1e-3, λ 15000.
+        "Qwen/Qwen2-7B": dict(layers=[4, 5, 6, 7, 8], clamp_norm_factor=4.0, v_lr=0.5, v_num_grad_steps=25,
+                              v_weight_decay=1e-3, kl_factor=0.0625, mom2_update_weight=15000.0),
+        # No published MEMIT preset for BLOOMZ: EasyEdit's LLaMA/Qwen layer choice (4-8) and values.
+        "bigscience/bloomz-7b1-mt": dict(layers=[4, 5, 6, 7, 8], clamp_norm_factor=4.0, v_lr=0.5,
+                                         v_num_grad_steps=25, v_weight_decay=1e-3, kl_factor=0.0625,
+                                         mom2_update_weight=15000.0),
+        # Embedded Gemma 3 270M: layers 2-6 around layer 4 CHOSEN FROM OUR CAUSAL TRACE, not swept;
+        # clamp 4 and weight decay 1e-3 as EasyEdit's Qwen2 values; MEMIT's 5 prefixes of 10 tokens.
+        # λ = 2000: 15000 scaled by d_ff (2048 / 16384, GPT-J's), since kᵀ(λC)⁻¹k ≈ d_ff / λ for a typical
+        # key. Checked on MzsRE dev record 5 (en+zh) only: 15000 raised P(en) 1.6e-6 → 1.3e-5 and P(zh)
+        # 1.2e-7 → 1.7e-7; 2000 raised them to 1.5e-2 and 4.7e-6. Not a sweep.
+        # Contexts and steps as ROME's embedded preset (speed on CPU).
+        "embedded": dict(layers=[2, 3, 4, 5, 6], clamp_norm_factor=4.0, v_lr=0.5, v_num_grad_steps=20,
+                         v_weight_decay=1e-3, kl_factor=0.0625, mom2_update_weight=2000.0, mom2_n_tokens=20_000,
+                         context_template_length_params=[[5, 2], [10, 2]]),
+    }
+
+    def validate(self, wb: Any = None) -> None:
+        super().validate(wb)
+        _number(self, "mom2_update_weight")
+
+
+@dataclass
+class AlphaEditHParams(MEMITHParams):
+    """AlphaEdit (Fang et al. 2025): MEMIT's targets and spreading, projected on the null space of C."""
+
+    nullspace_threshold: float = 2e-2     # eigenvalues of E[k kᵀ] below this span the null space
+    nullspace_relative: bool = False      # threshold relative to the largest eigenvalue (code: absolute)
+    l2: float = 10.0                      # λ of ΔW = R Kᵀ P (K Kᵀ P + λ I)⁻¹ (the code's "L2")
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # EasyEdit hparams/AlphaEdit/llama3.1-8b.yaml: layers 4-8, clamp 0.75, v_lr 1e-1, weight decay 0.5,
+        # kl 0.0625, threshold 2e-2, L2 10.
+        "meta-llama/Llama-3.1-8B": dict(layers=[4, 5, 6, 7, 8], clamp_norm_factor=0.75, v_lr=0.1,
+                                        v_num_grad_steps=25, v_weight_decay=0.5, kl_factor=0.0625,
+                                        nullspace_threshold=2e-2, l2=10.0),
+        # EasyEdit hparams/AlphaEdit/qwen2.5-7b.yaml (Qwen2.5-7B, the same shape as Qwen2-7B): clamp 4,
+        # v_lr 5e-1, weight decay 1e-3, threshold 2e-2, L2 1.
+        "Qwen/Qwen2-7B": dict(layers=[4, 5, 6, 7, 8], clamp_norm_factor=4.0, v_lr=0.5, v_num_grad_steps=25,
+                              v_weight_decay=1e-3, kl_factor=0.0625, nullspace_threshold=2e-2, l2=1.0),
+        # No published AlphaEdit preset for BLOOMZ: the Llama-3.1 values.
+        "bigscience/bloomz-7b1-mt": dict(layers=[4, 5, 6, 7, 8], clamp_norm_factor=0.75, v_lr=0.1,
+                                         v_num_grad_steps=25, v_weight_decay=0.5, kl_factor=0.0625,
+                                         nullspace_threshold=2e-2, l2=10.0),
+        # Embedded Gemma 3 270M: layers 2-6 CHOSEN FROM OUR CAUSAL TRACE, not swept; the targets as the
+        # embedded MEMIT preset; AlphaEdit's absolute threshold 2e-2 and L2 10. On 20k FLORES en+zh tokens
+        # that leaves 1139-1818 of 2048 null directions per layer (relative 2e-2 would leave 10-70
+        # preserved ones). Checked on MzsRE dev record 5 only: P(en) 1.6e-6 → 5.9e-3, P(zh) 1.2e-7 → 2.2e-6.
+        "embedded": dict(layers=[2, 3, 4, 5, 6], clamp_norm_factor=4.0, v_lr=0.5, v_num_grad_steps=20,
+                         v_weight_decay=1e-3, kl_factor=0.0625, nullspace_threshold=2e-2, nullspace_relative=False,
+                         l2=10.0, mom2_n_tokens=20_000, context_template_length_params=[[5, 2], [10, 2]]),
+    }
+
+    def validate(self, wb: Any = None) -> None:
+        super().validate(wb)
+        _number(self, "nullspace_threshold", 0.0, strict=True)
+        _number(self, "l2", 0.0, strict=True)
+        if self.nullspace_relative and self.nullspace_threshold > 1:
+            raise InputError(f"A relative nullspace_threshold must be at most 1, got {self.nullspace_threshold}.")
+
+
+# ================================================================== contexts
+
+
+@dataclass
+class FactContexts:
+    """One (request, language) pair to insert: its texts and where its subject ends."""
+
+    case_id: str
+    language: str
+    prompt: str
+    subject: str
+    target_new: str
+    contexts: list[str]        # x_j + s (the bare prompt first when empty_prefix)
+
+    @property
+    def label(self) -> str:
+        return f"{self.case_id or 'request'}/{self.language}"
+
+
+def context_prefixes(wb: Any, language: str, hp: KeyValueHParams) -> list[str]:
+    """The model-generated prefixes of ``language`` for every ``[length, count]`` of the hparams."""
+    out: list[str] = []
+    for length, count in hp.context_template_length_params:
+        spec = SimpleNamespace(n_prefixes=int(count), prefix_length=int(length), seed=int(hp.seed))
+        out.extend(generate_prefixes(wb, language, spec))
+    return out
+
+
+def fact_contexts(wb: Any, requests: list[EditRequest], hp: KeyValueHParams) -> list[FactContexts]:
+    """One :class:`FactContexts` per language of every request, in request then language order."""
+    facts: list[FactContexts] = []
+    for request in requests:
+        for lang, fact in request.facts.items():
+            contexts = ([fact.prompt] if hp.empty_prefix else []) + [
+                prefixed(p, fact.prompt) for p in context_prefixes(wb, lang, hp)]
+            facts.append(FactContexts(request.case_id, lang, fact.prompt, fact.subject, fact.target_new,
+                                      list(dict.fromkeys(contexts))))
+    return facts
+
+
+def _subject_last(wb: Any, text: str, subject: str) -> tuple[list[int], int]:
+    """Ids of ``text`` (with special tokens) and the index of its subject's last token."""
+    batch = encode(wb.tokenizer, [text], [subject])
+    keep = batch.attention_mask[0].bool()
+    cols = batch.subject[0][keep].nonzero().flatten()
+    return batch.input_ids[0][keep].tolist(), int(cols[-1])
+
+
+def _pad(wb: Any, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    pad = wb.tokenizer.pad_token_id if wb.tokenizer.pad_token_id is not None else 0
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids.to(wb.device), mask.to(wb.device)
+
+
+# ================================================================== sites
+
+
+def _with_output(output: Any, tensor: torch.Tensor) -> Any:
+    """``output`` with its first tensor replaced (modules that return tuples)."""
+    if isinstance(output, torch.Tensor):
+        return tensor
+    if isinstance(output, tuple):
+        return (_with_output(output[0], tensor),) + tuple(output[1:])
+    if isinstance(output, list):
+        return [_with_output(output[0], tensor)] + list(output[1:])
+    raise TypeError(f"Cannot replace the tensor in a module output of type {type(output).__name__}.")
+
+
+@contextlib.contextmanager
+def _hooks(register: list[Callable[[], Any]]):
+    """Register forward hooks (callables returning handles) and remove them all on exit."""
+    handles: list[Any] = []
+    try:
+        for reg in register:
+            handles.append(reg())
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def read_at_subject(wb: Any, texts: list[str], subjects: list[str],
+                    reads: list[tuple[int, str, str]]) -> dict[tuple[int, str, str], torch.Tensor]:
+    """One forward over ``texts``: for each ``(layer, site, "input" | "output")`` the site's value at
+    each text's last subject token, float32 ``[len(texts), dim]``."""
+    seqs, cols = zip(*(_subject_last(wb, t, s) for t, s in zip(texts, subjects)))
+    ids, mask = _pad(wb, list(seqs))
+    rows = torch.arange(len(seqs), device=wb.device)
+    col = torch.tensor(cols, dtype=torch.long, device=wb.device)
+    got: dict[tuple[int, str, str], torch.Tensor] = {}
+
+    def reader(key: tuple[int, str, str]):
+        def hook(module: Any, args: tuple, output: Any) -> None:
+            value = args[0] if key[2] == "input" else first_tensor(output)
+            got[key] = value[rows, col].detach().float()
+        return hook
+
+    regs = [lambda key=key: wb.arch.site(wb.model, key[0], key[1]).register_forward_hook(reader(key))
+            for key in dict.fromkeys(reads)]
+    base, _ = wb.base_model()
+    with _hooks(regs), torch.no_grad():
+        base(**forward_inputs(wb, ids, mask))
+    return got
+
+
+def fact_keys(wb: Any, layer: int, facts: list[FactContexts]) -> torch.Tensor:
+    """k* per fact (ROME Eq. 3): mean over its contexts of the key at the last subject token, ``[n, d_ff]``."""
+    keys, _ = _keys_and_reads(wb, layer, facts, [])
+    return keys
+
+
+def _keys_and_reads(wb: Any, layer: int, facts: list[FactContexts], bare_reads: list[tuple[int, str, str]]):
+    """Keys of ``layer`` per fact, and ``bare_reads`` at each fact's bare prompt, in one forward."""
+    texts, subjects, owner = [], [], []
+    for i, fact in enumerate(facts):
+        for ctx in fact.contexts:
+            texts.append(ctx)
+            subjects.append(fact.subject)
+            owner.append(i)
+    n_ctx = len(texts)
+    texts += [f.prompt for f in facts]
+    subjects += [f.subject for f in facts]
+    key = (layer, "key", "input")
+    got = read_at_subject(wb, texts, subjects, [key, *bare_reads])
+    owner_t = torch.tensor(owner, device=got[key].device)
+    ctx_keys = got[key][:n_ctx]
+    sums = torch.zeros(len(facts), ctx_keys.shape[1], dtype=ctx_keys.dtype, device=ctx_keys.device)
+    sums.index_add_(0, owner_t, ctx_keys)
+    counts = torch.bincount(owner_t, minlength=len(facts)).to(ctx_keys.dtype)[:, None]
+    return sums / counts, {k: got[k][n_ctx:] for k in bare_reads}
+
+
+# ================================================================== targets
+
+
+@dataclass
+class TargetValue:
+    """The optimised shift ``δ`` of one fact at its site and the site's value ``v_0`` at the bare prompt."""
+
+    fact: FactContexts
+    delta: torch.Tensor     # [d_model] float32
+    init: torch.Tensor      # [d_model] float32
+    record: dict[str, Any]
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.init + self.delta
+
+
+def compute_target(wb: Any, fact: FactContexts, layer: int, site: str, hp: KeyValueHParams) -> TargetValue:
+    """ROME's compute_v (``site="down_proj"``) / MEMIT's compute_z (``site="layer"``) for one fact.
+
+    One padded batch holds every context + target (teacher forced), the bare
+    prompt (for ``v_0``, when it is not a context already) and the KL prompt;
+    each step is one forward and backward of that batch.
+    """
+    seqs: list[list[int]] = []
+    patch_cols: list[int] = []
+    t_rows, t_cols, t_ids, t_w = [], [], [], []
+    for ctx in fact.contexts:
+        ids, last = _subject_last(wb, ctx, fact.subject)
+        ans = answer_ids(wb.tokenizer, ctx, fact.target_new)
+        row = len(seqs)
+        seqs.append(ids + ans)
+        patch_cols.append(last)
+        for k, a in enumerate(ans):
+            t_rows.append(row)
+            t_cols.append(len(ids) - 1 + k)
+            t_ids.append(int(a))
+            t_w.append(1.0 / (len(fact.contexts) * len(ans)))   # MEMIT: per-token mean, then mean over contexts
+    if fact.prompt in fact.contexts:
+        init_row = fact.contexts.index(fact.prompt)
+    else:
+        ids, last = _subject_last(wb, fact.prompt, fact.subject)
+        init_row = len(seqs)
+        seqs.append(ids)
+        patch_cols.append(last)
+    ids, last = _subject_last(wb, kl_prompt(fact.language, fact.subject), fact.subject)
+    kl_row = len(seqs)
+    seqs.append(ids)
+    patch_cols.append(last)     # ROME/MEMIT read the KL distribution at the subject's last token
+
+    dev = wb.device
+    input_ids, mask = _pad(wb, seqs)
+    long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+    rows, cols = torch.arange(len(seqs), device=dev), long(patch_cols)
+    read_rows = torch.cat([long(t_rows), long([kl_row])])
+    read_cols = torch.cat([long(t_cols), long([patch_cols[kl_row]])])
+    target_ids, weights = long(t_ids), torch.tensor(t_w, dtype=torch.float32, device=dev)
+    n_t = len(t_ids)
+
+    d_site = wb.d_model
+    delta = torch.zeros(d_site, dtype=torch.float32, device=dev, requires_grad=True)
+    state: dict[str, torch.Tensor] = {}
+
+    def add_delta(module: Any, args: tuple, output: Any) -> Any:
+        hidden = first_tensor(output)
+        if "init" not in state:
+            state["init"] = hidden[init_row, cols[init_row]].detach().float()
+        shifted = hidden.index_put((rows, cols), delta.to(hidden.dtype).expand(rows.numel(), -1), accumulate=True)
+        return _with_output(output, shifted)
+
+    module = wb.arch.site(wb.model, layer, site)
+    base, _ = wb.base_model()
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = base(**forward_inputs(wb, input_ids, mask))[0]
+        logp = torch.log_softmax(wb.logits(hidden[read_rows, read_cols]).float(), dim=-1)
+        return logp[:n_t], logp[n_t:]
+
+    record: dict[str, Any] = {"case_id": fact.case_id, "language": fact.language, "contexts": len(fact.contexts),
+                              "layer": int(layer), "site": site, "steps": 0}
+    optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
+    kl_init: torch.Tensor | None = None
+    with _hooks([lambda: module.register_forward_hook(add_delta)]), torch.enable_grad():
+        for it in range(hp.v_num_grad_steps):
+            optimizer.zero_grad()
+            target_logp, kl_logp = forward()
+            if kl_init is None:
+                kl_init = kl_logp.detach().clone()
+            nll = (-target_logp.gather(1, target_ids[:, None]).squeeze(1) * weights).sum()
+            kl = F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")   # KL(P_δ || P_0), as the code
+            init_norm = state["init"].norm().clamp_min(1e-12)
+            decay = hp.v_weight_decay * (delta.norm() / init_norm ** 2)
+            loss = nll + hp.kl_factor * kl + decay
+            if it == 0:
+                record["initial_nll"] = float(nll.detach())
+            record.update(final_nll=float(nll.detach()), final_kl=float(kl.detach()), final_loss=float(loss.detach()))
+            if float(loss.detach()) < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+                break
+            loss.backward()
+            optimizer.step()
+            record["steps"] = it + 1
+            if hp.clamp_norm_factor > 0:
+                with torch.no_grad():
+                    limit = hp.clamp_norm_factor * float(init_norm)
+                    norm = float(delta.norm())
+                    if norm > limit:
+                        delta.mul_(limit / norm)
+    init = state["init"]
+    delta = delta.detach()
+    record.update(delta_norm=float(delta.norm()), init_norm=float(init.norm()),
+                  target_norm=float((init + delta).norm()))
+    return TargetValue(fact, delta, init, record)
+
+
+# ================================================================== statistics
+
+
+def key_second_moments(wb: Any, layers: list[int], requests: list[EditRequest],
+                       hp: KeyValueHParams) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """``C = E[k kᵀ]`` per layer (float64 on the model's device) over the requests' languages."""
+    from analysis.stats import cached_key_statistics
+
+    languages = sorted({lang for r in requests for lang in r.languages})
+    stats, folder, from_disk = cached_key_statistics(wb, layers, languages, n_tokens=hp.mom2_n_tokens,
+                                                     source=hp.mom2_source)
+    moments = {layer: stats[layer].second_moment.to(wb.device, torch.float64) for layer in layers}
+    meta = {"languages": languages, "source": hp.mom2_source, "tokens": {str(l): stats[l].tokens for l in layers},
+            "folder": str(folder), "from_disk": bool(from_disk)}
+    return moments, meta
+
+
+def _solve(a: torch.Tensor, b: torch.Tensor, notes: list[str], what: str) -> torch.Tensor:
+    """``a⁻¹ b``; a ridge of 1e-6 · trace/d where ``a`` is singular (noted)."""
+    try:
+        return torch.linalg.solve(a, b)
+    except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+        ridge = 1e-6 * float(torch.diagonal(a).abs().mean().clamp_min(1e-30))
+        notes.append(f"{what} is singular: solved with a ridge of {ridge:.3g}")
+        return torch.linalg.solve(a + ridge * torch.eye(a.shape[0], dtype=a.dtype, device=a.device), b)
+
+
+_PROJECTIONS: "OrderedDict[tuple, tuple[torch.Tensor, int]]" = OrderedDict()
+_MAX_PROJECTIONS = 5
+
+
+def nullspace_projection(c: torch.Tensor, threshold: float, relative: bool = False,
+                         cache_key: tuple | None = None) -> tuple[torch.Tensor, int]:
+    """AlphaEdit's ``P = Û Ûᵀ``: ``Û`` the eigenvectors of ``c`` with eigenvalue < threshold; and ``dim Û``.
+
+    ``relative``: the threshold is a fraction of the largest eigenvalue. Cached
+    (at most five, float64 on ``c``'s device) under ``cache_key``.
+    """
+    if cache_key is not None and cache_key in _PROJECTIONS:
+        _PROJECTIONS.move_to_end(cache_key)
+        return _PROJECTIONS[cache_key]
+    evals, evecs = torch.linalg.eigh(c.to(torch.float64))
+    limit = threshold * float(evals.max()) if relative else threshold
+    null = evecs[:, evals < limit]
+    result = (null @ null.T, int(null.shape[1]))
+    if cache_key is not None:
+        _PROJECTIONS[cache_key] = result
+        while len(_PROJECTIONS) > _MAX_PROJECTIONS:
+            _PROJECTIONS.popitem(last=False)
+    return result
+
+
+# ================================================================== closed forms
+# K is [d_ff, n] (one key per column), R is [d_model, n]; each returns low-rank factors (u, v) with
+# ΔW = u @ v in the [d_model, d_ff] layout.
+
+
+def rome_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor | None,
+                notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """ROME Eq. 2 for n pairs: Δ = R (Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹ (C = I without mom2 adjustment)."""
+    cinv_k = keys if c is None else _solve(c, keys, notes, "C")                      # C⁻¹ K  [d_ff, n]
+    gram = keys.T @ cinv_k                                                           # Kᵀ C⁻¹ K  [n, n]
+    v = _solve(gram, cinv_k.T, notes, "KᵀC⁻¹K")                                       # (KᵀC⁻¹K)⁻¹ Kᵀ C⁻¹
+    return resid, v
+
+
+def memit_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor, weight: float,
+                 notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT Eq. 14: ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹."""
+    a = weight * c + keys @ keys.T
+    return resid, _solve(a, keys, notes, "λC + KKᵀ").T                              # a symmetric
+
+
+def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, p: torch.Tensor, l2: float,
+                     notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit: ΔW = R Kᵀ P (K Kᵀ P + λ I)⁻¹ (solved as the code: (P K Kᵀ + λI)⁻¹ P K, transposed)."""
+    eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
+    x = _solve(p @ keys @ keys.T + l2 * eye, p @ keys, notes, "PKKᵀ + λI")           # [d_ff, n]
+    return resid, x.T
+
+
+# ================================================================== the editors
+
+
+def _param_name(wb: Any, layer: int) -> str:
+    weight = wb.arch.site(wb.model, layer, "down_proj").weight
+    for name, param in wb.model.named_parameters():
+        if param is weight:
+            return name
+    raise InputError(f"The down-projection weight of layer {layer} is not a parameter of {wb.name}.")
+
+
+def _layout(wb: Any, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of Δ [d_model, d_ff] in the parameter's own layout (Conv1D: [d_ff, d_model] = vᵀ uᵀ)."""
+    u, v = u.detach().float().cpu().contiguous(), v.detach().float().cpu().contiguous()
+    if wb.arch.down_orientation == "in_out":
+        return v.T.contiguous(), u.T.contiguous()
+    return u, v
+
+
+def _closest_on_norm_image(gain: torch.Tensor, target: torch.Tensor, iterations: int = 200) -> torch.Tensor:
+    """``a`` with ``rms(a) = 1`` minimising ``||g ⊙ a − t||`` per row (the RMSNorm's image closest to ``t``).
+
+    Lagrange: ``a = g t / (g² + μ)`` with ``μ > −min g²`` such that ``mean(a²) = 1``
+    (``mean(a²)`` decreases in ``μ``): found by bisection, float64.
+    """
+    g, t = gain.double()[None, :], target.double()
+    g2 = g * g
+    size = lambda mu: ((g * t / (g2 + mu)) ** 2).mean(-1, keepdim=True)  # noqa: E731
+    floor = -float(g2.min())
+    spread = max(float(g2.max()), 1e-12)
+    lo = torch.full((t.shape[0], 1), floor + 1e-12 * spread, dtype=torch.float64, device=t.device)
+    hi = torch.full_like(lo, spread)
+    for _ in range(200):                                  # bracket: mean(a²) < 1 at hi
+        big = size(hi) > 1
+        if not bool(big.any()):
+            break
+        hi = torch.where(big, hi * 2 + spread, hi)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        above = size(mid) > 1
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    a = g * t / (g2 + hi)
+    return a / a.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
+
+
+def _sandwich_residual(wb: Any, layer: int, m: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Map a residual-stream change ``resid`` through the post-FFN RMSNorm to a change of its input ``m``
+    (module docstring): ``m' = rms(m) · a`` with ``g ⊙ a`` the point of the norm's image closest to
+    ``t = norm(m) + resid``. Returns ``m' − m`` and the fraction of ``||resid||`` closed,
+    ``1 − ||norm(m') − t|| / ||resid||`` (mean over pairs; 1 = reached exactly, 0 = no closer than before)."""
+    norm = resolve(wb.arch.layer_module(wb.model, layer), wb.arch.post_ffn_norm)
+    dtype = wb.dtype
+    with torch.no_grad():
+        gain = norm(torch.full((1, m.shape[1]), 1e3, dtype=dtype, device=m.device)).float()[0]
+        current = norm(m.to(dtype)).float()
+        target = current + resid
+        scale = m.double().pow(2).mean(-1, keepdim=True).sqrt()
+        new_m = (_closest_on_norm_image(gain, target) * scale).float()
+        miss = (norm(new_m.to(dtype)).float() - target).norm(dim=-1)
+        fit = 1 - miss / resid.norm(dim=-1).clamp_min(1e-30)
+    return new_m - m, float(fit.mean())
+
+
+class _KeyValueEditor(Editor):
+    """What ROME, MEMIT and AlphaEdit share: invariants, contexts, targets, statistics, meta."""
+
+    target_site: ClassVar[str] = "layer"
+
+    def _compute(self, wb: Any, requests: list[EditRequest], hparams: HParams) -> Edit:
+        hp: KeyValueHParams = hparams  # type: ignore[assignment]
+        started = time.perf_counter()
+        params = list(wb.model.parameters())
+        flags = [p.requires_grad for p in params]
+        was_training = wb.model.training
+        try:
+            wb.model.eval()
+            for p in params:
+                p.requires_grad_(False)
+            layers = sorted(hp.layer_indices(wb))
+            facts = fact_contexts(wb, requests, hp)
+            z_layer = layers[-1]
+            t0 = time.perf_counter()
+            targets = [compute_target(wb, fact, z_layer, self.target_site, hp) for fact in facts]
+            t_targets = time.perf_counter() - t0
+            moments, stats_meta = ({}, None)
+            t0 = time.perf_counter()
+            if hp.mom2_adjustment or not isinstance(self, ROMEEditor):
+                moments, stats_meta = key_second_moments(wb, layers, requests, hp)
+            t_stats = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            weights, layer_meta, notes = self._insert(wb, layers, facts, targets, moments, hp)
+            t_insert = time.perf_counter() - t0
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+            wb.model.train(was_training)
+        meta = {
+            "facts": [t.record for t in targets], "layers": layer_meta, "statistics": stats_meta, "notes": notes,
+            "seconds": {"targets": round(t_targets, 3), "statistics": round(t_stats, 3),
+                        "insert": round(t_insert, 3), "total": round(time.perf_counter() - started, 3)},
+        }
+        return Edit(weights=weights, meta={self.name: meta})
+
+    def _insert(self, wb: Any, layers: list[int], facts: list[FactContexts], targets: list[TargetValue],
+                moments: dict[int, torch.Tensor], hp: KeyValueHParams):
+        raise NotImplementedError
+
+
+@register("rome")
+class ROMEEditor(_KeyValueEditor):
+    """ROME / M-ROME: every language's (k*, v*) inserted into one layer at once (exact constraints).
+
+    After :meth:`compute`, ``keys_`` and ``resid_`` hold ``K`` ``[n, d_ff]`` and
+    ``R`` ``[n, d_model]`` (float64, one row per request language) so that the
+    constraint ``(W + Δ) k_l = W k_l + r_l`` can be checked.
+    """
+
+    hparams_class = ROMEHParams
+    target_site = "down_proj"
+
+    def _insert(self, wb, layers, facts, targets, moments, hp):
+        layer = layers[0]
+        notes: list[str] = []
+        keys = fact_keys(wb, layer, facts).to(torch.float64)                       # [n, d_ff]
+        resid = torch.stack([t.delta for t in targets]).to(keys)                  # R = V − W K = δ  [n, d_model]
+        c = moments.get(layer) if hp.mom2_adjustment else None
+        u, v = rome_update(keys.T, resid.T, c, notes)
+        self.keys_, self.resid_ = keys.cpu(), resid.cpu()
+        delta_norm = float((u @ v).norm())
+        return ({_param_name(wb, layer): _layout(wb, u, v)},
+                [{"layer": layer, "pairs": len(facts), "resid_norm": float(resid.norm(dim=1).mean()),
+                  "update_norm": delta_norm}], notes)
+
+
+class _SpreadEditor(_KeyValueEditor):
+    """MEMIT Alg. 1: the residual of the last layer spread over ``layers`` in ascending order."""
+
+    target_site = "layer"
+
+    def _layer_update(self, wb, layer, keys, resid, moments, hp, notes, info) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _insert(self, wb, layers, facts, targets, moments, hp):
+        notes: list[str] = []
+        z_layer = layers[-1]
+        z = torch.stack([t.target for t in targets]).to(wb.device, torch.float64)    # [n, d_model]
+        sandwich = wb.arch.post_ffn_norm is not None
+        weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        layer_meta: list[dict[str, Any]] = []
+        self.keys_, self.resid_ = {}, {}
+        with contextlib.ExitStack() as applied:
+            for i, layer in enumerate(layers):
+                reads = [(z_layer, "layer", "output")] + ([(layer, "down_proj", "output")] if sandwich else [])
+                keys, bare = _keys_and_reads(wb, layer, facts, reads)
+                cur_z = bare[(z_layer, "layer", "output")].to(torch.float64)
+                resid = (z - cur_z) / (len(layers) - i)                              # Alg. 1: spread the residual
+                info: dict[str, Any] = {"layer": layer, "z_error": float((z - cur_z).norm(dim=1).mean()),
+                                        "resid_norm": float(resid.norm(dim=1).mean())}
+                if sandwich:
+                    m = bare[(layer, "down_proj", "output")]
+                    value_resid, fit = _sandwich_residual(wb, layer, m, resid.float())
+                    info["post_ffn_norm_fit"] = fit
+                    resid = value_resid.to(torch.float64)
+                    info["value_resid_norm"] = float(resid.norm(dim=1).mean())
+                keys = keys.to(torch.float64)
+                u, v = self._layer_update(wb, layer, keys.T, resid.T, moments, hp, notes, info)
+                info["update_norm"] = float((u @ v).norm())
+                self.keys_[layer], self.resid_[layer] = keys.cpu(), resid.cpu()
+                name = _param_name(wb, layer)
+                weights[name] = _layout(wb, u, v)
+                layer_meta.append(info)
+                if i < len(layers) - 1:   # the next layers see this update (MEMIT Alg. 1)
+                    applied.enter_context(Edit(weights={name: weights[name]}).applied(wb))
+        return weights, layer_meta, notes
+
+
+@register("memit")
+class MEMITEditor(_SpreadEditor):
+    """MEMIT / M-MEMIT: every language's (k, z) pair, spread over ``layers`` (MEMIT Alg. 1)."""
+
+    hparams_class = MEMITHParams
+
+    def _layer_update(self, wb, layer, keys, resid, moments, hp, notes, info):
+        return memit_update(keys, resid, moments[layer], float(hp.mom2_update_weight), notes)
+
+
+@register("alphaedit")
+class AlphaEditEditor(_SpreadEditor):
+    """AlphaEdit (multilingual as M-MEMIT): MEMIT's targets, updates projected on the null space of C."""
+
+    hparams_class = AlphaEditHParams
+
+    def _layer_update(self, wb, layer, keys, resid, moments, hp, notes, info):
+        c = moments[layer]
+        key = (wb.spec, id(wb.model), layer, float(c.trace()), float(c[0].sum()), float(hp.nullspace_threshold),
+               bool(hp.nullspace_relative))
+        p, dim = nullspace_projection(c, float(hp.nullspace_threshold), bool(hp.nullspace_relative), key)
+        info["nullspace_dim"] = dim
+        if dim == 0:
+            notes.append(f"layer {layer}: the null space of C is empty at threshold {hp.nullspace_threshold} "
+                         f"({'relative' if hp.nullspace_relative else 'absolute'}); this layer is not changed")
+            log.warning("AlphaEdit: %s", notes[-1])
+        return alphaedit_update(keys, resid, p, float(hp.l2), notes)
