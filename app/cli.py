@@ -567,13 +567,25 @@ def evaluate(model: str = ModelOpt,
              hparams: Optional[str] = typer.Option(None, "--hparams", help='JSON (or file): {"lu-lafns": {"beta": '
                                                                           '0.2}, ...} over the presets.'),
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (resumed if it holds this run)."),
+             merge: Optional[list[Path]] = typer.Option(None, "--merge", help="Merge these run folders of one "
+                                                                               "evaluation into --out and print its "
+                                                                               "tables (nothing is computed)."),
              device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
     """The papers' comparison: edit n records with each method, score every test language, print the tables."""
     from tqdm import tqdm
 
     from analysis.model import load_model
     from editors.base import get_editor
-    from editors.evaluate import EvalConfig, edit_sets_for, load_records, parse_language_sets, report, run_evaluation
+    from editors.evaluate import (EvalConfig, edit_sets_for, load_records, merge_runs, parse_language_sets, report,
+                                  run_evaluation)
+
+    if merge:
+        if out is None:
+            raise InputError("--merge needs --out, the folder to merge into.")
+        frame, config = merge_runs(merge, out)
+        typer.echo(report(frame, config))
+        typer.echo(f"merged run folder: {out}")
+        return
 
     names = split_languages(methods) or []
     for name in names:

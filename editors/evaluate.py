@@ -354,6 +354,48 @@ def run_evaluation(wb: Any, config: EvalConfig, out: str | Path, progress: Progr
     return frame
 
 
+def merge_runs(folders: Sequence[str | Path], out: str | Path) -> tuple[pd.DataFrame, EvalConfig]:
+    """Merge run folders of the same evaluation (e.g. one process per method) into ``out`` and write its tables.
+
+    The folders must agree on data set, offset, test languages, hyper-parameters
+    and model; methods, edit-language sets and records are united (a record's
+    latest result wins).
+    """
+    folders = [Path(f) for f in folders]
+    configs = []
+    for folder in folders:
+        path = folder / CONFIG_FILE
+        if not path.exists():
+            raise InputError(f"{folder} is not an evaluation run folder (no {CONFIG_FILE}).")
+        configs.append(json.loads(path.read_text(encoding="utf-8")))
+    keys = [{k: v for k, v in c.items() if k not in ("methods", "edit_sets", "n", "hparams")} for c in configs]
+    if any(k != keys[0] for k in keys):
+        raise InputError("These run folders hold different evaluations (data set, offset, test languages or model).")
+    hparams: dict[str, Any] = {}
+    for c in configs:
+        for method, values in c.get("hparams", {}).items():
+            if method in hparams and hparams[method] != values:
+                raise InputError(f"The run folders evaluate {method} with different hyper-parameters.")
+            hparams[method] = values
+    merged = EvalConfig(**{**configs[0], "hparams": hparams,
+                           "methods": list(dict.fromkeys(m for c in configs for m in c["methods"])),
+                           "edit_sets": [list(s) for s in dict.fromkeys(tuple(s) for c in configs
+                                                                          for s in c["edit_sets"])],
+                           "n": max(int(c["n"]) for c in configs)})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for folder in folders:
+        lines += [json.dumps(r, ensure_ascii=False) for r in _read_rows(folder / ROWS_FILE) if r.get("done")]
+    tmp = out / (ROWS_FILE + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, out / ROWS_FILE)
+    (out / CONFIG_FILE).write_text(json.dumps(asdict(merged), indent=2, ensure_ascii=False), encoding="utf-8")
+    frame = rows_frame(out)
+    write_tables(frame, out, merged)
+    return frame, merged
+
+
 def _diagnostics(meta: Mapping[str, Any]) -> dict[str, Any]:
     keep = {}
     for key, value in meta.items():

@@ -278,3 +278,16 @@ def test_evaluate_bad_input_exits_2(tiny_folder, tmp_path, extra, fragment):
     assert result.exit_code == 2, result.output
     assert fragment in result.output
     assert "Traceback" not in result.output
+
+
+def test_evaluate_merges_run_folders(tmp_path):
+    from tests.test_evaluate import fake_run
+
+    fake_run(tmp_path / "a", "rome")
+    fake_run(tmp_path / "b", "memit")
+    result = runner.invoke(cli, ["evaluate", "--merge", str(tmp_path / "a"), "--merge", str(tmp_path / "b"),
+                                 "--out", str(tmp_path / "all")])
+    assert result.exit_code == 0, result.output
+    assert "| M-ROME |" in result.output and "| M-MEMIT |" in result.output
+    result = runner.invoke(cli, ["evaluate", "--merge", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "--out" in result.output

@@ -302,3 +302,33 @@ def test_probe_for_a_missing_language_is_an_input_error():
     with pytest.raises(InputError, match="no language 'de'"):
         probes(request, ["de"])
     assert Probe("en", "reliability", "p", "r").gold == ""
+
+
+def fake_run(folder, method: str, dataset: str = "d", em: float = 1.0) -> None:
+    """A run folder written by hand: one record, one probe per kind in en."""
+    folder.mkdir(parents=True)
+    config = EvalConfig(dataset=dataset, methods=[method], edit_sets=[["en"]], test_languages=["en"], n=1)
+    (folder / "config.json").write_text(json.dumps(config.__dict__), encoding="utf-8")
+    probes_ = [{"language": "en", "kind": k, "prompt": "p", "reference": "r", "answer": "r", "f1": em, "em": em}
+               for k in ("reliability", "generality", "locality", "portability")]
+    rows = [{"method": "unedited", "edit_languages": "-", "record": "r1", "done": True, "seconds": 0.1,
+             "probes": probes_},
+            {"method": method, "edit_languages": "en", "record": "r1", "done": True, "seconds": 2.0, "probes": probes_}]
+    (folder / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+
+
+def test_run_folders_of_one_evaluation_merge_and_others_are_refused(tmp_path):
+    from editors.evaluate import merge_runs
+
+    fake_run(tmp_path / "a", "rome")
+    fake_run(tmp_path / "b", "memit", em=0.0)
+    frame, config = merge_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "all")
+    assert config.methods == ["rome", "memit"] and set(frame["method"]) == {"unedited", "rome", "memit"}
+    t = table2(frame, "en", ["en"]).set_index("method")
+    assert t.loc["M-ROME", "avg"] == 100.0 and t.loc["M-MEMIT", "avg"] == 0.0
+    assert "M-MEMIT" in (tmp_path / "all" / "tables.md").read_text(encoding="utf-8")
+    fake_run(tmp_path / "c", "lora-ft", dataset="other")
+    with pytest.raises(InputError, match="different evaluations"):
+        merge_runs([tmp_path / "a", tmp_path / "c"], tmp_path / "x")
+    with pytest.raises(InputError, match="not an evaluation run folder"):
+        merge_runs([tmp_path / "nothing"], tmp_path / "y")
