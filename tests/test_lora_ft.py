@@ -14,7 +14,7 @@ from analysis.errors import InputError
 from analysis.tokens import answer_ids
 from editors.base import Edit, EditRequest, LanguageFact, available_editors, get_editor
 from editors.lora_ft import LoRAFTEditor, LoRAFTHParams, target_paths
-from tests.tiny import assert_bit_identical, snapshot, tiny_workbench
+from tests.tiny import MZSRE_DEV, assert_bit_identical, snapshot, tiny_workbench
 
 FAMILIES = ("llama", "gpt2", "gemma3_text")
 PROBES = ["The capital of France is Berlin", "Die Hauptstadt von Spanien ist", "People in Japan speak"]
@@ -284,7 +284,7 @@ def test_embedded_model_mzsre_record_is_edited_in_english_and_chinese():
     from data.edit_records import load_mzsre
 
     wb = load_model("embedded", device="cpu")
-    records = load_mzsre("/work/shared/data/mzsre/dev", ["en", "zh"])
+    records = load_mzsre(MZSRE_DEV, ["en", "zh"])
     request = EditRequest.from_record(records[5], ["en", "zh"])
 
     def greedy(prompt: str) -> str:

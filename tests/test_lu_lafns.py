@@ -22,7 +22,7 @@ from editors.lu_lafns import (
     locate,
     paraphrase_set,
 )
-from tests.tiny import assert_bit_identical, hook_count, snapshot, tiny_workbench
+from tests.tiny import MZSRE_DEV, assert_bit_identical, hook_count, snapshot, tiny_workbench
 
 FAMILIES = ("llama", "gpt2", "gemma3_text")
 
@@ -266,7 +266,7 @@ def test_embedded_model_mzsre_record_is_edited_in_english_and_chinese():
     from data.edit_records import load_mzsre
 
     wb = load_model("embedded", device="cpu")
-    records = {r.record_id: r for r in load_mzsre("/work/shared/data/mzsre/dev", ["en", "zh"])}
+    records = {r.record_id: r for r in load_mzsre(MZSRE_DEV, ["en", "zh"])}
     request = EditRequest.from_record(records["mzsre:5"], ["en", "zh"])
     for fact in request.facts.values():
         assert fact.subject in fact.prompt

@@ -28,7 +28,7 @@ from editors.memit import (
     fact_keys,
     nullspace_projection,
 )
-from tests.tiny import assert_bit_identical, hook_count, snapshot, tiny_workbench
+from tests.tiny import MZSRE_DEV, assert_bit_identical, hook_count, snapshot, tiny_workbench
 
 FAMILIES = ("llama", "gpt2", "gemma3_text")
 PAPER_MODELS = ("meta-llama/Llama-3.1-8B", "Qwen/Qwen2-7B", "bigscience/bloomz-7b1-mt")
@@ -305,7 +305,7 @@ def test_edits_save_and_load(tmp_path):
 
 @pytest.mark.slow
 def test_m_memit_on_embedded_model_raises_new_target_probability(monkeypatch):
-    from analysis.model import is_embedded_cached, load_model
+    from analysis.model import load_model
     from data.edit_records import load_mzsre
 
     if _USER_CACHE.get("NEUROGLOT_CACHE") is None:     # the user's cache (model, statistics), not the tiny one
@@ -313,12 +313,8 @@ def test_m_memit_on_embedded_model_raises_new_target_probability(monkeypatch):
     else:
         monkeypatch.setenv("NEUROGLOT_CACHE", _USER_CACHE["NEUROGLOT_CACHE"])
 
-    if not is_embedded_cached():
-        pytest.skip("the embedded model is not cached locally")
-    if not os.path.isdir("/work/shared/data/mzsre/dev"):
-        pytest.skip("no MzsRE data")
     wb = load_model("embedded")
-    record = load_mzsre("/work/shared/data/mzsre/dev", ["en", "zh"])[5]
+    record = load_mzsre(MZSRE_DEV, ["en", "zh"])[5]
     request = EditRequest.from_record(record, ["en", "zh"])
     snap = snapshot(wb.model)
     started = time.perf_counter()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from pathlib import Path
 
 import torch
 import transformers
@@ -327,3 +328,8 @@ def assert_bit_identical(model: torch.nn.Module, snap: dict[str, torch.Tensor]) 
 def hook_count(model: torch.nn.Module) -> int:
     """Forward hooks and pre-hooks registered anywhere in the model."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+#: The shared data sets beside the repository (``../shared/data``), as CI provides them.
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+MZSRE_DEV = SHARED_DATA / "mzsre" / "dev"
