@@ -332,3 +332,10 @@ def test_run_folders_of_one_evaluation_merge_and_others_are_refused(tmp_path):
         merge_runs([tmp_path / "a", tmp_path / "c"], tmp_path / "x")
     with pytest.raises(InputError, match="not an evaluation run folder"):
         merge_runs([tmp_path / "nothing"], tmp_path / "y")
+
+
+def test_table1_compares_only_records_edited_with_every_set():
+    frame = synthetic_frame()
+    extra = frame[(frame["record"] == "r1") & (frame["edit_languages"] == "en+zh")].assign(record="r3", em=0.0)
+    t = table1(pd.concat([frame, extra]), ["en", "zh"]).iloc[0]
+    assert t["records"] == 2 and t["multi en"] == pytest.approx(75.0)   # r3 has no monolingual edits
