@@ -1,7 +1,7 @@
 """Benchmark: time and peak memory of one edit with each editor, in units of a plain forward pass.
 
     .venv/bin/python bench/editors.py [--editors lu-lafns,rome,memit,alphaedit,lora-ft] [--record 5]
-        [--languages en,zh] [--repeats 2] [--device auto]
+        [--languages en,zh] [--repeats 1] [--prepare] [--device auto]
 
 One request (MzsRE dev record ``--record`` in en and zh) on the embedded model.
 Each editor runs in its own fresh process, so that its peak memory is its own:
@@ -10,8 +10,9 @@ Each editor runs in its own fresh process, so that its peak memory is its own:
   request's edit prompts (en and zh in one batch, the LM head at every
   position, as ``model(**inputs)``), median of 5 after a warm-up;
 * the editor's ``compute`` on the same request: the first call (cold: prefix
-  generation; key statistics are read from the disk cache, filled beforehand by
-  an untimed call) and then ``--repeats`` calls whose median is reported;
+  generation, and the key statistics unless an earlier run cached them on disk;
+  ``--prepare`` fills that cache with an untimed call first) and then
+  ``--repeats`` calls whose median is reported;
 * peak memory: the process's peak resident memory during the first edit minus
   its peak before it (model loaded, forward run), i.e. the extra memory an edit
   needs; on CUDA, ``torch.cuda.max_memory_allocated`` above the model's.
@@ -97,10 +98,10 @@ def main() -> int:
     ap.add_argument("--record", type=int, default=5)
     ap.add_argument("--languages", default="en,zh")
     ap.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "mzsre" / "dev"))
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", action="store_true", help="Fill the key-statistics cache with an untimed edit first.")
     args = ap.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
@@ -112,7 +113,7 @@ def main() -> int:
     for name in args.editors.split(","):
         cmd = [sys.executable, __file__, "--worker", name, "--record", str(args.record), "--languages",
                args.languages, "--dataset", args.dataset, "--repeats", str(args.repeats), "--device", args.device]
-        if name in ("rome", "memit", "alphaedit"):
+        if args.prepare and name in ("rome", "memit", "alphaedit"):
             cmd.append("--prepare")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
