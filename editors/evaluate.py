@@ -570,14 +570,15 @@ def _methods(frame: pd.DataFrame) -> list[str]:
 
 def format_table2(table: pd.DataFrame, test_languages: Sequence[str]) -> str:
     """Table 2 as Markdown: one "F1 / EM" cell per metric and language."""
-    head = ["Method"] + [f"{lang} {KIND_TITLES[k]}" for lang in test_languages for k in KINDS] + ["avg", "s/edit"]
+    head = ["Method"] + [f"{lang} {KIND_TITLES[k]}" for lang in test_languages for k in KINDS] + ["avg", "s/edit",
+                                                                                                "records"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, row in table.iterrows():
         cells = [row["method"]]
         for lang in test_languages:
             for k in KINDS:
                 cells.append(f"{_fmt(row[f'{lang} {KIND_TITLES[k]} F1'])} / {_fmt(row[f'{lang} {KIND_TITLES[k]} EM'])}")
-        cells += [_fmt(row["avg"]), _fmt(row.get("s/edit"), 1)]
+        cells += [_fmt(row["avg"]), _fmt(row.get("s/edit"), 1), str(row.get("records", ""))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
