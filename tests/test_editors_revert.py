@@ -37,8 +37,9 @@ def requests() -> list[EditRequest]:
 
 
 def test_every_builtin_editor_is_covered():
-    assert {"lu-lafns", "rome", "memit", "alphaedit", "lora-ft"} <= set(available_editors())
-    assert set(available_editors()) <= set(TINY_HPARAMS)
+    builtin = {n for n in available_editors() if type(get_editor(n)).__module__.startswith("editors.")}
+    assert {"lu-lafns", "rome", "memit", "alphaedit", "lora-ft"} <= builtin   # other tests register their own
+    assert builtin <= set(TINY_HPARAMS)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_HPARAMS))
