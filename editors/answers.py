@@ -75,13 +75,7 @@ def greedy_answers(wb: Any, prompts: Sequence[str], n_tokens: int | Sequence[int
     Returns the decoded new text, stripped, cut at the first newline when
     ``stop_at_newline``. Deterministic; see the module docstring for the format.
     """
-    prompts = _check_prompts(prompts)
-    lengths = [int(n_tokens)] * len(prompts) if isinstance(n_tokens, int) else [int(n) for n in n_tokens]
-    if len(lengths) != len(prompts):
-        raise InputError("Give one answer length per prompt.")
-    if any(n < 1 or n > MAX_NEW_TOKENS for n in lengths):
-        raise InputError(f"Answer lengths must be 1-{MAX_NEW_TOKENS} tokens, got {lengths}.")
-    return [text for text, _ in greedy_decode(wb, prompts, lengths, stop_at_newline, batch_size)]
+    return [text for text, _ in greedy_decode(wb, prompts, n_tokens, stop_at_newline, batch_size)]
 
 
 @torch.no_grad()
