@@ -1156,9 +1156,6 @@ class AppliedEdit:
                     del stack[len(stack) - len(later):]
                 for application in reversed(later):
                     application._undo()
-                    if application is not self and application._holds_lock:   # ended here: its hold goes too
-                        application._holds_lock = False
-                        application.wb.lock.release()
         finally:
             if self._holds_lock:
                 self._holds_lock = False
