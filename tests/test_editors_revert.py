@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from editors.base import Edit, EditRequest, LanguageFact, available_editors, get_editor
+from tests.test_editors_base import lock_is_free
 from tests.tiny import assert_bit_identical, hook_count, snapshot, tiny_workbench
 
 #: Small, fast hyper-parameters per editor for the tiny models (3 layers).
@@ -79,7 +80,10 @@ def test_random_apply_revert_compose_sequences_are_bit_exact(name):
                 stack.pop().revert()
             elif op == "revert-any" and stack:
                 i = int(rng.integers(len(stack)))
-                stack[i].revert()                           # out of order: later applications end too
+                stack[i].revert()                           # out of order: later applications end too,
+                for later in stack[i + 1:]:                 # and each holds the lock until its own revert
+                    assert not later.active
+                    later.revert()
                 stack = stack[:i]
             elif op == "forward":
                 logits()
@@ -88,6 +92,7 @@ def test_random_apply_revert_compose_sequences_are_bit_exact(name):
         assert_bit_identical(wb.model, original)
         assert hook_count(wb.model) == hooks
         assert torch.equal(logits(), plain)
+        assert lock_is_free(wb)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_HPARAMS))
