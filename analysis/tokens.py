@@ -110,6 +110,28 @@ def encode(tokenizer, texts: list[str], subjects: list[str] | None = None,
     return Batch(enc["input_ids"], attention, real, last, subject_mask)
 
 
+def pad_sequences(seqs: list[list[int]], pad_id: int | None, side: str = "right",
+                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as one padded batch ``(input_ids, attention_mask)``, padded on ``side``."""
+    pad = int(pad_id) if pad_id is not None else 0
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
+
+
+def subject_last_ids(tokenizer, text: str, subject: str) -> tuple[list[int], int]:
+    """Ids of ``text`` (with special tokens, no padding) and the index of its subject's last token."""
+    batch = encode(tokenizer, [text], [subject])
+    keep = batch.attention_mask[0].bool()
+    cols = batch.subject[0][keep].nonzero().flatten()
+    return batch.input_ids[0][keep].tolist(), int(cols[-1])
+
+
 def join_answer(prompt: str, answer: str) -> str:
     """``prompt`` followed by ``answer`` as a statement writes it.
 

@@ -44,17 +44,12 @@ import torch
 
 from analysis.errors import InputError
 from analysis.neurons import forward_inputs
-from analysis.tokens import answer_ids
+from analysis.tokens import answer_ids, pad_sequences
 
 #: Upper bound on decoded tokens per call (a guard against a huge ``n``).
 MAX_NEW_TOKENS = 64
 #: Leading whitespace-only tokens (newlines after a question) not counted in an answer's length.
 LEADING_BLANKS = 2
-
-
-def _pad_id(wb: Any) -> int:
-    pad = wb.tokenizer.pad_token_id
-    return int(pad if pad is not None else 0)
 
 
 def _check_prompts(prompts: Sequence[str]) -> list[str]:
@@ -103,19 +98,13 @@ def _decode_batch(wb: Any, prompts: list[str], lengths: list[int]) -> list[list[
     tok = wb.tokenizer
     seqs = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
     eos = tok.eos_token_id
-    pad = _pad_id(wb)
     new: list[list[int]] = [[] for _ in prompts]
     blanks = [0] * len(prompts)       # leading whitespace-only tokens, not counted in the length
     done = [False] * len(prompts)
     base, _ = wb.base_model()
     for _ in range(max(lengths) + LEADING_BLANKS):
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):           # left padding: the last column is every row's last token
-            ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[r, width - len(s):] = 1
-        ids, mask = ids.to(wb.device), mask.to(wb.device)
+        # left padding: the last column is every row's last token
+        ids, mask = pad_sequences(seqs, tok.pad_token_id, side="left", device=wb.device)
         hidden = base(**forward_inputs(wb, ids, mask))[0][:, -1]
         nxt = wb.logits(hidden).float().argmax(-1).tolist()
         for r, t in enumerate(nxt):
@@ -173,7 +162,6 @@ def answer_scores(wb: Any, prompts: Sequence[str], answers: Sequence[str | Seque
     if len(answers) != len(prompts):
         raise InputError("Give one answer per prompt.")
     tok = wb.tokenizer
-    pad = _pad_id(wb)
     base, _ = wb.base_model()
     out: list[AnswerScore] = []
     for start in range(0, len(prompts), batch_size):
@@ -186,13 +174,8 @@ def answer_scores(wb: Any, prompts: Sequence[str], answers: Sequence[str | Seque
                 raise InputError("An answer to score is empty.")
             seqs.append(p_ids + a_ids)
             spans.append((len(p_ids), a_ids))
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[r, :len(s)] = 1
-        hidden = base(**forward_inputs(wb, ids.to(wb.device), mask.to(wb.device)))[0]
+        ids, mask = pad_sequences(seqs, tok.pad_token_id, device=wb.device)
+        hidden = base(**forward_inputs(wb, ids, mask))[0]
         rows = [r for r, (n, a) in enumerate(spans) for _ in a]
         cols = [n - 1 + k for n, a in spans for k in range(len(a))]
         targets = torch.tensor([t for _, a in spans for t in a], device=wb.device)

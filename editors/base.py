@@ -94,6 +94,7 @@ Threads
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -1312,6 +1313,24 @@ def model_meta(wb: Any) -> dict[str, Any]:
     return {"spec": wb.spec, "name": wb.name, "family": wb.arch.family, "layers": int(wb.n_layers),
             "d_model": int(wb.d_model), "neurons_per_layer": int(wb.n_neurons),
             "dtype": str(wb.dtype).replace("torch.", "")}
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module):
+    """Eval mode and no parameter gradients inside; every ``requires_grad`` flag and the training
+    flag restored on exit, also on an exception (the editors' invariant)."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 class Editor(abc.ABC):

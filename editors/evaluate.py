@@ -450,7 +450,7 @@ def table2(frame: pd.DataFrame, edit_languages: str, test_languages: Sequence[st
     methods = list(methods or _methods(frame))
     out = []
     for method in methods:
-        part = frame[(frame["method"] == method) & (frame["edit_languages"] == (edit_languages if method != UNEDITED else "-"))]
+        part = _method_rows(frame, method, edit_languages)
         if part.empty:
             continue
         row: dict[str, Any] = {"method": METHOD_TITLES.get(method, method)}
@@ -530,36 +530,39 @@ def transfer_matrix(frame: pd.DataFrame, method: str, test_languages: Sequence[s
     return pd.DataFrame(out)
 
 
-def memla_table(frame: pd.DataFrame, edit_languages: str, test_languages: Sequence[str]) -> pd.DataFrame:
-    """memla App. B: ES, PS, NS (%) per method and test language for edits of ``edit_languages``."""
+def _method_rows(frame: pd.DataFrame, method: str, edit_languages: str) -> pd.DataFrame:
+    """The probe rows of ``method`` for edits of ``edit_languages`` (the unedited model's rows for "unedited")."""
+    label = "-" if method == UNEDITED else edit_languages
+    return frame[(frame["method"] == method) & (frame["edit_languages"] == label)]
+
+
+def _per_language_table(frame: pd.DataFrame, edit_languages: str, test_languages: Sequence[str],
+                        columns: Sequence[tuple[str, str, str]]) -> pd.DataFrame:
+    """One row per method; per test language the columns ``(title, kind, value column)`` as %."""
     out = []
     for method in _methods(frame):
-        part = frame[(frame["method"] == method) & (frame["edit_languages"] == (edit_languages if method != UNEDITED else "-"))]
+        part = _method_rows(frame, method, edit_languages)
         if part.empty:
             continue
         row: dict[str, Any] = {"method": METHOD_TITLES.get(method, method)}
         for lang in test_languages:
-            row[f"{lang} ES"] = metric_value(part, "reliability", lang, "es")
-            row[f"{lang} PS"] = metric_value(part, "generality", lang, "es")
-            row[f"{lang} NS"] = metric_value(part, "locality", lang, "ns")
+            for title, kind, column in columns:
+                row[f"{lang} {title}"] = metric_value(part, kind, lang, column)
         out.append(row)
     return pd.DataFrame(out)
+
+
+def memla_table(frame: pd.DataFrame, edit_languages: str, test_languages: Sequence[str]) -> pd.DataFrame:
+    """memla App. B: ES, PS, NS (%) per method and test language for edits of ``edit_languages``."""
+    return _per_language_table(frame, edit_languages, test_languages,
+                               [("ES", "reliability", "es"), ("PS", "generality", "es"), ("NS", "locality", "ns")])
 
 
 def langedit_table(frame: pd.DataFrame, edit_languages: str, test_languages: Sequence[str]) -> pd.DataFrame:
     """LangEdit §4.1.2: Efficacy, Generality, Specificity (top-1 accuracy, %) per method and test language."""
-    out = []
-    for method in _methods(frame):
-        part = frame[(frame["method"] == method) & (frame["edit_languages"] == (edit_languages if method != UNEDITED else "-"))]
-        if part.empty:
-            continue
-        row: dict[str, Any] = {"method": METHOD_TITLES.get(method, method)}
-        for lang in test_languages:
-            row[f"{lang} Efficacy"] = metric_value(part, "reliability", lang, "top1")
-            row[f"{lang} Generality"] = metric_value(part, "generality", lang, "top1")
-            row[f"{lang} Specificity"] = metric_value(part, "locality", lang, "top1")
-        out.append(row)
-    return pd.DataFrame(out)
+    return _per_language_table(frame, edit_languages, test_languages,
+                               [("Efficacy", "reliability", "top1"), ("Generality", "generality", "top1"),
+                                ("Specificity", "locality", "top1")])
 
 
 def _methods(frame: pd.DataFrame) -> list[str]:

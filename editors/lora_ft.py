@@ -58,7 +58,7 @@ from torch import nn
 from analysis.arch import resolve
 from analysis.errors import InputError
 from analysis.neurons import forward_inputs
-from analysis.tokens import answer_ids
+from analysis.tokens import answer_ids, pad_sequences
 from editors.base import Edit, Editor, EditRequest, HParams, register
 
 log = logging.getLogger(__name__)
@@ -240,16 +240,10 @@ def build_rows(wb: Any, requests: list[EditRequest]) -> _Rows:
                 t_rows.append(row)
                 t_cols.append(len(ids) - 1 + k)
                 t_ids.append(int(a))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), int(pad), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
     dev = wb.device
+    input_ids, mask = pad_sequences(seqs, tok.pad_token_id, device=dev)
     long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
-    return _Rows(input_ids.to(dev), mask.to(dev), long(t_rows), long(t_cols), long(t_ids), labels)
+    return _Rows(input_ids, mask, long(t_rows), long(t_cols), long(t_ids), labels)
 
 
 def target_nll(wb: Any, rows: _Rows) -> torch.Tensor:

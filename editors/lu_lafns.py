@@ -80,8 +80,9 @@ from analysis.neurons import (
     forward_inputs,
     language_agnostic_neurons,
 )
-from analysis.tokens import answer_ids, encode
-from editors.base import MATCH_MODES, ActivationPatch, Edit, Editor, EditRequest, HParams, LanguageFact, register
+from analysis.tokens import answer_ids, encode, pad_sequences, subject_last_ids
+from editors.base import (MATCH_MODES, ActivationPatch, Edit, Editor, EditRequest, HParams, LanguageFact, frozen,
+                          register)
 
 log = logging.getLogger(__name__)
 
@@ -291,14 +292,6 @@ class _Rows:
     plain_rows: torch.Tensor       # rows holding the bare prompt's subject values (for ||V||)
 
 
-def _subject_last(wb: Any, text: str, subject: str) -> tuple[list[int], int]:
-    """Ids of ``text`` (with special tokens) and the index of its subject's last token."""
-    batch = encode(wb.tokenizer, [text], [subject])
-    ids = batch.input_ids[0][batch.attention_mask[0].bool()]
-    cols = batch.subject[0][batch.attention_mask[0].bool()].nonzero().flatten()
-    return ids.tolist(), int(cols[-1])
-
-
 def build_rows(wb: Any, request: EditRequest, hp: LULAFNsHParams,
                prefixes: dict[str, list[str]]) -> tuple[_Rows, dict[str, list[str]]]:
     """The rows of L_target (every language, every context) and of L_kl (every language)."""
@@ -312,7 +305,7 @@ def build_rows(wb: Any, request: EditRequest, hp: LULAFNsHParams,
         contexts_of[lang] = contexts
         n_ctx = len(contexts) * len(request.facts)
         for ctx in contexts:
-            ids, last = _subject_last(wb, ctx, fact.subject)
+            ids, last = subject_last_ids(wb.tokenizer, ctx, fact.subject)
             ans = answer_ids(wb.tokenizer, ctx, fact.target_new)
             row = len(seqs)
             seqs.append(ids + ans)
@@ -322,27 +315,21 @@ def build_rows(wb: Any, request: EditRequest, hp: LULAFNsHParams,
                 t_cols.append(len(ids) - 1 + k)
                 t_ids.append(int(a))
                 t_w.append(1.0 / (n_ctx * len(ans)))
-        ids, last = _subject_last(wb, fact.prompt, fact.subject)
+        ids, last = subject_last_ids(wb.tokenizer, fact.prompt, fact.subject)
         plain_rows.append(len(seqs))
         seqs.append(ids)
         patch_cols.append(last)
     kl_rows, kl_cols = [], []
     for lang, fact in request.facts.items():
-        ids, last = _subject_last(wb, kl_prompt(lang, fact.subject), fact.subject)
+        ids, last = subject_last_ids(wb.tokenizer, kl_prompt(lang, fact.subject), fact.subject)
         kl_rows.append(len(seqs))
         kl_cols.append(len(ids) - 1)
         seqs.append(ids)
         patch_cols.append(last)
-    pad = wb.tokenizer.pad_token_id if wb.tokenizer.pad_token_id is not None else 0
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), int(pad), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
     dev = wb.device
+    input_ids, mask = pad_sequences(seqs, wb.tokenizer.pad_token_id, device=dev)
     long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
-    rows = _Rows(input_ids.to(dev), mask.to(dev), torch.arange(len(seqs), device=dev), long(patch_cols),
+    rows = _Rows(input_ids, mask, torch.arange(len(seqs), device=dev), long(patch_cols),
                  long(t_rows), long(t_cols), long(t_ids), torch.tensor(t_w, dtype=torch.float32, device=dev),
                  long(kl_rows), long(kl_cols), long(plain_rows))
     return rows, contexts_of
@@ -456,15 +443,9 @@ class LULAFNsEditor(Editor):
     def _compute(self, wb: Any, requests: list[EditRequest], hparams: HParams) -> Edit:
         hp: LULAFNsHParams = hparams  # type: ignore[assignment]
         started = time.perf_counter()
-        params = list(wb.model.parameters())
-        flags = [p.requires_grad for p in params]
         patches: list[ActivationPatch] = []
         groups: list[dict[str, Any]] = []
-        was_training = wb.model.training
-        try:
-            wb.model.eval()
-            for p in params:
-                p.requires_grad_(False)
+        with frozen(wb.model):
             for request in requests:
                 t0 = time.perf_counter()
                 located = locate(wb, request, hp)                                             # Eq. 4-6
@@ -481,9 +462,5 @@ class LULAFNsEditor(Editor):
                     log.warning("LU-LAFNs: request %r has no language-agnostic neuron in layers %s (β=%s); "
                                 "it is not edited.", request.case_id, hp.layers, hp.beta)
                 groups.append(record)
-        finally:
-            for p, flag in zip(params, flags):
-                p.requires_grad_(flag)
-            wb.model.train(was_training)
         return Edit(patches=patches, meta={"lu_lafns": groups,
                                            "seconds": round(time.perf_counter() - started, 3)})

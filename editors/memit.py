@@ -152,8 +152,8 @@ import torch.nn.functional as F
 from analysis.arch import first_tensor, resolve
 from analysis.errors import InputError
 from analysis.neurons import forward_inputs
-from analysis.tokens import answer_ids, encode
-from editors.base import Edit, Editor, EditRequest, HParams, register
+from analysis.tokens import answer_ids, pad_sequences, subject_last_ids
+from editors.base import Edit, Editor, EditRequest, HParams, frozen, register
 from editors.lu_lafns import generate_prefixes, kl_prompt, prefixed
 
 log = logging.getLogger(__name__)
@@ -376,23 +376,8 @@ def fact_contexts(wb: Any, requests: list[EditRequest], hp: KeyValueHParams) -> 
     return facts
 
 
-def _subject_last(wb: Any, text: str, subject: str) -> tuple[list[int], int]:
-    """Ids of ``text`` (with special tokens) and the index of its subject's last token."""
-    batch = encode(wb.tokenizer, [text], [subject])
-    keep = batch.attention_mask[0].bool()
-    cols = batch.subject[0][keep].nonzero().flatten()
-    return batch.input_ids[0][keep].tolist(), int(cols[-1])
-
-
 def _pad(wb: Any, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    pad = wb.tokenizer.pad_token_id if wb.tokenizer.pad_token_id is not None else 0
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), int(pad), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids.to(wb.device), mask.to(wb.device)
+    return pad_sequences(seqs, wb.tokenizer.pad_token_id, device=wb.device)
 
 
 # ================================================================== sites
@@ -426,7 +411,7 @@ def read_at_subject(wb: Any, texts: list[str], subjects: list[str],
                     reads: list[tuple[int, str, str]]) -> dict[tuple[int, str, str], torch.Tensor]:
     """One forward over ``texts``: for each ``(layer, site, "input" | "output")`` the site's value at
     each text's last subject token, float32 ``[len(texts), dim]``."""
-    seqs, cols = zip(*(_subject_last(wb, t, s) for t, s in zip(texts, subjects)))
+    seqs, cols = zip(*(subject_last_ids(wb.tokenizer, t, s) for t, s in zip(texts, subjects)))
     ids, mask = _pad(wb, list(seqs))
     rows = torch.arange(len(seqs), device=wb.device)
     col = torch.tensor(cols, dtype=torch.long, device=wb.device)
@@ -501,7 +486,7 @@ def compute_target(wb: Any, fact: FactContexts, layer: int, site: str, hp: KeyVa
     patch_cols: list[int] = []
     t_rows, t_cols, t_ids, t_w = [], [], [], []
     for ctx in fact.contexts:
-        ids, last = _subject_last(wb, ctx, fact.subject)
+        ids, last = subject_last_ids(wb.tokenizer, ctx, fact.subject)
         ans = answer_ids(wb.tokenizer, ctx, fact.target_new)
         row = len(seqs)
         seqs.append(ids + ans)
@@ -514,11 +499,11 @@ def compute_target(wb: Any, fact: FactContexts, layer: int, site: str, hp: KeyVa
     if fact.prompt in fact.contexts:
         init_row = fact.contexts.index(fact.prompt)
     else:
-        ids, last = _subject_last(wb, fact.prompt, fact.subject)
+        ids, last = subject_last_ids(wb.tokenizer, fact.prompt, fact.subject)
         init_row = len(seqs)
         seqs.append(ids)
         patch_cols.append(last)
-    ids, last = _subject_last(wb, kl_prompt(fact.language, fact.subject), fact.subject)
+    ids, last = subject_last_ids(wb.tokenizer, kl_prompt(fact.language, fact.subject), fact.subject)
     kl_row = len(seqs)
     seqs.append(ids)
     patch_cols.append(last)     # ROME/MEMIT read the KL distribution at the subject's last token
@@ -739,13 +724,7 @@ class _KeyValueEditor(Editor):
     def _compute(self, wb: Any, requests: list[EditRequest], hparams: HParams) -> Edit:
         hp: KeyValueHParams = hparams  # type: ignore[assignment]
         started = time.perf_counter()
-        params = list(wb.model.parameters())
-        flags = [p.requires_grad for p in params]
-        was_training = wb.model.training
-        try:
-            wb.model.eval()
-            for p in params:
-                p.requires_grad_(False)
+        with frozen(wb.model):
             layers = sorted(hp.layer_indices(wb))
             facts = fact_contexts(wb, requests, hp)
             z_layer = layers[-1]
@@ -760,10 +739,6 @@ class _KeyValueEditor(Editor):
             t0 = time.perf_counter()
             weights, layer_meta, notes = self._insert(wb, layers, facts, targets, moments, hp)
             t_insert = time.perf_counter() - t0
-        finally:
-            for p, flag in zip(params, flags):
-                p.requires_grad_(flag)
-            wb.model.train(was_training)
         meta = {
             "facts": [t.record for t in targets], "layers": layer_meta, "statistics": stats_meta, "notes": notes,
             "seconds": {"targets": round(t_targets, 3), "statistics": round(t_stats, 3),

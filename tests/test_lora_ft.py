@@ -11,10 +11,9 @@ import torch
 
 import editors.lora_ft as lora_ft
 from analysis.errors import InputError
-from analysis.tokens import answer_ids
 from editors.base import Edit, EditRequest, LanguageFact, available_editors, get_editor
 from editors.lora_ft import LoRAFTEditor, LoRAFTHParams, target_paths
-from tests.tiny import MZSRE_DEV, assert_bit_identical, snapshot, tiny_workbench
+from tests.tiny import MZSRE_DEV, assert_bit_identical, snapshot, target_nll, tiny_workbench
 
 FAMILIES = ("llama", "gpt2", "gemma3_text")
 PROBES = ["The capital of France is Berlin", "Die Hauptstadt von Spanien ist", "People in Japan speak"]
@@ -34,17 +33,6 @@ def berlin_request(case_id: str = "france") -> EditRequest:
                            paraphrases=["Capital city of France:"], locality=[("People in Japan speak", "Japanese")]),
         "de": LanguageFact("Die Hauptstadt von Frankreich ist", "Frankreich", "Berlin"),
     }, case_id)
-
-
-def target_nll(wb, prompt: str, target: str) -> float:
-    """-log P(target | prompt), teacher forced, mean over the target's tokens (a plain full forward)."""
-    ids = wb.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    ans = answer_ids(wb.tokenizer, prompt, target)
-    full = torch.cat([ids, torch.tensor([ans])], dim=1)
-    with torch.no_grad():
-        logp = torch.log_softmax(wb.model(input_ids=full).logits[0].float(), -1)
-    n = ids.shape[1]
-    return float(-sum(logp[n - 1 + k, a] for k, a in enumerate(ans)) / len(ans))
 
 
 def probe_logits(wb) -> list[torch.Tensor]:
@@ -91,7 +79,7 @@ def test_applied_edit_reproduces_the_peft_model_and_lowers_the_target_nll(family
     request = berlin_request()
     snap, before_structure = snapshot(wb.model), structure(wb.model)
     base_logits = probe_logits(wb)
-    before = {lang: target_nll(wb, f.prompt, f.target_new) for lang, f in request.facts.items()}
+    before = {lang: target_nll(wb, f.prompt, f.target_new, mean=True) for lang, f in request.facts.items()}
 
     # the trained peft model's outputs, read while its adapters are still in the model
     peft_logits: list[list[torch.Tensor]] = []
@@ -128,7 +116,7 @@ def test_applied_edit_reproduces_the_peft_model_and_lowers_the_target_nll(family
     # base model + applied edit == the trained peft model
     with edit.applied(wb):
         edited = probe_logits(wb)
-        after = {lang: target_nll(wb, f.prompt, f.target_new) for lang, f in request.facts.items()}
+        after = {lang: target_nll(wb, f.prompt, f.target_new, mean=True) for lang, f in request.facts.items()}
     for got, want in zip(edited, peft_logits[0]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert any(not torch.allclose(a, b, atol=1e-3) for a, b in zip(edited, base_logits))
@@ -293,7 +281,7 @@ def test_embedded_model_mzsre_record_is_edited_in_english_and_chinese():
             out = wb.model.generate(**enc, do_sample=False, max_new_tokens=5)
         return wb.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
-    before = {lang: (greedy(f.prompt), target_nll(wb, f.prompt, f.target_new)) for lang, f in request.facts.items()}
+    before = {lang: (greedy(f.prompt), target_nll(wb, f.prompt, f.target_new, mean=True)) for lang, f in request.facts.items()}
     snap = snapshot(wb.model)
     started = time.perf_counter()
     edit = get_editor("lora-ft").compute(wb, request)
@@ -301,7 +289,7 @@ def test_embedded_model_mzsre_record_is_edited_in_english_and_chinese():
     assert_bit_identical(wb.model, snap)
     assert isinstance(edit, Edit)
     with edit.applied(wb):
-        after = {lang: (greedy(f.prompt), target_nll(wb, f.prompt, f.target_new))
+        after = {lang: (greedy(f.prompt), target_nll(wb, f.prompt, f.target_new, mean=True))
                  for lang, f in request.facts.items()}
     record = edit.meta["lora_ft"]
     print(f"\nLoRA-FT on the embedded model, {request.case_id}: {seconds:.1f} s, {record['steps']} steps, "

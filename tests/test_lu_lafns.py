@@ -11,7 +11,6 @@ import torch
 
 from analysis.errors import InputError
 from analysis.model import Workbench
-from analysis.tokens import answer_ids
 from editors.base import ActivationPatch, Edit, EditRequest, LanguageFact, available_editors, get_editor
 from editors.lu_lafns import (
     KL_TEMPLATES,
@@ -22,7 +21,7 @@ from editors.lu_lafns import (
     locate,
     paraphrase_set,
 )
-from tests.tiny import MZSRE_DEV, assert_bit_identical, hook_count, snapshot, tiny_workbench
+from tests.tiny import MZSRE_DEV, assert_bit_identical, hook_count, snapshot, target_nll, tiny_workbench
 
 FAMILIES = ("llama", "gpt2", "gemma3_text")
 
@@ -45,17 +44,6 @@ def berlin_request(case_id: str = "france") -> EditRequest:
         "de": LanguageFact("Die Hauptstadt von Frankreich", "Frankreich", "Berlin",
                            paraphrases=["Hauptstadt von Frankreich"]),
     }, case_id)
-
-
-def target_nll(wb: Workbench, prompt: str, target: str) -> float:
-    """-log P(target | prompt), teacher forced, summed over the target's tokens."""
-    ids = wb.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    ans = answer_ids(wb.tokenizer, prompt, target)
-    full = torch.cat([ids, torch.tensor([ans])], dim=1)
-    with torch.no_grad():
-        logp = torch.log_softmax(wb.model(input_ids=full).logits[0].float(), -1)
-    n = ids.shape[1]
-    return float(-sum(logp[n - 1 + k, a] for k, a in enumerate(ans)))
 
 
 # ================================================================== locating

@@ -15,7 +15,6 @@ import editors.memit as memit
 from analysis.errors import InputError
 from analysis.model import Workbench
 from analysis.stats import cached_key_statistics
-from analysis.tokens import answer_ids
 from editors.base import Edit, EditRequest, LanguageFact, available_editors, get_editor
 from editors.memit import (
     AlphaEditEditor,
@@ -28,7 +27,7 @@ from editors.memit import (
     fact_keys,
     nullspace_projection,
 )
-from tests.tiny import MZSRE_DEV, assert_bit_identical, hook_count, snapshot, tiny_workbench
+from tests.tiny import MZSRE_DEV, assert_bit_identical, hook_count, snapshot, target_nll, tiny_workbench
 
 FAMILIES = ("llama", "gpt2", "gemma3_text")
 PAPER_MODELS = ("meta-llama/Llama-3.1-8B", "Qwen/Qwen2-7B", "bigscience/bloomz-7b1-mt")
@@ -82,17 +81,6 @@ def berlin_request(languages=("en", "zh")) -> EditRequest:
         "de": LanguageFact("Die Hauptstadt von Frankreich", "Frankreich", "Berlin"),
     }
     return EditRequest({lang: facts[lang] for lang in languages}, "france")
-
-
-def target_nll(wb: Workbench, prompt: str, target: str) -> float:
-    """-log P(target | prompt), teacher forced, summed over the target's tokens."""
-    ids = wb.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    ans = answer_ids(wb.tokenizer, prompt, target)
-    full = torch.cat([ids, torch.tensor([ans])], dim=1)
-    with torch.no_grad():
-        logp = torch.log_softmax(wb.model(input_ids=full).logits[0].float(), -1)
-    n = ids.shape[1]
-    return float(-sum(logp[n - 1 + k, a] for k, a in enumerate(ans)))
 
 
 def down_name(wb: Workbench, layer: int) -> str:

@@ -333,3 +333,18 @@ def hook_count(model: torch.nn.Module) -> int:
 #: The shared data sets beside the repository (``../shared/data``), as CI provides them.
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 MZSRE_DEV = SHARED_DATA / "mzsre" / "dev"
+
+
+def target_nll(wb, prompt: str, target: str, mean: bool = False) -> float:
+    """-log P(target | prompt) by a plain full forward, teacher forced: summed over the target's tokens
+    (``mean=True``: averaged over them)."""
+    from analysis.tokens import answer_ids
+
+    ids = wb.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ans = answer_ids(wb.tokenizer, prompt, target)
+    full = torch.cat([ids, torch.tensor([ans])], dim=1)
+    with torch.no_grad():
+        logp = torch.log_softmax(wb.model(input_ids=full).logits[0].float(), -1)
+    n = ids.shape[1]
+    total = float(-sum(logp[n - 1 + k, a] for k, a in enumerate(ans)))
+    return total / len(ans) if mean else total

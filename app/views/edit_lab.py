@@ -26,6 +26,7 @@ from analysis import figures
 from app.state import corpus_rows, current_corpus_spec, current_model_spec, user_errors, workbench
 from editors.answers import answer_length, answer_scores, greedy_answers
 from editors.base import Edit, EditRequest, LanguageFact, available_editors, get_editor
+from editors.evaluate import probes as request_probes
 
 st.title("Edit lab")
 st.caption("Edit one fact in several languages and compare the model's answers before and after. Your edits live "
@@ -198,16 +199,15 @@ def corpus_request() -> EditRequest | None:
 
 
 def probes(request: EditRequest) -> list[dict[str, Any]]:
-    """One row per probe: the edit prompt, each paraphrase, each locality and portability question."""
+    """One row per probe of :func:`editors.evaluate.probes` (the edit prompt, each paraphrase, each locality
+    and portability question), labelled for the table; locality rows carry the data set's answer."""
+    labels = {"reliability": "edit", "generality": "paraphrase", "locality": "locality", "portability": "portability"}
+    seen: dict[tuple[str, str], int] = {}
     out = []
-    for lang, f in request.facts.items():
-        out.append(dict(language=lang, probe="edit", prompt=f.prompt, target=f.target_new, old=f.target_old))
-        out += [dict(language=lang, probe=f"paraphrase {i}", prompt=p, target=f.target_new, old=f.target_old)
-                for i, p in enumerate(f.paraphrases, 1)]
-        out += [dict(language=lang, probe=f"locality {i}", prompt=q, target=a, old=None)
-                for i, (q, a) in enumerate(f.locality, 1)]
-        out += [dict(language=lang, probe=f"portability {i}", prompt=q, target=a, old=None)
-                for i, (q, a) in enumerate(f.portability, 1)]
+    for p in request_probes(request):
+        n = seen[(p.language, p.kind)] = seen.get((p.language, p.kind), 0) + 1
+        label = labels[p.kind] if p.kind == "reliability" else f"{labels[p.kind]} {n}"
+        out.append(dict(language=p.language, probe=label, prompt=p.prompt, target=p.gold, old=p.old))
     return out
 
 
