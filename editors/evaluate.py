@@ -114,17 +114,21 @@ def unedited_answers(wb: Any, items: Sequence[Probe]) -> list[tuple[str, list[in
     return greedy_decode(wb, [p.prompt for p in items], [_length(wb, p) for p in items])
 
 
-def score_probes(wb: Any, items: Sequence[Probe], before: Sequence[str]) -> list[dict[str, Any]]:
+def score_probes(wb: Any, items: Sequence[Probe], before: Sequence[tuple[str, list[int]]],
+                 unedited: bool = False) -> list[dict[str, Any]]:
     """Every metric of every probe on ``wb`` as it is now (apply the edit around this call).
 
     ``before`` holds the unedited model's greedy answers to the same probes with
     their token ids (:func:`unedited_answers`). y° and the locality answer kept
-    are scored on those very token ids. Returns one plain dict per probe.
+    are scored on those very token ids. ``unedited=True`` says ``wb`` is the
+    unedited model, whose answers are then ``before`` itself (not decoded again).
+    Returns one plain dict per probe.
     """
     items = list(items)
     before_text = [b[0] for b in before]
     with wb.lock:
-        answers = [a for a, _ in greedy_decode(wb, [p.prompt for p in items], [_length(wb, p) for p in items])]
+        answers = before_text if unedited else [
+            a for a, _ in greedy_decode(wb, [p.prompt for p in items], [_length(wb, p) for p in items])]
         # teacher-forced scores: y* and y° on the edit prompts, the unedited answer on the locality prompts
         jobs: list[tuple[int, str, Any]] = []
         for i, (p, (b_text, b_ids)) in enumerate(zip(items, before)):
@@ -169,7 +173,7 @@ def before_after(wb: Any, request: EditRequest, edit: Any, languages: Sequence[s
     items = probes(request, languages)
     with wb.lock:
         answers = unedited_answers(wb, items)
-        before = score_probes(wb, items, answers)
+        before = score_probes(wb, items, answers, unedited=True)
         with edit.applied(wb):
             after = score_probes(wb, items, answers)
     rows = []
@@ -326,7 +330,7 @@ def run_evaluation(wb: Any, config: EvalConfig, out: str | Path, progress: Progr
             before_cache[rid] = (items, before)
             if (UNEDITED, "-", rid) not in done:
                 t0 = time.perf_counter()
-                scored = score_probes(wb, items, before)
+                scored = score_probes(wb, items, before, unedited=True)
                 _append(rows_path, {"method": UNEDITED, "edit_languages": "-", "record": rid, "done": True,
                                     "seconds": time.perf_counter() - t0, "probes": scored})
         step += 1

@@ -151,6 +151,7 @@ def test_the_unedited_model_keeps_its_own_answers():
         ("zh", "reliability"), ("zh", "generality"), ("zh", "locality")]
     before = unedited_answers(wb, items)
     rows = score_probes(wb, items, before)
+    assert score_probes(wb, items, before, unedited=True) == rows     # decoding again gives the same answers
     for row, probe, (text, _) in zip(rows, items, before):
         if probe.kind == "locality":
             assert row["em"] == 1.0 and row["f1"] == 1.0 and row["top1"] == 1.0   # Locality and Specificity
