@@ -80,9 +80,10 @@ from analysis.neurons import (
     forward_inputs,
     language_agnostic_neurons,
 )
-from analysis.tokens import answer_ids, encode, pad_sequences, subject_last_ids
+from analysis.tokens import encode
 from editors.base import (MATCH_MODES, ActivationPatch, Edit, Editor, EditRequest, HParams, LanguageFact, frozen,
                           register)
+from editors.rows import TeacherForcedRows
 
 log = logging.getLogger(__name__)
 
@@ -295,9 +296,7 @@ class _Rows:
 def build_rows(wb: Any, request: EditRequest, hp: LULAFNsHParams,
                prefixes: dict[str, list[str]]) -> tuple[_Rows, dict[str, list[str]]]:
     """The rows of L_target (every language, every context) and of L_kl (every language)."""
-    seqs: list[list[int]] = []
-    patch_cols: list[int] = []
-    t_rows, t_cols, t_ids, t_w = [], [], [], []
+    b = TeacherForcedRows(wb.tokenizer)
     plain_rows: list[int] = []
     contexts_of: dict[str, list[str]] = {}
     for lang, fact in request.facts.items():
@@ -305,33 +304,15 @@ def build_rows(wb: Any, request: EditRequest, hp: LULAFNsHParams,
         contexts_of[lang] = contexts
         n_ctx = len(contexts) * len(request.facts)
         for ctx in contexts:
-            ids, last = subject_last_ids(wb.tokenizer, ctx, fact.subject)
-            ans = answer_ids(wb.tokenizer, ctx, fact.target_new)
-            row = len(seqs)
-            seqs.append(ids + ans)
-            patch_cols.append(last)
-            for k, a in enumerate(ans):
-                t_rows.append(row)
-                t_cols.append(len(ids) - 1 + k)
-                t_ids.append(int(a))
-                t_w.append(1.0 / (n_ctx * len(ans)))
-        ids, last = subject_last_ids(wb.tokenizer, fact.prompt, fact.subject)
-        plain_rows.append(len(seqs))
-        seqs.append(ids)
-        patch_cols.append(last)
-    kl_rows, kl_cols = [], []
-    for lang, fact in request.facts.items():
-        ids, last = subject_last_ids(wb.tokenizer, kl_prompt(lang, fact.subject), fact.subject)
-        kl_rows.append(len(seqs))
-        kl_cols.append(len(ids) - 1)
-        seqs.append(ids)
-        patch_cols.append(last)
+            b.add(ctx, fact.subject, fact.target_new, contexts=n_ctx)           # Eq. 8's mean
+        plain_rows.append(b.add(fact.prompt, fact.subject))
+    kl_rows = [b.add(kl_prompt(lang, fact.subject), fact.subject) for lang, fact in request.facts.items()]
     dev = wb.device
-    input_ids, mask = pad_sequences(seqs, wb.tokenizer.pad_token_id, device=dev)
-    long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
-    rows = _Rows(input_ids, mask, torch.arange(len(seqs), device=dev), long(patch_cols),
-                 long(t_rows), long(t_cols), long(t_ids), torch.tensor(t_w, dtype=torch.float32, device=dev),
-                 long(kl_rows), long(kl_cols), long(plain_rows))
+    input_ids, mask = b.batch(wb.tokenizer.pad_token_id, dev)
+    rows = _Rows(input_ids, mask, torch.arange(len(b.seqs), device=dev), b.long(b.patch_cols, dev),
+                 b.long(b.target_rows, dev), b.long(b.target_cols, dev), b.long(b.target_ids, dev),
+                 torch.tensor(b.target_weights, dtype=torch.float32, device=dev),
+                 b.long(kl_rows, dev), b.long([b.last_col(r) for r in kl_rows], dev), b.long(plain_rows, dev))
     return rows, contexts_of
 
 

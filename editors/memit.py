@@ -152,8 +152,9 @@ import torch.nn.functional as F
 from analysis.arch import first_tensor, resolve
 from analysis.errors import InputError
 from analysis.neurons import forward_inputs
-from analysis.tokens import answer_ids, pad_sequences, subject_last_ids
+from analysis.tokens import pad_sequences, subject_last_ids
 from editors.base import Edit, Editor, EditRequest, HParams, frozen, register
+from editors.rows import TeacherForcedRows
 from editors.lu_lafns import generate_prefixes, kl_prompt, prefixed
 
 log = logging.getLogger(__name__)
@@ -376,10 +377,6 @@ def fact_contexts(wb: Any, requests: list[EditRequest], hp: KeyValueHParams) -> 
     return facts
 
 
-def _pad(wb: Any, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return pad_sequences(seqs, wb.tokenizer.pad_token_id, device=wb.device)
-
-
 # ================================================================== sites
 
 
@@ -412,7 +409,7 @@ def read_at_subject(wb: Any, texts: list[str], subjects: list[str],
     """One forward over ``texts``: for each ``(layer, site, "input" | "output")`` the site's value at
     each text's last subject token, float32 ``[len(texts), dim]``."""
     seqs, cols = zip(*(subject_last_ids(wb.tokenizer, t, s) for t, s in zip(texts, subjects)))
-    ids, mask = _pad(wb, list(seqs))
+    ids, mask = pad_sequences(list(seqs), wb.tokenizer.pad_token_id, device=wb.device)
     rows = torch.arange(len(seqs), device=wb.device)
     col = torch.tensor(cols, dtype=torch.long, device=wb.device)
     got: dict[tuple[int, str, str], torch.Tensor] = {}
@@ -482,40 +479,24 @@ def compute_target(wb: Any, fact: FactContexts, layer: int, site: str, hp: KeyVa
     prompt (for ``v_0``, when it is not a context already) and the KL prompt;
     each step is one forward and backward of that batch.
     """
-    seqs: list[list[int]] = []
-    patch_cols: list[int] = []
-    t_rows, t_cols, t_ids, t_w = [], [], [], []
-    for ctx in fact.contexts:
-        ids, last = subject_last_ids(wb.tokenizer, ctx, fact.subject)
-        ans = answer_ids(wb.tokenizer, ctx, fact.target_new)
-        row = len(seqs)
-        seqs.append(ids + ans)
-        patch_cols.append(last)
-        for k, a in enumerate(ans):
-            t_rows.append(row)
-            t_cols.append(len(ids) - 1 + k)
-            t_ids.append(int(a))
-            t_w.append(1.0 / (len(fact.contexts) * len(ans)))   # MEMIT: per-token mean, then mean over contexts
+    b = TeacherForcedRows(wb.tokenizer)
+    for ctx in fact.contexts:                 # MEMIT: per-token mean, then mean over contexts
+        b.add(ctx, fact.subject, fact.target_new, contexts=len(fact.contexts))
     if fact.prompt in fact.contexts:
         init_row = fact.contexts.index(fact.prompt)
     else:
-        ids, last = subject_last_ids(wb.tokenizer, fact.prompt, fact.subject)
-        init_row = len(seqs)
-        seqs.append(ids)
-        patch_cols.append(last)
-    ids, last = subject_last_ids(wb.tokenizer, kl_prompt(fact.language, fact.subject), fact.subject)
-    kl_row = len(seqs)
-    seqs.append(ids)
-    patch_cols.append(last)     # ROME/MEMIT read the KL distribution at the subject's last token
+        init_row = b.add(fact.prompt, fact.subject)
+    kl_row = b.add(kl_prompt(fact.language, fact.subject), fact.subject)
+    # ROME/MEMIT read the KL distribution at the subject's last token
 
     dev = wb.device
-    input_ids, mask = _pad(wb, seqs)
-    long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
-    rows, cols = torch.arange(len(seqs), device=dev), long(patch_cols)
-    read_rows = torch.cat([long(t_rows), long([kl_row])])
-    read_cols = torch.cat([long(t_cols), long([patch_cols[kl_row]])])
-    target_ids, weights = long(t_ids), torch.tensor(t_w, dtype=torch.float32, device=dev)
-    n_t = len(t_ids)
+    input_ids, mask = b.batch(wb.tokenizer.pad_token_id, dev)
+    rows, cols = torch.arange(len(b.seqs), device=dev), b.long(b.patch_cols, dev)
+    read_rows = torch.cat([b.long(b.target_rows, dev), b.long([kl_row], dev)])
+    read_cols = torch.cat([b.long(b.target_cols, dev), b.long([b.patch_cols[kl_row]], dev)])
+    target_ids = b.long(b.target_ids, dev)
+    weights = torch.tensor(b.target_weights, dtype=torch.float32, device=dev)
+    n_t = len(b.target_ids)
 
     d_site = wb.d_model
     delta = torch.zeros(d_site, dtype=torch.float32, device=dev, requires_grad=True)
