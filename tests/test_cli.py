@@ -243,7 +243,7 @@ def test_edit_bad_input_exits_2(tiny_folder, extra, fragment):
 
 
 def test_evaluate_prints_both_tables_and_writes_a_run_folder(tiny_folder, tmp_path):
-    from tests.test_evaluate import write_dataset
+    from tests.tiny import write_dataset
 
     folder, _ = tiny_folder
     data = tmp_path / "data"
@@ -267,7 +267,7 @@ def test_evaluate_prints_both_tables_and_writes_a_run_folder(tiny_folder, tmp_pa
     (["--hparams", '{"memit": {"layers": [0]}}'], "not in --methods"),
 ])
 def test_evaluate_bad_input_exits_2(tiny_folder, tmp_path, extra, fragment):
-    from tests.test_evaluate import write_dataset
+    from tests.tiny import write_dataset
 
     data = tmp_path / "data"
     data.mkdir()
@@ -281,7 +281,7 @@ def test_evaluate_bad_input_exits_2(tiny_folder, tmp_path, extra, fragment):
 
 
 def test_evaluate_merges_run_folders(tmp_path):
-    from tests.test_evaluate import fake_run
+    from tests.tiny import fake_run
 
     fake_run(tmp_path / "a", "rome")
     fake_run(tmp_path / "b", "memit")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import ClassVar
@@ -34,7 +33,7 @@ from editors.base import (
     register,
     subject_token_variants,
 )
-from tests.tiny import assert_bit_identical, hook_count, snapshot, tiny_model_and_tokenizer, tiny_workbench
+from tests.tiny import assert_bit_identical, hook_count, lock_is_free, snapshot, tiny_model_and_tokenizer, tiny_workbench
 
 FAMILIES = ("llama", "gpt2", "gemma3_text", "bloom")
 
@@ -429,22 +428,6 @@ def last_subject_token(tokenizer, texts: list[str], subject: str, padding_side: 
     placeholders = [subject if subject in text else text for text in texts]  # encode wants one subject per text
     mask = encode(tokenizer, texts, placeholders).subject
     return [int(mask[row].nonzero().max()) if subject in text else None for row, text in enumerate(texts)]
-
-
-def lock_is_free(wb: Workbench) -> bool:
-    """Whether another thread can take ``wb.lock`` (an application must release it on exit)."""
-    got: list[bool] = []
-
-    def try_lock() -> None:
-        ok = wb.lock.acquire(timeout=1)
-        got.append(ok)
-        if ok:
-            wb.lock.release()
-
-    thread = threading.Thread(target=try_lock)
-    thread.start()
-    thread.join()
-    return got[0]
 
 
 PATCH_CASES = [

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from editors.base import Edit, EditRequest, LanguageFact, available_editors, get_editor
-from tests.test_editors_base import lock_is_free
-from tests.tiny import assert_bit_identical, hook_count, snapshot, tiny_workbench
+from tests.tiny import assert_bit_identical, hook_count, lock_is_free, snapshot, tiny_workbench
 
 #: Small, fast hyper-parameters per editor for the tiny models (3 layers).
 TINY_HPARAMS = {

@@ -3,7 +3,6 @@ Chinese), greedy decoding and teacher-forced scores against plain single-text ru
 tiny model (tables, resume, bad input)."""
 from __future__ import annotations
 
-import json
 import math
 
 import pandas as pd
@@ -27,7 +26,7 @@ from editors.evaluate import (
     unedited_answers,
 )
 from editors.metrics import answer_tokens, exact_match, normalize_answer, token_f1
-from tests.tiny import assert_bit_identical, snapshot, tiny_workbench
+from tests.tiny import assert_bit_identical, fake_run, snapshot, tiny_workbench, write_dataset
 
 # ==================================================================== metrics
 
@@ -218,23 +217,6 @@ def test_a_record_with_two_paraphrases_weighs_as_much_as_one_with_one():
 # ==================================================================== runs
 
 
-def write_dataset(folder) -> str:
-    """A two-record MzsRE-format file in en and de (the tiny tokenizer's languages)."""
-    items = []
-    for country, land, capital in (("France", "Frankreich", "Berlin"), ("Spain", "Spanien", "Rome")):
-        items.append({
-            "en": {"subject": country, "src": f"The capital of {country} is", "rephrase": f"{country} has the capital",
-                   "alt": capital, "loc": "nq question: The capital of Italy is", "loc_ans": "Rome",
-                   "portability": {"New Question": f"The language of {country} is", "New Answer": "German"}},
-            "de": {"subject": land, "src": f"Die Hauptstadt von {land} ist", "rephrase": f"Hauptstadt von {land}",
-                   "alt": capital, "loc": "Die Hauptstadt von Italien ist", "loc_ans": "Rom",
-                   "portability": {"New Question": f"Die Sprache von {land} ist", "New Answer": "Deutsch"}},
-        })
-    path = folder / "mzsre_test_duplicate_ende.json"
-    path.write_text(json.dumps(items), encoding="utf-8")
-    return str(folder)
-
-
 def tiny_config(dataset: str, **kw) -> EvalConfig:
     fields = dict(dataset=dataset, methods=["lu-lafns"], edit_sets=[["en", "de"], ["en"], ["de"]],
                   test_languages=["en", "de"], n=2, model="tiny-llama",
@@ -303,19 +285,6 @@ def test_probe_for_a_missing_language_is_an_input_error():
     with pytest.raises(InputError, match="no language 'de'"):
         probes(request, ["de"])
     assert Probe("en", "reliability", "p", "r").gold == ""
-
-
-def fake_run(folder, method: str, dataset: str = "d", em: float = 1.0) -> None:
-    """A run folder written by hand: one record, one probe per kind in en."""
-    folder.mkdir(parents=True)
-    config = EvalConfig(dataset=dataset, methods=[method], edit_sets=[["en"]], test_languages=["en"], n=1)
-    (folder / "config.json").write_text(json.dumps(config.__dict__), encoding="utf-8")
-    probes_ = [{"language": "en", "kind": k, "prompt": "p", "reference": "r", "answer": "r", "f1": em, "em": em}
-               for k in ("reliability", "generality", "locality", "portability")]
-    rows = [{"method": "unedited", "edit_languages": "-", "record": "r1", "done": True, "seconds": 0.1,
-             "probes": probes_},
-            {"method": method, "edit_languages": "en", "record": "r1", "done": True, "seconds": 2.0, "probes": probes_}]
-    (folder / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
 
 
 def test_run_folders_of_one_evaluation_merge_and_others_are_refused(tmp_path):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
+import threading
 from pathlib import Path
 
 import torch
@@ -348,3 +350,51 @@ def target_nll(wb, prompt: str, target: str, mean: bool = False) -> float:
     n = ids.shape[1]
     total = float(-sum(logp[n - 1 + k, a] for k, a in enumerate(ans)))
     return total / len(ans) if mean else total
+
+
+def lock_is_free(wb) -> bool:
+    """Whether another thread can take ``wb.lock`` (an application must release it on exit)."""
+    got: list[bool] = []
+
+    def try_lock() -> None:
+        ok = wb.lock.acquire(timeout=1)
+        got.append(ok)
+        if ok:
+            wb.lock.release()
+
+    thread = threading.Thread(target=try_lock)
+    thread.start()
+    thread.join()
+    return got[0]
+
+
+def write_dataset(folder) -> str:
+    """A two-record MzsRE-format file in en and de (the tiny tokenizer's languages)."""
+    items = []
+    for country, land, capital in (("France", "Frankreich", "Berlin"), ("Spain", "Spanien", "Rome")):
+        items.append({
+            "en": {"subject": country, "src": f"The capital of {country} is", "rephrase": f"{country} has the capital",
+                   "alt": capital, "loc": "nq question: The capital of Italy is", "loc_ans": "Rome",
+                   "portability": {"New Question": f"The language of {country} is", "New Answer": "German"}},
+            "de": {"subject": land, "src": f"Die Hauptstadt von {land} ist", "rephrase": f"Hauptstadt von {land}",
+                   "alt": capital, "loc": "Die Hauptstadt von Italien ist", "loc_ans": "Rom",
+                   "portability": {"New Question": f"Die Sprache von {land} ist", "New Answer": "Deutsch"}},
+        })
+    path = folder / "mzsre_test_duplicate_ende.json"
+    path.write_text(json.dumps(items), encoding="utf-8")
+    return str(folder)
+
+
+def fake_run(folder, method: str, dataset: str = "d", em: float = 1.0) -> None:
+    """A run folder written by hand: one record, one probe per kind in en."""
+    from editors.evaluate import EvalConfig
+
+    folder.mkdir(parents=True)
+    config = EvalConfig(dataset=dataset, methods=[method], edit_sets=[["en"]], test_languages=["en"], n=1)
+    (folder / "config.json").write_text(json.dumps(config.__dict__), encoding="utf-8")
+    probes_ = [{"language": "en", "kind": k, "prompt": "p", "reference": "r", "answer": "r", "f1": em, "em": em}
+               for k in ("reliability", "generality", "locality", "portability")]
+    rows = [{"method": "unedited", "edit_languages": "-", "record": "r1", "done": True, "seconds": 0.1,
+             "probes": probes_},
+            {"method": method, "edit_languages": "en", "record": "r1", "done": True, "seconds": 2.0, "probes": probes_}]
+    (folder / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
