@@ -32,8 +32,7 @@ from analysis.attribution import (
 from analysis.errors import InputError, NeuroglotError
 from analysis.model import Workbench
 from analysis.tokens import answer_ids
-from tests.test_neurons import make_corpus
-from tests.tiny import TINY_FAMILIES, tiny_model_and_tokenizer
+from tests.tiny import TINY_FAMILIES, make_corpus, tiny_model_and_tokenizer
 
 PROMPT, ANSWER = "The capital of France is", "Paris city"
 

@@ -223,9 +223,8 @@ def test_edit_lab_mzsre_record_and_a_second_session_sees_no_edit(app_url, browse
     # a cheap LU-LAFNs: two layers, two steps, one short prefix (the preset's 25 steps take minutes on a CPU)
     box = page.get_by_label("Hyper-parameters (JSON", exact=False)
     box.wait_for(timeout=60_000)
-    for _ in range(120):                  # on a busy machine the box can be drawn before its value arrives
-        if box.input_value().strip().startswith("{"):
-            break
+    deadline = time.time() + 240          # on a busy machine the box can be drawn long before its value arrives
+    while not box.input_value().strip().startswith("{") and time.time() < deadline:
         page.wait_for_timeout(500)
     hparams = json.loads(box.input_value())
     hparams.update(layers=[9, 17], steps=2, n_prefixes=1, prefix_length=2, paraphrase_sources=["prompt"])

@@ -34,46 +34,11 @@ from analysis.neurons import (
     top_activating_texts,
 )
 from analysis.tokens import encode
-from data.corpus import REQUIRED_COLUMNS, Corpus, prompt_from_template
-from tests.tiny import TINY_FAMILIES, tiny_model_and_tokenizer
+from data.corpus import REQUIRED_COLUMNS, Corpus
+from tests.tiny import TINY_FAMILIES, make_corpus, tiny_model_and_tokenizer
 
 POSITIONS = ("all", "last", "subject")
 LANGS = ["en", "de", "zh"]
-
-# Words of tests/tiny.py's sentences, so the tiny BPE tokenizer splits them into few tokens.
-# "Japan" / "Japanese" (and "Japanisch"): the object repeats the subject, which must still be
-# found in the prompt part of the statement, not inside the object.
-_FACTS = {
-    "en": [("France", "Paris", "French"), ("Germany", "Berlin", "German"), ("Japan", "Tokyo", "Japanese"),
-           ("Portugal", "Lisbon", "Portuguese"), ("Greece", "Athens", "Greek")],
-    "de": [("Frankreich", "Paris", "Französisch"), ("Deutschland", "Berlin", "Deutsch"),
-           ("Japan", "Tokio", "Japanisch"), ("Portugal", "Lissabon", "Portugiesisch"),
-           ("Griechenland", "Athen", "Griechisch")],
-    "zh": [("法国", "巴黎", "法语"), ("德国", "柏林", "德语"), ("日本", "东京", "日语"),
-           ("葡萄牙", "里斯本", "葡萄牙语"), ("希腊", "雅典", "希腊语")],
-}
-_TEMPLATES = {  # relation -> language -> templates ([X] before [Y])
-    "P36": {"en": ["The capital of [X] is [Y]."], "de": ["Die Hauptstadt von [X] ist [Y]."],
-            "zh": ["[X]的首都是[Y]。"]},
-    "P37": {"en": ["People in [X] speak [Y].", "The official language of [X] is [Y]."],
-            "de": ["In [X] spricht man [Y].", "Die Amtssprache von [X] ist [Y]."],
-            "zh": ["[X]人说[Y]。", "[X]的官方语言是[Y]。"]},
-}
-
-
-def make_corpus(languages=("en", "de", "zh"), n_facts: int = 5, name: str = "tiny") -> Corpus:
-    """15 statements per language (of different lengths) in two relations."""
-    rows = []
-    for relation, per_lang in _TEMPLATES.items():
-        for lang in languages:
-            for i, (country, capital, language) in enumerate(_FACTS[lang][:n_facts]):
-                obj = capital if relation == "P36" else language
-                for j, template in enumerate(per_lang[lang]):
-                    rows.append(dict(fact_id=f"{relation}:{i}", relation=relation, language=lang, subject=country,
-                                     object=obj, prompt=prompt_from_template(template, country),
-                                     template_id=f"{relation}.{lang}.{j}", template=template))
-    return Corpus(pd.DataFrame(rows), name=name)
-
 
 CORPUS = make_corpus()
 
