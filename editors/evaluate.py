@@ -361,9 +361,11 @@ def run_evaluation(wb: Any, config: EvalConfig, out: str | Path, progress: Progr
 def merge_runs(folders: Sequence[str | Path], out: str | Path) -> tuple[pd.DataFrame, EvalConfig]:
     """Merge run folders of the same evaluation (e.g. one process per method) into ``out`` and write its tables.
 
-    The folders must agree on data set, offset, test languages, hyper-parameters
-    and model; methods, edit-language sets and records are united (a record's
-    latest result wins).
+    The folders must agree on data set, test languages, hyper-parameters and
+    model; methods, edit-language sets and records are united (a record's latest
+    result wins). Folders may cover different record ranges (``--offset``, e.g.
+    one process per half of the records): the merged run spans from the smallest
+    offset to the end of the last range.
     """
     folders = [Path(f) for f in folders]
     configs = []
@@ -372,9 +374,12 @@ def merge_runs(folders: Sequence[str | Path], out: str | Path) -> tuple[pd.DataF
         if not path.exists():
             raise InputError(f"{folder} is not an evaluation run folder (no {CONFIG_FILE}).")
         configs.append(json.loads(path.read_text(encoding="utf-8")))
-    keys = [{k: v for k, v in c.items() if k not in ("methods", "edit_sets", "n", "hparams")} for c in configs]
+    keys = [{k: v for k, v in c.items() if k not in ("methods", "edit_sets", "n", "offset", "hparams")}
+            for c in configs]
     if any(k != keys[0] for k in keys):
-        raise InputError("These run folders hold different evaluations (data set, offset, test languages or model).")
+        raise InputError("These run folders hold different evaluations (data set, test languages or model).")
+    start = min(int(c.get("offset", 0)) for c in configs)
+    end = max(int(c.get("offset", 0)) + int(c["n"]) for c in configs)
     hparams: dict[str, Any] = {}
     for c in configs:
         for method, values in c.get("hparams", {}).items():
@@ -385,7 +390,7 @@ def merge_runs(folders: Sequence[str | Path], out: str | Path) -> tuple[pd.DataF
                            "methods": list(dict.fromkeys(m for c in configs for m in c["methods"])),
                            "edit_sets": [list(s) for s in dict.fromkeys(tuple(s) for c in configs
                                                                           for s in c["edit_sets"])],
-                           "n": max(int(c["n"]) for c in configs)})
+                           "offset": start, "n": end - start})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = []

@@ -3,6 +3,7 @@ Chinese), greedy decoding and teacher-forced scores against plain single-text ru
 tiny model (tables, resume, bad input)."""
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -302,6 +303,19 @@ def test_run_folders_of_one_evaluation_merge_and_others_are_refused(tmp_path):
         merge_runs([tmp_path / "a", tmp_path / "c"], tmp_path / "x")
     with pytest.raises(InputError, match="not an evaluation run folder"):
         merge_runs([tmp_path / "nothing"], tmp_path / "y")
+
+
+def test_run_folders_of_two_record_ranges_merge_into_one_run(tmp_path):
+    from editors.evaluate import merge_runs
+
+    fake_run(tmp_path / "first", "memit", record="mzsre:0")
+    fake_run(tmp_path / "second", "memit", em=0.0, offset=25, record="mzsre:25")
+    frame, config = merge_runs([tmp_path / "second", tmp_path / "first"], tmp_path / "all")
+    assert (config.offset, config.n) == (0, 26)
+    assert set(frame["record"]) == {"mzsre:0", "mzsre:25"}
+    assert table2(frame, "en", ["en"]).set_index("method").loc["M-MEMIT", "avg"] == 50.0
+    saved = json.loads((tmp_path / "all" / "config.json").read_text(encoding="utf-8"))
+    assert (saved["offset"], saved["n"]) == (0, 26)
 
 
 def test_table1_compares_only_records_edited_with_every_set():

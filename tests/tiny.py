@@ -385,18 +385,20 @@ def write_dataset(folder) -> str:
     return str(folder)
 
 
-def fake_run(folder, method: str, dataset: str = "d", em: float = 1.0) -> None:
+def fake_run(folder, method: str, dataset: str = "d", em: float = 1.0, offset: int = 0, record: str = "r1") -> None:
     """A run folder written by hand: one record, one probe per kind in en."""
     from editors.evaluate import EvalConfig
 
     folder.mkdir(parents=True)
-    config = EvalConfig(dataset=dataset, methods=[method], edit_sets=[["en"]], test_languages=["en"], n=1)
+    config = EvalConfig(dataset=dataset, methods=[method], edit_sets=[["en"]], test_languages=["en"], n=1,
+                        offset=offset)
     (folder / "config.json").write_text(json.dumps(config.__dict__), encoding="utf-8")
     probes_ = [{"language": "en", "kind": k, "prompt": "p", "reference": "r", "answer": "r", "f1": em, "em": em}
                for k in ("reliability", "generality", "locality", "portability")]
-    rows = [{"method": "unedited", "edit_languages": "-", "record": "r1", "done": True, "seconds": 0.1,
+    rows = [{"method": "unedited", "edit_languages": "-", "record": record, "done": True, "seconds": 0.1,
              "probes": probes_},
-            {"method": method, "edit_languages": "en", "record": "r1", "done": True, "seconds": 2.0, "probes": probes_}]
+            {"method": method, "edit_languages": "en", "record": record, "done": True, "seconds": 2.0,
+             "probes": probes_}]
     (folder / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
 
 
