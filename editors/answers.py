@@ -34,6 +34,9 @@ Batches are padded on the left for decoding and on the right for scoring, with
 position ids counted over real tokens (:func:`analysis.neurons.forward_inputs`),
 so a padded row computes what its text computes alone; activation patches of an
 applied edit see the ``input_ids`` of every call and so apply as in a single run.
+Decoding keeps the base model's key/value cache: the prompt runs once and each
+step runs only the new tokens (an activation patch on a subject in the prompt is
+applied in that first run, and the cached keys and values carry it on).
 """
 from __future__ import annotations
 
@@ -94,32 +97,103 @@ def greedy_decode(wb: Any, prompts: Sequence[str], n_tokens: int | Sequence[int]
     return out
 
 
+class _Greedy:
+    """Book-keeping of one batch's greedy answers: which rows still decode, leading blanks, the new ids."""
+
+    def __init__(self, tok: Any, lengths: list[int]):
+        self.tok, self.lengths, self.eos = tok, lengths, tok.eos_token_id
+        self.new: list[list[int]] = [[] for _ in lengths]
+        self.blanks = [0] * len(lengths)      # leading whitespace-only tokens, not counted in the length
+        self.done = [False] * len(lengths)
+
+    def active(self, r: int) -> bool:
+        return not self.done[r] and len(self.new[r]) - self.blanks[r] < self.lengths[r]
+
+    def take(self, tokens: list[int]) -> list[bool]:
+        """Record each row's arg-max token; True for the rows that took it (it becomes part of their text)."""
+        took = []
+        for r, t in enumerate(tokens):
+            if not self.active(r):
+                took.append(False)
+                continue
+            if self.eos is not None and t == self.eos:
+                self.done[r] = True
+                took.append(False)
+                continue
+            if len(self.new[r]) == self.blanks[r] and self.blanks[r] < LEADING_BLANKS \
+                    and not self.tok.decode([t]).strip():
+                self.blanks[r] += 1
+            self.new[r].append(int(t))
+            took.append(True)
+        return took
+
+    def finished(self) -> bool:
+        return not any(self.active(r) for r in range(len(self.lengths)))
+
+
 def _decode_batch(wb: Any, prompts: list[str], lengths: list[int]) -> list[list[int]]:
+    """Greedy ids of one left-padded batch, with the base model's key/value cache.
+
+    The prompts run once (prefill); each later step runs only the tokens just
+    chosen, with the attention mask and position ids of the whole row. A row that
+    has finished is fed its own last token again (its results are ignored; no
+    other row attends to it). Architectures whose base model returns no cache
+    decode by recomputing every step (:func:`_decode_batch_recompute`), with the
+    same result.
+    """
+    tok = wb.tokenizer
+    base, _ = wb.base_model()
+    seqs = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    ids, mask = pad_sequences(seqs, tok.pad_token_id, side="left", device=wb.device)
+    inputs = forward_inputs(wb, ids, mask)
+    if "use_cache" not in inputs:
+        return _decode_batch_recompute(wb, prompts, lengths)
+    inputs["use_cache"] = True
+    out = base(**inputs)
+    past = getattr(out, "past_key_values", None)
+    if past is None:
+        return _decode_batch_recompute(wb, prompts, lengths)
+    state = _Greedy(tok, lengths)
+    hidden = out[0][:, -1]
+    last = ids[:, -1].tolist()
+    has_positions = "position_ids" in inputs
+    positions = inputs["position_ids"][:, -1] if has_positions else None
+    for step in range(max(lengths) + LEADING_BLANKS):
+        nxt = wb.logits(hidden).float().argmax(-1).tolist()
+        took = state.take(nxt)
+        if state.finished() or step == max(lengths) + LEADING_BLANKS - 1:
+            break
+        last = [t if k else old for t, k, old in zip(nxt, took, last)]
+        step_ids = torch.tensor(last, dtype=ids.dtype, device=wb.device)[:, None]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        step_inputs: dict[str, Any] = {"input_ids": step_ids, "attention_mask": mask, "past_key_values": past,
+                                       "use_cache": True}
+        if has_positions:
+            positions = positions + 1
+            step_inputs["position_ids"] = positions[:, None]
+        out = base(**step_inputs)
+        past = out.past_key_values
+        hidden = out[0][:, -1]
+    return state.new
+
+
+def _decode_batch_recompute(wb: Any, prompts: list[str], lengths: list[int]) -> list[list[int]]:
+    """Greedy ids of one batch without a cache: every step runs each row's whole text again."""
     tok = wb.tokenizer
     seqs = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
-    eos = tok.eos_token_id
-    new: list[list[int]] = [[] for _ in prompts]
-    blanks = [0] * len(prompts)       # leading whitespace-only tokens, not counted in the length
-    done = [False] * len(prompts)
+    state = _Greedy(tok, lengths)
     base, _ = wb.base_model()
     for _ in range(max(lengths) + LEADING_BLANKS):
         # left padding: the last column is every row's last token
         ids, mask = pad_sequences(seqs, tok.pad_token_id, side="left", device=wb.device)
         hidden = base(**forward_inputs(wb, ids, mask))[0][:, -1]
         nxt = wb.logits(hidden).float().argmax(-1).tolist()
-        for r, t in enumerate(nxt):
-            if done[r] or len(new[r]) - blanks[r] >= lengths[r]:
-                continue
-            if eos is not None and t == eos:
-                done[r] = True
-                continue
-            if len(new[r]) == blanks[r] and blanks[r] < LEADING_BLANKS and not tok.decode([t]).strip():
-                blanks[r] += 1
-            new[r].append(int(t))
-            seqs[r] = seqs[r] + [int(t)]
-        if all(done[r] or len(new[r]) - blanks[r] >= lengths[r] for r in range(len(seqs))):
+        for r, (t, took) in enumerate(zip(nxt, state.take(nxt))):
+            if took:
+                seqs[r] = seqs[r] + [int(t)]
+        if state.finished():
             break
-    return new
+    return state.new
 
 
 @dataclass

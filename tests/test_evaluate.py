@@ -13,7 +13,7 @@ import torch
 from analysis.errors import InputError
 from analysis.tokens import answer_ids
 from editors.answers import answer_scores, greedy_answers, greedy_decode
-from editors.base import EditRequest, LanguageFact
+from editors.base import EditRequest, LanguageFact, get_editor
 from editors.evaluate import (
     EvalConfig,
     Probe,
@@ -27,7 +27,7 @@ from editors.evaluate import (
     unedited_answers,
 )
 from editors.metrics import answer_tokens, exact_match, normalize_answer, token_f1
-from tests.tiny import assert_bit_identical, fake_run, snapshot, tiny_workbench, write_dataset
+from tests.tiny import TINY_FAMILIES, assert_bit_identical, fake_run, snapshot, tiny_workbench, write_dataset
 
 # ==================================================================== metrics
 
@@ -76,7 +76,7 @@ FAMILIES = ("llama", "gpt2", "gemma3_text")
 PROMPTS = ["The capital of France is", "Die Hauptstadt von Deutschland ist", "法国的首都是", "Paris"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_batched_greedy_decoding_equals_one_text_at_a_time(family):
     wb = tiny_workbench(family)
     lengths = [3, 5, 2, 4]
@@ -93,6 +93,30 @@ def test_batched_greedy_decoding_equals_one_text_at_a_time(family):
                 hand.append(nxt)
                 seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
         assert hand == ids
+
+
+@pytest.mark.parametrize("family", ("llama", "gemma3_text"))
+def test_cached_decoding_equals_recomputing_every_step_under_an_activation_patch(family):
+    """An LU-LAFNs edit patches the subject's last token: with the key/value cache that happens once, in the
+    prompt's run, and the answers must be those of running every row's whole text at every step."""
+    from editors.answers import _decode_batch, _decode_batch_recompute
+    from editors.lu_lafns import LULAFNsHParams
+
+    wb = tiny_workbench(family)
+    request = EditRequest({"en": LanguageFact("The capital of France", "France", "Berlin"),
+                           "de": LanguageFact("Die Hauptstadt von Frankreich", "Frankreich", "Berlin")}, "france")
+    hp = LULAFNsHParams(layers=[0, 1, 2], beta=0.1, steps=15, lr=0.5, clamp_norm_factor=0.0, weight_decay=0.0,
+                        n_prefixes=1, prefix_length=2, seed=0)
+    edit = get_editor("lu-lafns", hp).compute(wb, request)
+    prompts = ["The capital of France", "Paris is in France and", "Die Hauptstadt von Frankreich", "法国的首都是"]
+    lengths = [5, 3, 6, 4]
+    plain = _decode_batch(wb, prompts, lengths)
+    with edit.applied(wb):
+        cached = _decode_batch(wb, prompts, lengths)
+        again = _decode_batch_recompute(wb, prompts, lengths)
+    assert cached == again
+    assert cached[0] != plain[0] or cached[2] != plain[2]      # the edit changed an answer of a subject prompt
+    assert cached[3] == plain[3]                               # a prompt without the subject is not patched
 
 
 @pytest.mark.parametrize("family", FAMILIES)

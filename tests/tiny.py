@@ -407,7 +407,7 @@ def fake_run(folder, method: str, dataset: str = "d", em: float = 1.0, offset: i
 # Words of tests/tiny.py's sentences, so the tiny BPE tokenizer splits them into few tokens.
 # "Japan" / "Japanese" (and "Japanisch"): the object repeats the subject, which must still be
 # found in the prompt part of the statement, not inside the object.
-_FACTS = {
+_CORPUS_FACTS = {
     "en": [("France", "Paris", "French"), ("Germany", "Berlin", "German"), ("Japan", "Tokyo", "Japanese"),
            ("Portugal", "Lisbon", "Portuguese"), ("Greece", "Athens", "Greek")],
     "de": [("Frankreich", "Paris", "Französisch"), ("Deutschland", "Berlin", "Deutsch"),
@@ -416,7 +416,7 @@ _FACTS = {
     "zh": [("法国", "巴黎", "法语"), ("德国", "柏林", "德语"), ("日本", "东京", "日语"),
            ("葡萄牙", "里斯本", "葡萄牙语"), ("希腊", "雅典", "希腊语")],
 }
-_TEMPLATES = {  # relation -> language -> templates ([X] before [Y])
+_CORPUS_TEMPLATES = {  # relation -> language -> templates ([X] before [Y])
     "P36": {"en": ["The capital of [X] is [Y]."], "de": ["Die Hauptstadt von [X] ist [Y]."],
             "zh": ["[X]的首都是[Y]。"]},
     "P37": {"en": ["People in [X] speak [Y].", "The official language of [X] is [Y]."],
@@ -432,9 +432,9 @@ def make_corpus(languages=("en", "de", "zh"), n_facts: int = 5, name: str = "tin
     from data.corpus import Corpus, prompt_from_template
 
     rows = []
-    for relation, per_lang in _TEMPLATES.items():
+    for relation, per_lang in _CORPUS_TEMPLATES.items():
         for lang in languages:
-            for i, (country, capital, language) in enumerate(_FACTS[lang][:n_facts]):
+            for i, (country, capital, language) in enumerate(_CORPUS_FACTS[lang][:n_facts]):
                 obj = capital if relation == "P36" else language
                 for j, template in enumerate(per_lang[lang]):
                     rows.append(dict(fact_id=f"{relation}:{i}", relation=relation, language=lang, subject=country,
