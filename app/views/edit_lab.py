@@ -352,22 +352,29 @@ with user_errors():
     editor_name = c1.selectbox("Editor", names, key="el-editor")
     hp_key = f"el-hp-{editor_name}-{model_spec}"
     reset = c1.button("Reset to preset", key="el-hp-reset", help="Start again from the preset for this model")
-    origin_key = f"el-hp-origin-{editor_name}-{model_spec}"
-    if editor_name and (hp_key not in st.session_state or reset):
+    # The JSON text lives in a plain dict of session_state, not only in the widget's own state: Streamlit drops
+    # a widget's state when a run that did not draw it completes (e.g. a run cut short by the next input), and
+    # the box then came back empty. The widget's key carries a version bumped on every reset.
+    texts = st.session_state.setdefault("el-hp-texts", {})
+    origins = st.session_state.setdefault("el-hp-origins", {})
+    versions = st.session_state.setdefault("el-hp-versions", {})
+    if editor_name and (hp_key not in texts or reset):
         hp_class = get_editor(editor_name).hparams_class
         try:
             defaults = hp_class.preset(wb).to_dict()
-            st.session_state[origin_key] = f"preset {hp_class.preset_name(wb)!r}"
+            origins[hp_key] = f"preset {hp_class.preset_name(wb)!r}"
         except NeuroglotError as exc:
             st.error(f"{exc} Starting from {hp_class.__name__}'s defaults: edit them below.", icon="⚠️")
             try:
                 defaults = hp_class().to_dict()
             except Exception:                       # a class without defaults for every field
                 defaults = {}
-            st.session_state[origin_key] = "defaults (no preset for this model)"
-        st.session_state[hp_key] = json.dumps(defaults, indent=1, ensure_ascii=False)
-    hp_text = c2.text_area(f"Hyper-parameters (JSON; from the {st.session_state.get(origin_key, 'preset')})",
-                           key=hp_key, height=220)
+            origins[hp_key] = "defaults (no preset for this model)"
+        texts[hp_key] = json.dumps(defaults, indent=1, ensure_ascii=False)
+        versions[hp_key] = versions.get(hp_key, 0) + 1
+    hp_text = c2.text_area(f"Hyper-parameters (JSON; from the {origins.get(hp_key, 'preset')})",
+                           value=texts.get(hp_key, ""), key=f"{hp_key}-v{versions.get(hp_key, 0)}", height=220)
+    texts[hp_key] = hp_text
 
     b = st.columns([1, 1, 1, 3])
     apply = b[0].button("Apply edit", type="primary", key="el-apply", disabled=not editor_name)
