@@ -147,12 +147,12 @@ def _decode_batch(wb: Any, prompts: list[str], lengths: list[int]) -> list[list[
     ids, mask = pad_sequences(seqs, tok.pad_token_id, side="left", device=wb.device)
     inputs = forward_inputs(wb, ids, mask)
     if "use_cache" not in inputs:
-        return _decode_batch_recompute(wb, prompts, lengths)
+        return _decode_batch_recompute(wb, seqs, lengths)
     inputs["use_cache"] = True
     out = base(**inputs)
     past = getattr(out, "past_key_values", None)
     if past is None:
-        return _decode_batch_recompute(wb, prompts, lengths)
+        return _decode_batch_recompute(wb, seqs, lengths)
     state = _Greedy(tok, lengths)
     hidden = out[0][:, -1]
     last = ids[:, -1].tolist()
@@ -177,10 +177,10 @@ def _decode_batch(wb: Any, prompts: list[str], lengths: list[int]) -> list[list[
     return state.new
 
 
-def _decode_batch_recompute(wb: Any, prompts: list[str], lengths: list[int]) -> list[list[int]]:
-    """Greedy ids of one batch without a cache: every step runs each row's whole text again."""
+def _decode_batch_recompute(wb: Any, seqs: list[list[int]], lengths: list[int]) -> list[list[int]]:
+    """Greedy ids of one batch of prompt ids without a cache: every step runs each row's whole text again."""
     tok = wb.tokenizer
-    seqs = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    seqs = [list(s) for s in seqs]
     state = _Greedy(tok, lengths)
     base, _ = wb.base_model()
     for _ in range(max(lengths) + LEADING_BLANKS):

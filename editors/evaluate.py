@@ -227,7 +227,14 @@ class EvalConfig:
     model: str = ""
 
     def key(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("methods", "edit_sets", "n")}
+        return self.identity(asdict(self))
+
+    @staticmethod
+    def identity(saved: Mapping[str, Any], also_ignore: Sequence[str] = ()) -> dict[str, Any]:
+        """What must agree for two runs (``config.json`` dicts) to be one evaluation: all but the parts a
+        resumed run may extend (methods, edit sets, n) and ``also_ignore``."""
+        ignore = {"methods", "edit_sets", "n", *also_ignore}
+        return {k: v for k, v in saved.items() if k not in ignore}
 
 
 def resolve_hparams(wb: Any, method: str, overrides: Mapping[str, Any] | None) -> Any:
@@ -292,8 +299,7 @@ def run_evaluation(wb: Any, config: EvalConfig, out: str | Path, progress: Progr
     cfg_path = out / CONFIG_FILE
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text(encoding="utf-8"))
-        old_key = {k: v for k, v in old.items() if k not in ("methods", "edit_sets", "n")}
-        if old_key != config.key():
+        if EvalConfig.identity(old) != config.key():
             raise InputError(f"{out} holds another evaluation ({old.get('dataset')}, model {old.get('model')}, "
                              "other test languages or hyper-parameters); choose a new --out folder.")
         merged = asdict(config)
@@ -374,8 +380,7 @@ def merge_runs(folders: Sequence[str | Path], out: str | Path) -> tuple[pd.DataF
         if not path.exists():
             raise InputError(f"{folder} is not an evaluation run folder (no {CONFIG_FILE}).")
         configs.append(json.loads(path.read_text(encoding="utf-8")))
-    keys = [{k: v for k, v in c.items() if k not in ("methods", "edit_sets", "n", "offset", "hparams")}
-            for c in configs]
+    keys = [EvalConfig.identity(c, also_ignore=("offset", "hparams")) for c in configs]
     if any(k != keys[0] for k in keys):
         raise InputError("These run folders hold different evaluations (data set, test languages or model).")
     start = min(int(c.get("offset", 0)) for c in configs)

@@ -83,7 +83,7 @@ from analysis.neurons import (
 from analysis.tokens import encode
 from editors.base import (MATCH_MODES, ActivationPatch, Edit, Editor, EditRequest, HParams, LanguageFact, frozen,
                           register)
-from editors.rows import TeacherForcedRows
+from editors.rows import TeacherForcedRows, clamp_norm_
 
 log = logging.getLogger(__name__)
 
@@ -397,12 +397,8 @@ def compute_delta(wb: Any, request: EditRequest, located: dict[int, torch.Tensor
             optimizer.step()
             record["steps"] = step + 1
             if hp.clamp_norm_factor > 0:
-                with torch.no_grad():
-                    for layer, d in deltas.items():
-                        limit = hp.clamp_norm_factor * float(update.initial[layer])
-                        norm = float(d.norm())
-                        if norm > limit > 0:
-                            d.mul_(limit / norm)
+                for layer, d in deltas.items():
+                    clamp_norm_(d, hp.clamp_norm_factor * float(update.initial[layer]))
     if losses and record["steps"] == len(losses):  # the last step's update has not been measured yet
         with torch.no_grad(), _NeuronUpdate(wb, located, deltas, rows):
             target_logp, kl_logp = _forward(wb, rows)

@@ -154,7 +154,7 @@ from analysis.errors import InputError
 from analysis.neurons import forward_inputs
 from analysis.tokens import pad_sequences, subject_last_ids
 from editors.base import Edit, Editor, EditRequest, HParams, frozen, register
-from editors.rows import TeacherForcedRows
+from editors.rows import TeacherForcedRows, clamp_norm_
 from editors.lu_lafns import generate_prefixes, kl_prompt, prefixed
 
 log = logging.getLogger(__name__)
@@ -546,11 +546,7 @@ def compute_target(wb: Any, fact: FactContexts, layer: int, site: str, hp: KeyVa
             optimizer.step()
             record["steps"] = it + 1
             if hp.clamp_norm_factor > 0:
-                with torch.no_grad():
-                    limit = hp.clamp_norm_factor * float(init_norm)
-                    norm = float(delta.norm())
-                    if norm > limit:
-                        delta.mul_(limit / norm)
+                clamp_norm_(delta, hp.clamp_norm_factor * float(init_norm))
     init = state["init"]
     delta = delta.detach()
     record.update(delta_norm=float(delta.norm()), init_norm=float(init.norm()),

@@ -16,7 +16,7 @@ from analysis.tokens import answer_ids, pad_sequences, subject_last_ids
 
 
 class TeacherForcedRows:
-    """Rows of one padded batch; ``add`` texts, then ``tensors(device)``."""
+    """Rows of one padded batch; ``add`` texts, then ``batch(pad_id, device)``."""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
@@ -51,3 +51,12 @@ class TeacherForcedRows:
 
     def long(self, values: list[int], device: Any) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def clamp_norm_(vector: torch.Tensor, limit: float) -> None:
+    """Scale ``vector`` in place down to norm ``limit`` when it is longer (ROME's clamp_norm_factor); a
+    non-positive limit clamps nothing."""
+    norm = float(vector.norm())
+    if norm > limit > 0:
+        vector.mul_(limit / norm)

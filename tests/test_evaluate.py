@@ -113,7 +113,7 @@ def test_cached_decoding_equals_recomputing_every_step_under_an_activation_patch
     plain = _decode_batch(wb, prompts, lengths)
     with edit.applied(wb):
         cached = _decode_batch(wb, prompts, lengths)
-        again = _decode_batch_recompute(wb, prompts, lengths)
+        again = _decode_batch_recompute(wb, [wb.tokenizer(p)["input_ids"] for p in prompts], lengths)
     assert cached == again
     assert cached[0] != plain[0] or cached[2] != plain[2]      # the edit changed an answer of a subject prompt
     assert cached[3] == plain[3]                               # a prompt without the subject is not patched

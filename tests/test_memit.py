@@ -170,6 +170,19 @@ def test_edit_lowers_nll_in_every_language_and_leaves_model_untouched(name, fami
         assert all(0 < info["post_ffn_norm_fit"] <= 1.0 for info in edit.meta[name]["layers"])
 
 
+def _failing_on_call(real, n: int, message: str):
+    """``real``, except that its ``n``-th call raises RuntimeError(message)."""
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError(message)
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
 @pytest.mark.parametrize("name", ["rome", "memit", "alphaedit"])
 def test_model_untouched_when_compute_raises(name, monkeypatch):
     """Errors inside the optimisation (hooks registered) and inside the layer loop (an earlier layer's
@@ -182,29 +195,14 @@ def test_model_untouched_when_compute_raises(name, monkeypatch):
         snap, hooks = snapshot(wb.model), hook_count(wb.model)
         flags = [p.requires_grad for p in wb.model.parameters()]
         real_forward_inputs = memit.forward_inputs
-        calls = {"n": 0}
-
-        def failing_forward_inputs(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise RuntimeError("boom in the optimisation")
-            return real_forward_inputs(*args, **kwargs)
-
-        monkeypatch.setattr(memit, "forward_inputs", failing_forward_inputs)
+        failing = _failing_on_call(real_forward_inputs, 3, "boom in the optimisation")
+        monkeypatch.setattr(memit, "forward_inputs", failing)
         with pytest.raises(RuntimeError, match="boom in the optimisation"):
             EDITORS[name](tiny_hparams(name)).compute(wb, berlin_request())
         monkeypatch.setattr(memit, "forward_inputs", real_forward_inputs)
         if name != "rome":
-            real_update = memit.memit_update if name == "memit" else memit.alphaedit_update
-            seen = {"n": 0}
-
-            def failing_update(*args, **kwargs):
-                seen["n"] += 1
-                if seen["n"] == 2:
-                    raise RuntimeError("boom in the second layer")
-                return real_update(*args, **kwargs)
-
-            monkeypatch.setattr(memit, "memit_update" if name == "memit" else "alphaedit_update", failing_update)
+            update = "memit_update" if name == "memit" else "alphaedit_update"
+            monkeypatch.setattr(memit, update, _failing_on_call(getattr(memit, update), 2, "boom in the second layer"))
             with pytest.raises(RuntimeError, match="boom in the second layer"):
                 EDITORS[name](tiny_hparams(name)).compute(wb, berlin_request())
         assert_bit_identical(wb.model, snap)
