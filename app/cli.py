@@ -635,6 +635,12 @@ def app(model: str = ModelOpt, corpus: str = typer.Option("demo", "--corpus", "-
            "--server.enableXsrfProtection", "true", "--server.headless", "true",
            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
     typer.echo(f"Neuroglot: http://{address}:{port}  (model: {model}, corpus: {corpus})")
+    if os.name == "posix":
+        # Become the server instead of waiting on a child: a signal sent to `neuroglot app` (Ctrl-C, a service
+        # manager, a test fixture's terminate()) then reaches Streamlit itself and leaves no orphan behind.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, cmd, env)
     raise typer.Exit(code=subprocess.call(cmd, env=env))
 
 

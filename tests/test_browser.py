@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +40,8 @@ def app_url(tmp_path_factory):
     log = tmp_path_factory.mktemp("app") / "app.log"
     neuroglot = shutil.which("neuroglot", path=str(Path(sys.executable).parent)) or "neuroglot"
     with open(log, "w") as out:
-        proc = subprocess.Popen([neuroglot, "app", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([neuroglot, "app", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group: the teardown can reap it all
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300  # the first run may convert the embedded model
     while time.time() < deadline:
@@ -51,14 +53,37 @@ def app_url(tmp_path_factory):
         except OSError:
             time.sleep(1)
     else:
-        proc.kill()
+        _kill_group(proc)
         pytest.fail(f"app did not start:\n{log.read_text()}")
     yield url
+    # Terminating `neuroglot app` alone must stop the server (it execs Streamlit rather than leaving a child).
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        pass
+    deadline = time.time() + 20
+    while time.time() < deadline and _serving(url):
+        time.sleep(0.5)
+    outlived = _serving(url)
+    _kill_group(proc)
+    if outlived:
+        pytest.fail("the Streamlit server outlived the terminated `neuroglot app` process")
+
+
+def _serving(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
