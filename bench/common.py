@@ -1,4 +1,4 @@
-"""What every benchmark prints about where it ran."""
+"""What every benchmark prints about where it ran, and the run behind one configuration of a preset sweep."""
 from __future__ import annotations
 
 import platform
@@ -18,3 +18,27 @@ def device_line(wb) -> str:
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sweep_point(wb, method: str, hparams: dict, name: str, dataset: str, n: int, offset: int, out_root,
+                langs=("en", "zh")) -> tuple[dict, object]:
+    """Evaluate ``method`` with ``hparams`` over the preset, editing ``langs`` together on ``n`` records after
+    ``offset`` (one record at a time), in the resumable run folder ``out_root/name``.
+
+    Returns the Table 2 figures (avg F1/EM, s/edit and the EM of every metric per language) and the folder.
+    """
+    from pathlib import Path
+
+    from editors.evaluate import EvalConfig, rows_frame, run_evaluation, table2
+
+    langs = list(langs)
+    config = EvalConfig(dataset=dataset, methods=[method], edit_sets=[langs], test_languages=langs,
+                        n=n, offset=offset, hparams={method: hparams}, model=wb.spec)
+    out = Path(out_root) / name
+    run_evaluation(wb, config, out, progress=lambda f, m: print(f"  {name} {f:5.1%} {m}", flush=True))
+    t2 = table2(rows_frame(out), "+".join(langs), langs, [method]).iloc[0]
+    row = {"avg F1/EM": t2["avg"], "s/edit": t2["s/edit"]}
+    for lang in langs:
+        for kind in ("Reliability", "Generality", "Locality", "Portability"):
+            row[f"{lang} {kind} EM"] = t2[f"{lang} {kind} EM"]
+    return row, out

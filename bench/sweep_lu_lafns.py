@@ -41,27 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from analysis.model import load_model
-    from editors.evaluate import EvalConfig, rows_frame, run_evaluation, table2
+    from bench.common import sweep_point
 
     wb = load_model("embedded")
-    langs = ["en", "zh"]
 
     def run(layers: list[int], beta: float) -> dict:
         name = f"L{'-'.join(map(str, layers))}_b{beta:g}"
-        config = EvalConfig(dataset=args.dataset, methods=["lu-lafns"], edit_sets=[langs], test_languages=langs,
-                            n=args.n, offset=args.offset, hparams={"lu-lafns": {"layers": layers, "beta": beta}},
-                            model=wb.spec)
-        out = Path(args.out) / name
-        run_evaluation(wb, config, out, progress=lambda f, m: print(f"  {name} {f:5.1%} {m}", flush=True))
-        frame = rows_frame(out)
-        t2 = table2(frame, "+".join(langs), langs, ["lu-lafns"]).iloc[0]
+        figures, out = sweep_point(wb, "lu-lafns", {"layers": layers, "beta": beta}, name, args.dataset,
+                                   args.n, args.offset, args.out)
         sizes = _dg_sizes(out)
         row = {"layers": ",".join(map(str, layers)), "beta": beta,
                "num": sizes, "proportion %": 100 * sizes / wb.n_neurons if sizes == sizes else float("nan"),
-               "avg F1/EM": t2["avg"], "s/edit": t2["s/edit"]}
-        for lang in langs:
-            for kind in ("Reliability", "Generality", "Locality", "Portability"):
-                row[f"{lang} {kind} EM"] = t2[f"{lang} {kind} EM"]
+               **figures}
         print(f"{name}: avg {row['avg F1/EM']:.2f}  D_G {sizes:.0f}/layer", flush=True)
         return row
 
