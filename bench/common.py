@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import platform
 import resource
+from pathlib import Path
 
 import torch
 
@@ -21,14 +22,12 @@ def peak_rss_mib() -> float:
 
 
 def sweep_point(wb, method: str, hparams: dict, name: str, dataset: str, n: int, offset: int, out_root,
-                langs=("en", "zh")) -> tuple[dict, object]:
+                langs=("en", "zh")) -> tuple[dict, Path]:
     """Evaluate ``method`` with ``hparams`` over the preset, editing ``langs`` together on ``n`` records after
     ``offset`` (one record at a time), in the resumable run folder ``out_root/name``.
 
     Returns the Table 2 figures (avg F1/EM, s/edit and the EM of every metric per language) and the folder.
     """
-    from pathlib import Path
-
     from editors.evaluate import EvalConfig, rows_frame, run_evaluation, table2
 
     langs = list(langs)
