@@ -8,7 +8,7 @@ one record at a time), scored with :mod:`editors.evaluate`; the figure is Table
 2's "avg" (the mean of the F1 and EM of Reliability, Generality, Locality and
 Portability in both languages). The records are taken after the first
 ``--offset`` ones, so the 50 records of the reported evaluation (0-49) are not
-the ones the preset is chosen on. AlphaEdit shares these layers and λ.
+the ones the preset is chosen on. AlphaEdit shares these layers (it has no λ).
 
     python bench/sweep_memit.py --n 6 --offset 100        # layer windows at λ 2000, then λ at the best window
 

@@ -282,11 +282,13 @@ class MEMITHParams(KeyValueHParams):
         "bigscience/bloomz-7b1-mt": dict(layers=[4, 5, 6, 7, 8], clamp_norm_factor=4.0, v_lr=0.5,
                                          v_num_grad_steps=25, v_weight_decay=1e-3, kl_factor=0.0625,
                                          mom2_update_weight=15000.0),
-        # Embedded Gemma 3 270M: layers 2-6 around layer 4 CHOSEN FROM OUR CAUSAL TRACE, not swept;
+        # Embedded Gemma 3 270M: layers 2-6 around layer 4 CHOSEN FROM OUR CAUSAL TRACE (swept since, see below);
         # clamp 4 and weight decay 1e-3 as EasyEdit's Qwen2 values; MEMIT's 5 prefixes of 10 tokens.
         # λ = 2000: 15000 scaled by d_ff (2048 / 16384, GPT-J's), since kᵀ(λC)⁻¹k ≈ d_ff / λ for a typical
         # key. Checked on MzsRE dev record 5 (en+zh) only: 15000 raised P(en) 1.6e-6 → 1.3e-5 and P(zh)
-        # 1.2e-7 → 1.7e-7; 2000 raised them to 1.5e-2 and 4.7e-6. Not a sweep.
+        # 1.2e-7 → 1.7e-7; 2000 raised them to 1.5e-2 and 4.7e-6. Measured since by bench/sweep_memit.py
+        # (MzsRE dev 100-105, en+zh, Table 2 avg): layers 0-4 60.8, 2-6 64.9, 5-9 59.4 at λ 2000; at 2-6,
+        # λ 500 66.6 (one probe more), 15000 25.0 (no edit). Kept 2-6 and 2000.
         # Contexts and steps as ROME's embedded preset (speed on CPU).
         # v_lr 5, not the papers' 0.5: Adam moves each coordinate of δ by about v_lr per step, and Gemma 3's
         # residual stream at layer 6 has norm ≈ 4,300 (per-coordinate RMS ≈ 170), so 0.5 × 20 steps cannot
@@ -325,8 +327,8 @@ class AlphaEditHParams(MEMITHParams):
         "bigscience/bloomz-7b1-mt": dict(layers=[4, 5, 6, 7, 8], clamp_norm_factor=0.75, v_lr=0.1,
                                          v_num_grad_steps=25, v_weight_decay=0.5, kl_factor=0.0625,
                                          nullspace_threshold=2e-2, l2=10.0),
-        # Embedded Gemma 3 270M: layers 2-6 CHOSEN FROM OUR CAUSAL TRACE, not swept; the targets as the
-        # embedded MEMIT preset; AlphaEdit's absolute threshold 2e-2 and L2 10. On 20k FLORES en+zh tokens
+        # Embedded Gemma 3 270M: layers 2-6 as the MEMIT preset (swept for MEMIT, not here); the targets as
+        # the embedded MEMIT preset; AlphaEdit's absolute threshold 2e-2 and L2 10. On 20k FLORES en+zh tokens
         # that leaves 1139-1818 of 2048 null directions per layer (relative 2e-2 would leave 10-70
         # preserved ones). v_lr 5 as the embedded MEMIT preset (Gemma 3's residual-stream scale).
         "embedded": dict(layers=[2, 3, 4, 5, 6], clamp_norm_factor=4.0, v_lr=5.0, v_num_grad_steps=20,
