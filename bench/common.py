@@ -1,11 +1,14 @@
 """What every benchmark prints about where it ran, and the run behind one configuration of a preset sweep."""
 from __future__ import annotations
 
+import argparse
 import platform
 import resource
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def device_line(wb) -> str:
@@ -19,6 +22,18 @@ def device_line(wb) -> str:
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sweep_parser(doc: str, name: str, stages: list[str]) -> argparse.ArgumentParser:
+    """The command line of a preset sweep: data set, records (``--n`` after ``--offset``), the run folders'
+    root ``runs/<name>`` and ``--only`` one of ``stages`` (or all)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "mzsre" / "dev"))
+    ap.add_argument("--n", type=int, default=6)
+    ap.add_argument("--offset", type=int, default=100)
+    ap.add_argument("--out", default=str(ROOT / "runs" / name))
+    ap.add_argument("--only", choices=[*stages, "all"], default="all")
+    return ap
 
 
 def sweep_point(wb, method: str, hparams: dict, name: str, dataset: str, n: int, offset: int, out_root,

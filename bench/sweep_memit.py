@@ -17,7 +17,6 @@ also written to ``bench/results/memit_sweep.csv``.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -33,18 +32,13 @@ LAMBDAS = [500.0, 2000.0, 15000.0]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "mzsre" / "dev"))
-    ap.add_argument("--n", type=int, default=6)
-    ap.add_argument("--offset", type=int, default=100)
-    ap.add_argument("--out", default=str(ROOT / "runs" / "sweep-memit"))
-    ap.add_argument("--only", choices=["layers", "lambda", "all"], default="all")
-    args = ap.parse_args(argv)
+    from bench.common import sweep_parser, sweep_point
+
+    args = sweep_parser(__doc__, "sweep-memit", ["layers", "lambda"]).parse_args(argv)
 
     import pandas as pd
 
     from analysis.model import load_model
-    from bench.common import sweep_point
 
     wb = load_model("embedded")
     done: dict[tuple[str, float], dict] = {}

@@ -296,7 +296,7 @@ class _Rows:
 def build_rows(wb: Any, request: EditRequest, hp: LULAFNsHParams,
                prefixes: dict[str, list[str]]) -> tuple[_Rows, dict[str, list[str]]]:
     """The rows of L_target (every language, every context) and of L_kl (every language)."""
-    b = TeacherForcedRows(wb.tokenizer)
+    b = TeacherForcedRows(wb.tokenizer, wb.device)
     plain_rows: list[int] = []
     contexts_of: dict[str, list[str]] = {}
     for lang, fact in request.facts.items():
@@ -307,12 +307,9 @@ def build_rows(wb: Any, request: EditRequest, hp: LULAFNsHParams,
             b.add(ctx, fact.subject, fact.target_new, contexts=n_ctx)           # Eq. 8's mean
         plain_rows.append(b.add(fact.prompt, fact.subject))
     kl_rows = [b.add(kl_prompt(lang, fact.subject), fact.subject) for lang, fact in request.facts.items()]
-    dev = wb.device
-    input_ids, mask = b.batch(wb.tokenizer.pad_token_id, dev)
-    rows = _Rows(input_ids, mask, torch.arange(len(b.seqs), device=dev), b.long(b.patch_cols, dev),
-                 b.long(b.target_rows, dev), b.long(b.target_cols, dev), b.long(b.target_ids, dev),
-                 torch.tensor(b.target_weights, dtype=torch.float32, device=dev),
-                 b.long(kl_rows, dev), b.long([b.last_col(r) for r in kl_rows], dev), b.long(plain_rows, dev))
+    rows = _Rows(*b.batch(), torch.arange(len(b.seqs), device=wb.device), b.long(b.patch_cols),
+                 b.long(b.target_rows), b.long(b.target_cols), b.long(b.target_ids), b.weights(),
+                 b.long(kl_rows), b.long([b.last_col(r) for r in kl_rows]), b.long(plain_rows))
     return rows, contexts_of
 
 

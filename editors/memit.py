@@ -486,7 +486,7 @@ def compute_target(wb: Any, fact: FactContexts, layer: int, site: str, hp: KeyVa
     prompt (for ``v_0``, when it is not a context already) and the KL prompt;
     each step is one forward and backward of that batch.
     """
-    b = TeacherForcedRows(wb.tokenizer)
+    b = TeacherForcedRows(wb.tokenizer, wb.device)
     for ctx in fact.contexts:                 # MEMIT: per-token mean, then mean over contexts
         b.add(ctx, fact.subject, fact.target_new, contexts=len(fact.contexts))
     if fact.prompt in fact.contexts:
@@ -497,12 +497,11 @@ def compute_target(wb: Any, fact: FactContexts, layer: int, site: str, hp: KeyVa
     # ROME/MEMIT read the KL distribution at the subject's last token
 
     dev = wb.device
-    input_ids, mask = b.batch(wb.tokenizer.pad_token_id, dev)
-    rows, cols = torch.arange(len(b.seqs), device=dev), b.long(b.patch_cols, dev)
-    read_rows = torch.cat([b.long(b.target_rows, dev), b.long([kl_row], dev)])
-    read_cols = torch.cat([b.long(b.target_cols, dev), b.long([b.patch_cols[kl_row]], dev)])
-    target_ids = b.long(b.target_ids, dev)
-    weights = torch.tensor(b.target_weights, dtype=torch.float32, device=dev)
+    input_ids, mask = b.batch()
+    rows, cols = torch.arange(len(b.seqs), device=dev), b.long(b.patch_cols)
+    read_rows = b.long(b.target_rows + [kl_row])
+    read_cols = b.long(b.target_cols + [b.patch_cols[kl_row]])
+    target_ids, weights = b.long(b.target_ids), b.weights()
     n_t = len(b.target_ids)
 
     d_site = wb.d_model

@@ -16,10 +16,10 @@ from analysis.tokens import answer_ids, pad_sequences, subject_last_ids
 
 
 class TeacherForcedRows:
-    """Rows of one padded batch; ``add`` texts, then ``batch(pad_id, device)``."""
+    """Rows of one padded batch on ``device``; ``add`` texts, then ``batch()`` and the index tensors."""
 
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Any, device: Any):
+        self.tokenizer, self.device = tokenizer, device
         self.seqs: list[list[int]] = []
         self.patch_cols: list[int] = []
         self.target_rows: list[int] = []
@@ -45,12 +45,17 @@ class TeacherForcedRows:
         """The last token of ``row`` (a row added without an answer: where its next token is predicted)."""
         return len(self.seqs[row]) - 1
 
-    def batch(self, pad_id: int | None, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input_ids, attention_mask)``, right padded."""
-        return pad_sequences(self.seqs, pad_id, device=device)
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)``, right padded with the tokenizer's pad id."""
+        return pad_sequences(self.seqs, self.tokenizer.pad_token_id, device=self.device)
 
-    def long(self, values: list[int], device: Any) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
+    def long(self, values: list[int]) -> torch.Tensor:
+        """``values`` (rows, columns, token ids) as a long tensor on the batch's device."""
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def weights(self) -> torch.Tensor:
+        """The answer tokens' weights, float32."""
+        return torch.tensor(self.target_weights, dtype=torch.float32, device=self.device)
 
 
 @torch.no_grad()
