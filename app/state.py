@@ -1,13 +1,22 @@
-"""What every page shares: the cached model, the cached corpus, error boxes.
+"""What every page shares: the cached model, the cached corpus, error boxes and progress.
 
 The model is one object per spec for the whole server (`st.cache_resource`),
 together with its lock; corpora are plain DataFrames (`st.cache_data`).
 No tensor is ever put in `st.session_state`.
+
+Long work (counting, attribution, tracing) never runs inside a cached function:
+Streamlit replays a cached function's element calls on every cache hit, and a
+progress bar created outside the function then fails the replay. The pages run
+it through :func:`progress_bar` and keep its result in the backend's run folder,
+which reruns, page switches and other sessions read back.
 """
 from __future__ import annotations
 
 import os
+import time
+import traceback
 from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import pandas as pd
 import streamlit as st
@@ -16,6 +25,7 @@ from analysis.errors import NeuroglotError
 
 DEFAULT_MODEL = os.environ.get("NEUROGLOT_MODEL", "embedded")
 DEFAULT_CORPUS = os.environ.get("NEUROGLOT_CORPUS", "demo")
+ERROR_ICON = ":material/error:"
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
@@ -43,10 +53,68 @@ def current_corpus_spec() -> str:
     return st.session_state.get("corpus_spec", DEFAULT_CORPUS)
 
 
+def show_unexpected(exc: BaseException) -> None:
+    """A short error box for an error that is not the user's, with the traceback in a collapsed expander."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    st.error(f"Something went wrong ({type(exc).__name__}{': ' + first if first else ''}). The page is still "
+             "usable: change the request or run it again.", icon=ERROR_ICON)
+    with st.expander("details"):
+        st.code("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), language="text")
+
+
 @contextmanager
-def user_errors():
-    """Show a NeuroglotError as an error box; the page (and the app) keep running."""
+def user_errors() -> Iterator[None]:
+    """Show a NeuroglotError as an error box, anything else as a short box with details; the page (and the
+    app) keep running. Streamlit's own control flow (``st.stop``, reruns) is a BaseException and passes."""
     try:
         yield
     except NeuroglotError as exc:
-        st.error(str(exc), icon="⚠️")
+        st.error(str(exc), icon=ERROR_ICON)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence of a page
+        show_unexpected(exc)
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[Callable]:
+    """A visible progress bar with the current step and the elapsed seconds, removed when the work ends
+    (also on an error, so no stale "running" box stays above the error or the result).
+
+    The callback takes either ``(done, total)`` counts or ``(fraction, message)``, the two forms the
+    backend's ``progress=`` arguments use.
+    """
+    holder = st.empty()
+    started = time.perf_counter()
+
+    def update(done: float, total_or_message: float | str = 1.0) -> None:
+        if isinstance(total_or_message, str):
+            fraction, step = float(done), total_or_message
+        else:
+            fraction, step = done / max(total_or_message, 1), f"{int(done):,} / {int(total_or_message):,}"
+        elapsed = time.perf_counter() - started
+        holder.progress(min(max(fraction, 0.0), 1.0), text=f"{label} · {step[:120]} · {elapsed:.0f} s")
+
+    update(0.0, "starting")
+    try:
+        yield update
+    finally:
+        holder.empty()
+
+
+def kept(widget: Callable, label: str, *args, key: str, default, **kwargs):
+    """Draw ``widget(label, *args, key=key, **kwargs)`` seeded with its last value, so a request's widgets still
+    show that request after the user leaves the page and comes back (Streamlit forgets the state of widgets
+    that were not drawn). ``default`` is the first value; with ``options`` (the first positional argument)
+    a remembered value no longer among them falls back to ``default``."""
+    shadow = f"_kept_{key}"
+    if key not in st.session_state:
+        value = st.session_state.get(shadow, default)
+        if args:
+            options = list(args[0])
+            if isinstance(value, (list, tuple)):
+                value = [v for v in value if v in options]
+            elif value not in options:
+                value = default
+        st.session_state[key] = value
+    value = widget(label, *args, key=key, **kwargs)
+    st.session_state[shadow] = value
+    return value

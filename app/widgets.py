@@ -6,28 +6,32 @@ import streamlit as st
 
 from analysis import figures
 from analysis import neurons as nr
-from app.state import user_errors, workbench
+from app.state import workbench
 
 
-def downloads(fig, stem: str, table: pd.DataFrame | None = None) -> None:
-    """CSV of the figure's data, the figure as HTML, and a PNG rendered on demand."""
-    cols = st.columns(3)
+def downloads(fig, stem: str, table: pd.DataFrame | None = None, key: str | None = None) -> None:
+    """One row of downloads: the figure's data as CSV, the figure as HTML, and as PNG in one click.
+
+    The PNG is rendered (kaleido) only when its button is clicked, on Streamlit's download thread, so
+    drawing the page costs nothing and the click starts the download itself. ``key`` (default: the
+    file stem) tells apart two rows of the same file on one page."""
+    key = key or stem
+    cols = st.columns([1, 1, 1, 5])
     if table is not None:
         cols[0].download_button("CSV", table.to_csv(index=False).encode(), f"{stem}.csv", "text/csv",
-                                key=f"csv-{stem}")
+                                key=f"csv-{key}", on_click="ignore", icon=":material/download:")
     cols[1].download_button("HTML", fig.to_html(include_plotlyjs=True).encode(), f"{stem}.html", "text/html",
-                            key=f"html-{stem}")
-    if cols[2].button("PNG", key=f"png-{stem}", help="Render a PNG (takes a few seconds)"):
-        with user_errors():
-            st.session_state[f"png-{stem}"] = figures.figure_to_png_bytes(fig)
-    if png := st.session_state.get(f"png-{stem}"):
-        cols[2].download_button("Save PNG", png, f"{stem}.png", "image/png", key=f"png-dl-{stem}")
+                            key=f"html-{key}", on_click="ignore", icon=":material/download:")
+    cols[2].download_button("PNG", lambda: figures.figure_to_png_bytes(fig), f"{stem}.png", "image/png",
+                            key=f"png-{key}", on_click="ignore", icon=":material/download:",
+                            help="Rendered when you click (a few seconds).")
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def drilldown(model_spec: str, corpus_spec: str, languages: tuple[str, ...], text: str, layer: int,
               neuron: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The atlas drill-down's data: the corpus texts that excite the neuron most, and its value vector's tokens."""
+    """The atlas drill-down's data: the corpus texts that excite the neuron most, and its value vector's tokens.
+    Pure (no ``st.*`` call), so a cache hit replays nothing."""
     from data import load_corpus
 
     wb = workbench(model_spec)
@@ -43,4 +47,4 @@ def neuron_drilldown(model_spec: str, corpus_spec: str, languages, layer: int, n
         top_prompts, top_tokens = drilldown(model_spec, corpus_spec, tuple(languages), text, int(layer), int(neuron))
     fig = figures.neuron_drilldown(top_prompts, top_tokens, int(layer), int(neuron))
     st.plotly_chart(fig, width="stretch", key=key)
-    downloads(fig, f"neuron_L{layer}_{neuron}", top_prompts)
+    downloads(fig, f"neuron_L{layer}_{neuron}", top_prompts, key=f"{key}-L{layer}-{neuron}")

@@ -13,6 +13,8 @@ if _ROOT not in sys.path:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.browser import app_url, browser  # noqa: E402,F401  (real-browser fixtures, one app per session)
+
 
 @pytest.fixture(autouse=True)
 def one_thread_for_tiny_models(request):

@@ -7,26 +7,48 @@ import streamlit as st
 
 from analysis import figures
 from analysis import neurons as nr
-from app.state import corpus_rows, current_corpus_spec, current_model_spec, user_errors, workbench
+from app.state import (corpus_rows, current_corpus_spec, current_model_spec, kept, progress_bar, user_errors,
+                       workbench)
 from app.widgets import downloads, neuron_drilldown
+from data.relations import relation_label
 
 st.title("Neuron atlas")
 st.caption("Eq. 4 counts how often each FFN neuron fires (> 0) on each language's facts; Eq. 5 keeps a "
            "language's factual neurons (n / max > β); Eq. 6 intersects them into the language-agnostic "
            "factual neurons (LAFNs). Language-specific neurons are factual in one chosen language only.")
 
+DEFAULT_BETA = 0.8
+BETA_HELP = ("A neuron is factual in a language when its count / the layer's largest count > β (Eq. 5). "
+             "The default 0.8 keeps the neurons that fire on nearly every fact, which shows the paper's picture "
+             "(LAFN peaks in a few layers); at LU-LAFNs' editing threshold 0.1 most neurons of this small model "
+             "fire often enough to count, so Figure 1 becomes a wall of bars.")
 
-@st.cache_data(show_spinner=False, max_entries=16)
-def atlas(model_spec: str, corpus_spec: str, languages: tuple[str, ...], relations: tuple[str, ...],
-          positions: str, text: str, max_facts: int, _progress=None) -> nr.NeuronCounts:
-    """Counts for one request; also kept in a run folder on disk, so a restart reads them back."""
+
+def count_request(request: tuple) -> str:
+    """Run (or read back) the counts of one request; returns its run folder. Not cached by Streamlit: the
+    backend's run folder is the cache, found again by a rerun, a page switch or another session."""
     from data import load_corpus
 
+    model_spec, corpus_spec, languages, relations, positions, text, max_facts = request
     corp = load_corpus(corpus_spec, languages=list(languages), relations=list(relations) or None,
                        max_facts=max_facts).aligned(list(languages))
-    counts, _, _ = nr.atlas_counts(workbench(model_spec), corp, list(languages), positions=positions, text=text,
-                                   progress=_progress)
-    return counts
+    with progress_bar("Tracing neuron activations (texts)") as progress:
+        _, folder, _ = nr.atlas_counts(workbench(model_spec), corp, list(languages), positions=positions, text=text,
+                                       progress=progress)
+    return str(folder)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def counts_in(folder: str, stamp: float) -> nr.NeuronCounts:
+    """A run folder's counts (``stamp``: the manifest's modification time, so a rewritten folder is re-read)."""
+    return nr.NeuronCounts.load(folder)
+
+
+def stamp(folder: str) -> float:
+    from pathlib import Path
+
+    manifest = Path(folder) / "manifest.json"
+    return manifest.stat().st_mtime if manifest.is_file() else 0.0
 
 
 with user_errors():
@@ -38,42 +60,50 @@ with user_errors():
     with st.form("atlas-request"):
         c1, c2 = st.columns([2, 3])
         default_langs = [lang for lang in ("en", "zh") if lang in all_languages] or all_languages[:2]
-        languages = c1.multiselect("Languages (at least two)", all_languages, default=default_langs)
-        relations = c2.multiselect("Relations (empty = all)", all_relations)
+        languages = kept(c1.multiselect, "Languages (at least two)", all_languages, key="atlas-languages",
+                         default=default_langs)
+        relations = kept(c2.multiselect, "Relations (empty = all)", all_relations, key="atlas-relations", default=[],
+                         format_func=relation_label)
         c3, c4, c5 = st.columns(3)
-        positions = c3.radio("Tokens counted", nr.POSITIONS, horizontal=True,
-                             help="all: every token (the paper); subject: the subject's tokens; last: the last token.")
-        text = c4.radio("Text", nr.TEXTS, horizontal=True,
-                        help="statement: the full fact sentence (the paper); prompt: cut before the object.")
-        max_facts = c5.number_input("Facts per relation", min_value=1, max_value=100_000, value=10,
-                                    help="Facts sampled per relation (seed 0), aligned across the languages.")
+        positions = kept(c3.radio, "Tokens counted", nr.POSITIONS, key="atlas-positions", default=nr.POSITIONS[0],
+                         horizontal=True,
+                         help="all: every token (the paper); subject: the subject's tokens; last: the last token.")
+        text = kept(c4.radio, "Text", nr.TEXTS, key="atlas-text", default=nr.TEXTS[0], horizontal=True,
+                    help="statement: the full fact sentence (the paper); prompt: cut before the object.")
+        max_facts = kept(c5.number_input, "Facts per relation", key="atlas-facts", default=10, min_value=1,
+                         max_value=100_000, help="Facts sampled per relation (seed 0), aligned across the languages.")
         submitted = st.form_submit_button("Run", type="primary")
     if submitted:
-        st.session_state["atlas_request"] = (tuple(languages), tuple(relations), positions, text, int(max_facts))
+        if len(languages) < 2:
+            st.error("Choose at least two languages.", icon=":material/error:")
+            st.stop()
+        st.session_state["atlas_request"] = (model_spec, corpus_spec, tuple(languages), tuple(relations), positions,
+                                             text, int(max_facts))
 
     request = st.session_state.get("atlas_request")
+    if request is not None and request[:2] != (model_spec, corpus_spec):
+        request = None  # the model or corpus changed on Home since: the old result no longer applies
     if request is None:
         st.info("Choose languages and press **Run**. Counting 10 facts per relation in two languages takes "
-                "about a minute on a laptop CPU with the embedded model; results are cached.")
+                "about a minute on a laptop CPU with the embedded model; a request that ran before (in any "
+                "session) is read back at once.")
         st.stop()
-    languages, relations, positions, text, max_facts = request
-    if len(languages) < 2:
-        st.error("Choose at least two languages.")
-        st.stop()
+    done = st.session_state.get("atlas_done", {})
+    folder = done.get(request)
+    if submitted or folder is None or stamp(folder) == 0.0:
+        # A new request, the same one again (read back from its run folder), or one cut short by leaving the page.
+        folder = count_request(request)
+        st.session_state["atlas_done"] = {request: folder}
+    counts = counts_in(folder, stamp(folder))
+    model_spec, corpus_spec, languages, relations, positions, text, max_facts = request
+    st.caption(f"Counted {', '.join(f'{l}: {n:,} tokens' for l, n in zip(counts.languages, counts.tokens))} · "
+               f"{counts.n_layers} layers × {counts.n_neurons:,} neurons · {max_facts} facts per relation · "
+               f"relations: {', '.join(relations) or 'all'} · run folder `{folder}`")
 
-    with st.status("Tracing neuron activations...", expanded=False) as status:
-        bar = st.progress(0.0)
-
-        def progress(done: int, total: int) -> None:
-            bar.progress(done / max(total, 1), text=f"{done:,} / {total:,} texts")
-
-        counts = atlas(model_spec, corpus_spec, languages, relations, positions, text, max_facts, _progress=progress)
-        bar.progress(1.0)
-        status.update(label=f"Counted {', '.join(f'{l}: {n:,} tokens' for l, n in zip(counts.languages, counts.tokens))}"
-                      f" · {counts.n_layers} layers × {counts.n_neurons:,} neurons", state="complete")
-
-    beta = st.slider("β (Eq. 5 threshold)", 0.0, 1.0, 0.1, 0.05,
-                     help="A neuron is factual in a language when its count / the layer's max count > β.")
+    if "atlas-beta" not in st.session_state:
+        st.session_state["atlas-beta"] = st.session_state.get("_kept_atlas-beta", DEFAULT_BETA)
+    beta = st.slider("β (Eq. 5 threshold)", 0.0, 1.0, step=0.05, key="atlas-beta", help=BETA_HELP)
+    st.session_state["_kept_atlas-beta"] = beta
     table = nr.neuron_set_table(counts, beta)
     factual = nr.factual_neurons(counts, beta)
     wide = table.pivot(index="layer", columns="set", values="count")
@@ -87,7 +117,7 @@ with user_errors():
         st.plotly_chart(fig, width="stretch", key="per-layer")
         downloads(fig, f"neurons_per_layer_beta{beta:g}", table)
     with tabs[1]:
-        layer_pick = st.selectbox("Layer", ["all layers"] + list(range(counts.n_layers)))
+        layer_pick = st.selectbox("Layer", ["all layers"] + list(range(counts.n_layers)), key="atlas-overlap-layer")
         jac = nr.jaccard_overlap(factual, None if layer_pick == "all layers" else int(layer_pick))
         fig = figures.overlap_heatmap(jac)
         st.plotly_chart(fig, width="stretch", key="overlap")
@@ -112,18 +142,22 @@ with user_errors():
     with tabs[4]:
         neuron_table = nr.neuron_list(counts, beta)
         c1, c2 = st.columns(2)
-        set_pick = c1.selectbox("Neuron set", [nr.LAFN] + list(languages) + [f"specific:{l}" for l in languages])
-        layer_filter = c2.selectbox("Layer ", ["all"] + list(range(counts.n_layers)), index=1 + int(peak))
+        set_pick = c1.selectbox("Neuron set", [nr.LAFN] + list(languages) + [f"specific:{l}" for l in languages],
+                                key="atlas-set")
+        layer_filter = c2.selectbox("Layer ", ["all"] + list(range(counts.n_layers)), index=1 + int(peak),
+                                    key=f"atlas-layer-filter-{peak}")
         shown = neuron_table[neuron_table["set"] == set_pick]
         if layer_filter != "all":
             shown = shown[shown["layer"] == int(layer_filter)]
         count_cols = [f"n_{l}" for l in languages]
         shown = shown.assign(total=shown[count_cols].sum(axis=1)).sort_values("total", ascending=False).head(500)
+        shown = shown.reset_index(drop=True)
         st.caption(f"{len(shown):,} neurons shown (most active first). Select a row to open its drill-down.")
         event = st.dataframe(shown, hide_index=True, width="stretch", on_select="rerun",
-                             selection_mode="single-row", key="neuron-table")
-        st.download_button("CSV of this set", shown.to_csv(index=False).encode(), f"{set_pick}.csv", "text/csv")
-        picked = event.selection.rows if event is not None else []
+                             selection_mode="single-row", key=f"neuron-table-{set_pick}-{layer_filter}-{beta:g}")
+        st.download_button("CSV of this set", shown.to_csv(index=False).encode(), f"{set_pick}.csv", "text/csv",
+                           on_click="ignore", icon=":material/download:", key="atlas-set-csv")
+        picked = [i for i in (event.selection.rows if event is not None else []) if i < len(shown)]
         if picked:
             row = shown.iloc[picked[0]]
             neuron_drilldown(model_spec, corpus_spec, languages, int(row["layer"]), int(row["neuron"]), text)

@@ -1,0 +1,164 @@
+"""Real-browser support shared by every browser test module: the app as a subprocess (one per test
+session) and headless Chromium. The fixtures are registered in conftest.py."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run"]
+
+def _require_chromium():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must have Debian's chromium installed (.ci/run installs it)")
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory):
+    _require_chromium()
+    port = _free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    neuroglot = shutil.which("neuroglot", path=str(Path(sys.executable).parent)) or "neuroglot"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([neuroglot, "app", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group: the teardown can reap it all
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300  # the first run may convert the embedded model
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"app exited early:\n{log.read_text()}")
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(1)
+    else:
+        _kill_group(proc)
+        pytest.fail(f"app did not start:\n{log.read_text()}")
+    yield url
+    # Terminating `neuroglot app` alone must stop the server (it execs Streamlit rather than leaving a child).
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.time() + 20
+    while time.time() < deadline and _serving(url):
+        time.sleep(0.5)
+    outlived = _serving(url)
+    _kill_group(proc)
+    if outlived:
+        pytest.fail("the Streamlit server outlived the terminated `neuroglot app` process")
+
+
+def _serving(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    _require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        b.close()
+
+
+def shown(page, *texts: str, timeout: int = 60_000) -> str:
+    """Wait until every text is on the page, then return the page's text.
+
+    Streamlit draws a script run's elements one after another, so a text that comes later in the script
+    may not be there yet when an earlier one appears: wait for each text instead of reading the body once."""
+    for text in texts:
+        page.get_by_text(text, exact=False).first.wait_for(timeout=timeout)
+    return page.inner_text("body")
+
+
+def shot(page, name: str, full_page: bool = False) -> None:
+    """A screenshot into ``NEUROGLOT_SHOTS`` (default /tmp)."""
+    page.screenshot(path=str(Path(os.environ.get("NEUROGLOT_SHOTS", "/tmp")) / name), full_page=full_page)
+
+
+
+
+FAULTS = ("Traceback", "Something went wrong", "CacheReplayClosureError", "KeyError", "StreamlitAPIException")
+
+
+def assert_clean(page, step: str) -> str:
+    """After a user step: no exception box and no exception text on the page; returns the page's text."""
+    body = page.inner_text("body")
+    found = [f for f in FAULTS if f in body]
+    exceptions = page.locator("[data-testid='stException']").count()
+    assert not found and not exceptions, f"after {step}: {found or 'an exception box'} on the page:\n{body[:3000]}"
+    return body
+
+
+def settled(page, timeout: int = 600_000) -> None:
+    """Wait until Streamlit has finished the current script run (its status widget says "Running" meanwhile)."""
+    page.wait_for_timeout(300)
+    page.locator("[data-testid='stStatusWidget']").filter(has_text="Running").wait_for(state="detached",
+                                                                                      timeout=timeout)
+
+
+def move_slider(page, label: str, presses: int) -> None:
+    """Move the slider named ``label`` by ``presses`` steps with the keyboard (negative: to the left)."""
+    thumb = page.get_by_role("slider", name=label)
+    if not thumb.count():
+        thumb = page.locator("[data-testid='stSlider']").filter(has_text=label).get_by_role("slider")
+    thumb.first.focus()
+    for _ in range(abs(presses)):
+        thumb.first.press("ArrowRight" if presses > 0 else "ArrowLeft")
+
+
+def download(page, container, label: str):
+    """Click the download button ``label`` inside ``container``; returns the saved file's bytes."""
+    button = container.locator("[data-testid='stDownloadButton']").filter(has_text=label).first
+    with page.expect_download(timeout=120_000) as info:
+        button.click()
+    path = info.value.path()
+    return Path(path).read_bytes()
+
+
+def select_first_row(page, table) -> None:
+    """Tick the row-selection box of a st.dataframe's first data row (it sits at the table's left edge)."""
+    table.wait_for(timeout=120_000)
+    table.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)
+    box = table.bounding_box()
+    page.mouse.click(box["x"] + 15, box["y"] + 55)
+
+
+def go_to(page, title: str) -> None:
+    """Leave for another page through the sidebar navigation, as a user does."""
+    page.locator("[data-testid='stSidebarNav']").get_by_text(title, exact=True).click()

@@ -1,0 +1,87 @@
+"""Real-browser tests that use each analysis page as a user does: run it, then keep clicking (sliders, tabs,
+a table row that opens the drill-down, every download, leaving the page and coming back, the same request
+again, and the same request in a second browser session). After every step the page must still show its
+result and no exception text: Streamlit replays the element calls of a cached function on a cache hit, so
+a page that works once can break on the second click (issue 11)."""
+from __future__ import annotations
+
+import pytest
+
+from tests.browser import assert_clean, download, go_to, move_slider, select_first_row, settled, shot, shown
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+WIDE = {"width": 1400, "height": 1100}
+
+
+def run_small_atlas(page, url: str) -> None:
+    page.goto(url + "/atlas")
+    page.get_by_role("button", name="Run", exact=True).wait_for(timeout=180_000)
+    facts = page.get_by_role("spinbutton", name="Facts per relation")
+    facts.fill("1")
+    facts.press("Enter")
+    page.get_by_role("button", name="Run", exact=True).click()
+
+
+def test_atlas_page_survives_every_interaction(app_url, browser):
+    page = browser.new_page(viewport=WIDE)
+    run_small_atlas(page, app_url)
+    shown(page, "LAFNs at β = 0.8", timeout=600_000)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+    assert_clean(page, "run")
+    shot(page, "atlas.png")
+
+    move_slider(page, "β (Eq. 5 threshold)", -2)                       # slider
+    settled(page)
+    shown(page, "LAFNs at β = 0.7", timeout=120_000)
+    assert_clean(page, "moving β")
+
+    for tab in ("Overlap", "β sweep", "LAPE", "Neurons per layer"):    # every tab
+        page.get_by_role("tab", name=tab).click()
+        settled(page)
+        assert_clean(page, f"tab {tab}")
+
+    panel = page.get_by_role("tabpanel", name="Neurons per layer")     # every download of Figure 1
+    csv = download(page, panel, "CSV").decode()
+    assert "LAFN" in csv and "layer" in csv
+    assert b"plotly" in download(page, panel, "HTML")[:200_000].lower()
+    assert download(page, panel, "PNG")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_clean(page, "downloads")
+
+    page.get_by_role("tab", name="Neuron drill-down").click()          # a row opens the drill-down
+    drill = page.get_by_role("tabpanel", name="Neuron drill-down")
+    select_first_row(page, drill.locator("[data-testid='stDataFrame']").first)
+    shown(page, "promoted", timeout=300_000)
+    assert_clean(page, "selecting a neuron")
+    shot(page, "atlas_drill.png")
+    png = download(page, drill, "PNG")
+    assert png[:4] == b"\x89PNG"
+    assert_clean(page, "drill-down PNG")
+
+    go_to(page, "Home")                                                # leave and come back
+    shown(page, "Facts per relation × language", timeout=180_000)
+    go_to(page, "Neuron atlas")
+    shown(page, "LAFNs at β = 0.7", timeout=300_000)                    # β and the result are still there
+    assert_clean(page, "coming back")
+    assert page.get_by_role("spinbutton", name="Facts per relation").input_value() == "1"
+
+    page.get_by_role("button", name="Run", exact=True).click()         # the same request again
+    settled(page)
+    shown(page, "LAFNs at β = 0.7", timeout=300_000)
+    assert_clean(page, "the same request again")
+
+    page.reload()                                                       # a reload is a new session
+    run_small_atlas(page, app_url)
+    shown(page, "LAFNs at β = 0.8", timeout=300_000)
+    assert_clean(page, "the same request after a reload")
+
+    other = browser.new_context(viewport=WIDE)                          # a second browser session
+    second = other.new_page()
+    run_small_atlas(second, app_url)
+    shown(second, "LAFNs at β = 0.8", timeout=300_000)
+    assert_clean(second, "the same request in a second session")
+    move_slider(second, "β (Eq. 5 threshold)", 1)
+    shown(second, "LAFNs at β = 0.85", timeout=120_000)
+    assert_clean(second, "moving β in the second session")
+    other.close()
+    page.close()
