@@ -105,6 +105,9 @@ def _check_method(method: str, steps: int, target_tokens: str) -> None:
         raise InputError(f"target_tokens must be 'first' or 'mean', got {target_tokens!r}.")
 
 
+check_method = _check_method  # public: the CLI checks before it loads a model
+
+
 def _check_layers(wb, layers: Sequence[int] | None) -> list[int]:
     if layers is None:
         return list(range(wb.n_layers))
@@ -594,31 +597,43 @@ def request_key(wb, prompts: pd.DataFrame, layers: list[int], steps: int, method
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
+def attribution_request(model: str, prompts: pd.DataFrame, steps: int, method: str,
+                        target_tokens: str) -> dict[str, Any]:
+    """The request of an attribution run in readable form (its ``run.json``; compared before a model loads)."""
+    return {"model": str(model).strip(), "facts": sorted(map(str, pd.unique(prompts["fact_id"]))),
+            "languages": sorted(map(str, pd.unique(prompts["language"]))), "prompts": int(len(prompts)),
+            "steps": int(steps), "method": method, "target_tokens": target_tokens}
+
+
 def attribution_run(wb, prompts: pd.DataFrame, layers: Sequence[int] | None = None, steps: int = 20,
                     method: str = "riemann_right", target_tokens: str = "first", max_rows: int = 512,
                     folder: str | Path | None = None, progress: Progress | None = None,
-                    extra_meta: dict | None = None) -> tuple[AttributionRun, Path, bool]:
+                    extra_meta: dict | None = None, overwrite: bool = False) -> tuple[AttributionRun, Path, bool]:
     """:func:`attribute_prompts`, read back from its run folder when the same request ran before.
 
     ``folder`` defaults to ``<cache>/runs/attribution-<key>``. Returns ``(run, folder, reused)``.
+    A folder holding another request's or another command's results is refused before any
+    work unless ``overwrite``; damaged files of the same request are recomputed.
     """
     from analysis.model import cache_root
-    from analysis.neurons import versions
+    from analysis.runs import claim, versions, write_run
 
     _check_method(method, steps, target_tokens)
     chosen = _check_layers(wb, layers)
     key = request_key(wb, prompts, chosen, int(steps), method, target_tokens)
     folder = Path(folder) if folder is not None else cache_root() / "runs" / f"attribution-{key}"
-    if (folder / "manifest.json").is_file():
+    request = dict(attribution_request(wb.spec, prompts, steps, method, target_tokens), layers=chosen)
+    info = claim(folder, "attribute", key, request, overwrite)
+    if info.state == "run" and info.key == key:
         try:
             run = AttributionRun.load(folder)
             if run.meta.get("key") == key:
                 return run, folder, True
         except (NeuroglotError, ValueError, OSError):
-            pass  # damaged or foreign folder: recompute and overwrite
+            pass  # damaged folder: recompute and replace
     run = attribute_prompts(wb, prompts, layers=chosen, steps=steps, method=method, target_tokens=target_tokens,
                             max_rows=max_rows, progress=progress)
     run.meta.update(key=key, created=time.strftime("%Y-%m-%dT%H:%M:%S"), versions=versions(),
                     **(extra_meta or {}))
-    run.save(folder)
+    write_run(folder, "attribute", key, request, run.save)
     return run, folder, False

@@ -79,6 +79,7 @@ import pandas as pd
 import torch
 
 from analysis.arch import first_tensor
+from analysis import runs
 from analysis.errors import InputError, NeuroglotError
 from analysis.neurons import atomic_write, check_languages, forward_inputs, versions
 from analysis.tokens import answer_ids, encode
@@ -222,14 +223,9 @@ class _Prepared:
     meta: dict[str, Any]
 
 
-def _prepare(wb, prompt: str, subject: str, answer: str | None, kinds: Sequence[str], samples: int,
-             noise: float, sigma: float | None, window: int, seed: int, max_rows: int,
-             language: str | None) -> _Prepared:
-    """Validate the parameters, tokenise, locate the subject, draw the noise."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("The prompt is empty.")
-    if not isinstance(subject, str) or not subject.strip():
-        raise InputError("The subject is empty.")
+def check_parameters(kinds: Sequence[str], samples: int, window: int, max_rows: int, seed: int,
+                     noise: float | None = None) -> tuple[str, ...]:
+    """Refuse bad tracing parameters (before a model is loaded, and before any fact is traced)."""
     if isinstance(kinds, str):
         kinds = (kinds,)
     kinds = tuple(dict.fromkeys(kinds))
@@ -242,6 +238,20 @@ def _prepare(wb, prompt: str, subject: str, answer: str | None, kinds: Sequence[
             raise InputError(f"{name} must be a whole number >= {least}; got {value!r}.")
     if not _is_number(seed) or int(seed) != seed:
         raise InputError(f"seed must be a whole number; got {seed!r}.")
+    if noise is not None and (not _is_number(noise) or not float(noise) >= 0 or not math.isfinite(float(noise))):
+        raise InputError(f"noise must be a finite number >= 0 (a multiple of the embedding std); got {noise!r}.")
+    return kinds
+
+
+def _prepare(wb, prompt: str, subject: str, answer: str | None, kinds: Sequence[str], samples: int,
+             noise: float, sigma: float | None, window: int, seed: int, max_rows: int,
+             language: str | None) -> _Prepared:
+    """Validate the parameters, tokenise, locate the subject, draw the noise."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("The prompt is empty.")
+    if not isinstance(subject, str) or not subject.strip():
+        raise InputError("The subject is empty.")
+    kinds = check_parameters(kinds, samples, window, max_rows, seed)
     ids, (start, end) = locate_subject(wb.tokenizer, prompt, subject)
     tokens = [wb.tokenizer.decode([int(i)]) for i in ids[0]]
     answer_id = None
@@ -687,6 +697,7 @@ def trace_facts(wb, corpus, languages: Sequence[str], max_facts: int = 20, kinds
         raise InputError(f"Unknown answer {answer!r}: use 'object' (the corpus object) or 'model' (the prediction).")
     if not _is_number(max_facts) or int(max_facts) < 1:
         raise InputError(f"max_facts must be a whole number >= 1; got {max_facts!r}.")
+    check_parameters(kinds, samples, window, max_rows, seed)  # not per fact: a bad value is no skipped fact
     aligned = corpus.aligned(languages)
     sigma_given = sigma is not None
     sigma = noise_sigma(wb, noise, sigma)  # once for all facts
@@ -812,11 +823,12 @@ def trace_request(wb, corpus, languages: Sequence[str], max_facts: int, kinds: S
 def trace_run(wb, corpus, languages: Sequence[str], max_facts: int = 20, kinds: Sequence[str] = KINDS,
               samples: int = 10, noise: float = 3.0, sigma: float | None = None, window: int = 10, seed: int = 0,
               answer: str = "object", folder: str | Path | None = None, max_rows: int = 256,
-              progress: Progress | None = None) -> tuple[FactTraces, Path, bool]:
+              progress: Progress | None = None, overwrite: bool = False) -> tuple[FactTraces, Path, bool]:
     """:func:`trace_facts` through a run folder: reused when its manifest matches the request.
 
     ``folder`` defaults to ``<cache>/runs/trace-<key>``. A folder holding another
-    request (or damaged files) is recomputed and overwritten. Returns
+    request or another command's results is refused before any work unless
+    ``overwrite``; damaged files of the same request are recomputed. Returns
     ``(traces, folder, reused)``.
     """
     from analysis.model import cache_root
@@ -824,18 +836,19 @@ def trace_run(wb, corpus, languages: Sequence[str], max_facts: int = 20, kinds: 
     languages = check_languages(languages)
     request = trace_request(wb, corpus, languages, max_facts, kinds, samples, noise, sigma, window, seed, answer)
     folder = Path(folder) if folder is not None else cache_root() / "runs" / f"trace-{request['key']}"
-    if (folder / "manifest.json").is_file():
+    info = runs.claim(folder, "trace", request["key"], request, overwrite)
+    if info.state == "run" and info.key == request["key"]:
         try:
             saved = load_traces(folder)
             if saved.meta.get("request", {}).get("key") == request["key"]:
                 return saved, folder, True
         except NeuroglotError:
-            pass  # damaged folder: recompute and overwrite
+            pass  # damaged folder: recompute and replace
     started = time.perf_counter()
     traces = trace_facts(wb, corpus, languages, max_facts=max_facts, kinds=kinds, samples=samples, noise=noise,
                          window=window, seed=seed, answer=answer, progress=progress, sigma=sigma, max_rows=max_rows)
     meta = {"request": request, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(),
             "seconds": round(time.perf_counter() - started, 2)}
-    save_traces(folder, traces, meta)
+    runs.write_run(folder, "trace", request["key"], request, lambda tmp: save_traces(tmp, traces, meta))
     traces.meta = _manifest_head(traces, meta)
     return traces, folder, False

@@ -172,6 +172,8 @@ def load_model(spec: str = EMBEDDED, device: str = "auto", dtype: str = "auto",
     spec = str(spec).strip()
     if not spec:
         raise ModelSpecError("The model spec is empty. Use 'embedded', a Hugging Face id, a folder or a .gguf file.")
+    if dtype != "auto" and dtype not in _DTYPES:  # before any conversion or download
+        raise ModelSpecError(f"Unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16.")
     target_device = _resolve_device(device)
 
     if spec == EMBEDDED:
@@ -210,6 +212,31 @@ def load_model(spec: str = EMBEDDED, device: str = "auto", dtype: str = "auto",
     wb.device = target_device
     wb.load_seconds = time.perf_counter() - started
     return wb
+
+
+def check_spec(spec: str, dtype: str = "auto") -> str:
+    """Refuse a spec (or dtype) that cannot load, without loading anything: for commands that load later."""
+    spec = str(spec).strip()
+    if not spec:
+        raise ModelSpecError("The model spec is empty. Use 'embedded', a Hugging Face id, a folder or a .gguf file.")
+    if dtype != "auto" and dtype not in _DTYPES:
+        raise ModelSpecError(f"Unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16.")
+    path = Path(spec).expanduser()
+    if spec == EMBEDDED or re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec) and not path.exists():
+        return spec
+    if spec.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ModelSpecError(f"GGUF file not found: {path}")
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"{path} is a folder but holds no config.json: not a Hugging Face checkpoint.")
+    elif path.exists():
+        raise ModelSpecError(f"{spec} is a file but not a .gguf model; give a .gguf file, a checkpoint folder, "
+                             "a Hugging Face id or 'embedded'.")
+    else:
+        raise ModelSpecError(f"Unknown model spec {spec!r}: use 'embedded', a Hugging Face id like "
+                             "'Qwen/Qwen2-7B', a local checkpoint folder, or a path to a .gguf file.")
+    return spec
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -253,6 +280,8 @@ def _load_config(folder: str | Path, trust_remote_code: bool) -> Any:
     try:
         return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except OSError as exc:
+        if (Path(folder) / "config.json").is_file():
+            raise ModelSpecError(f"Could not read {Path(folder) / 'config.json'}: {_first_line(exc)}") from exc
         raise ModelSpecError(f"Could not find model {folder!s}: {_first_line(exc)}") from exc
     except ValueError as exc:  # unknown model_type, or remote code refused
         msg = _first_line(exc)
@@ -272,11 +301,16 @@ def _check_family(config: Any, spec: str) -> None:
 def _load_weights(folder: str | Path, config: Any, dtype: torch.dtype, trust_remote_code: bool, spec: str):
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=dtype,
                                                     trust_remote_code=trust_remote_code,
                                                     low_cpu_mem_usage=True)
-    except (OSError, ValueError) as exc:
+    except SafetensorError as exc:
+        raise ModelSpecError(f"Could not load the weights of {spec}: a .safetensors file is truncated or damaged "
+                             f"({_first_line(exc)}).") from exc
+    except (OSError, ValueError, RuntimeError, EOFError) as exc:
         raise ModelSpecError(f"Could not load the weights of {spec}: {_first_line(exc)}") from exc
 
 
@@ -352,6 +386,9 @@ def _convert_gguf(gguf_path: Path, folder: Path, progress: Progress | None) -> P
             progress(frac, msg)
 
     started = time.perf_counter()
+    with open(gguf_path, "rb") as f:
+        if f.read(4) != b"GGUF" or os.fstat(f.fileno()).st_size < 24:
+            raise ModelSpecError(f"{gguf_path} is not a GGUF model: it is empty, truncated or another kind of file.")
     report(0.0, f"De-quantizing {gguf_path.name} (first run only)")
     print(f"neuroglot: converting {gguf_path.name} once into {folder} (first run only)...", flush=True)
     try:
@@ -359,8 +396,12 @@ def _convert_gguf(gguf_path: Path, folder: Path, progress: Progress | None) -> P
         report(0.3, "Tokenizer converted; de-quantizing weights")
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                      dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelSpecError(f"Could not read {gguf_path}: {_first_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - the GGUF reader fails on a cut file with struct/index/shape errors
+        cut = (not isinstance(exc, (OSError, ValueError, KeyError, RuntimeError)) or isinstance(exc, UnicodeDecodeError)
+               or any(sign in str(exc) for sign in ("reshape", "larger dtype", "buffer", "unpack")))
+        raise ModelSpecError(f"Could not read {gguf_path}: " + (
+            f"the file is truncated or damaged ({type(exc).__name__}: {_first_line(exc)})." if cut
+            else _first_line(exc))) from exc
     _check_family(model.config, str(gguf_path))
     report(0.8, "Writing the safetensors cache")
     # the converted checkpoint is a plain float checkpoint: drop the GGUF marker

@@ -25,9 +25,6 @@ import functools
 import hashlib
 import inspect
 import json
-import os
-import platform
-import tempfile
 import time
 import zipfile
 import zlib
@@ -41,6 +38,8 @@ import torch
 
 from analysis.arch import resolve
 from analysis.errors import InputError, NeuroglotError
+from analysis import runs
+from analysis.runs import atomic_write, versions  # noqa: F401  (used by the other run folders)
 from analysis.tokens import encode, position_ids
 
 POSITIONS = ("all", "subject", "last")
@@ -131,17 +130,6 @@ class NeuronCounts:
         except (ValueError, KeyError, TypeError, AttributeError, OSError, EOFError,
                 zipfile.BadZipFile, zlib.error) as exc:  # truncated, overwritten or hand-edited files
             raise NeuroglotError(f"{folder} holds a damaged neuron run: {exc}") from exc
-
-
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def check_languages(languages: Sequence[str], at_least: int = 1) -> list[str]:
@@ -421,18 +409,6 @@ def beta_sweep(counts: NeuronCounts, betas: Iterable[float] = (0.0, 0.1, 0.2, 0.
 # ---------------------------------------------------------------- run folders
 
 
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("neuroglot", "torch", "transformers", "nnsight"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def request_key(wb, corpus, languages: Sequence[str], positions: str, text: str) -> str:
     """A stable hash of everything that determines the counts."""
     rows = corpus.rows[corpus.rows["language"].isin(languages)]
@@ -445,32 +421,40 @@ def request_key(wb, corpus, languages: Sequence[str], positions: str, text: str)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
+def atlas_request(model: str, corpus, languages: Sequence[str], positions: str, text: str) -> dict[str, Any]:
+    """The request of an atlas run in readable form (its ``run.json``; compared before a model is loaded)."""
+    return {"model": str(model).strip(), "corpus": corpus.name, "languages": list(languages),
+            "positions": positions, "text": text}
+
+
 def atlas_counts(wb, corpus, languages: Sequence[str], positions: str = "all", text: str = "statement",
                  folder: str | Path | None = None, batch_size: int = 32,
-                 progress: Progress | None = None) -> tuple[NeuronCounts, Path, bool]:
+                 progress: Progress | None = None, overwrite: bool = False) -> tuple[NeuronCounts, Path, bool]:
     """Counts for a request, read from its run folder when the same request ran before.
 
     ``folder`` defaults to ``<cache>/runs/neurons-<key>``. Returns
-    ``(counts, folder, reused)``.
+    ``(counts, folder, reused)``. A folder holding another request's counts or
+    another command's results is refused (:class:`~analysis.runs.RunFolderError`)
+    before anything is computed, unless ``overwrite``; damaged files of the same
+    request are recomputed. The folder is replaced as a whole, atomically.
     """
     from analysis.model import cache_root
 
     languages = check_languages(languages)
     key = request_key(wb, corpus, languages, positions, text)
     folder = Path(folder) if folder is not None else cache_root() / "runs" / f"neurons-{key}"
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
+    request = atlas_request(wb.spec, corpus, languages, positions, text)
+    info = runs.claim(folder, "neurons", key, request, overwrite)
+    if info.state == "run" and info.key == key:
         try:
-            saved = json.loads(manifest.read_text())
-            if isinstance(saved, dict) and saved.get("key") == key:
-                return NeuronCounts.load(folder), folder, True
-        except (ValueError, OSError, NeuroglotError):
-            pass  # damaged folder: recompute and overwrite
+            return NeuronCounts.load(folder), folder, True
+        except NeuroglotError:
+            pass  # damaged folder: recompute and replace
     counts = count_activations(wb, corpus, languages, positions=positions, text=text, batch_size=batch_size,
                                progress=progress)
     counts.meta.update(key=key, created=time.strftime("%Y-%m-%dT%H:%M:%S"), versions=versions(),
                        relations=list(corpus.relations), facts=int(corpus.rows["fact_id"].nunique()))
-    counts.save(folder)
+    runs.write_run(folder, "neurons", key, request, counts.save)
     return counts, folder, False
 
 

@@ -1,7 +1,8 @@
 """The `neuroglot` command line: headless access to what the app does.
 
-Every error a user can cause is a NeuroglotError; it is printed as one line
-and the command exits with code 2 (typer uses 2 for bad usage as well).
+Every error a user can cause is printed as one line, exit code 2 (app/cli_errors.py); Ctrl-C prints one
+line, exit code 130. Output paths are checked before any work and written atomically (app/cli_outputs.py):
+a folder of another request or command is replaced only with --overwrite; nothing earlier is ever lost.
 """
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ import os
 import subprocess
 import sys
 import time
-from functools import wraps
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import typer
 
-from analysis.errors import InputError, NeuroglotError
+from analysis.errors import InputError
+from app.cli_errors import on_interrupt, user_errors
+from app.cli_outputs import claim_out, save_figures, save_parquet, save_table
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Neuroglot: multilingual neurons and knowledge edits in LLMs.")
@@ -26,20 +28,8 @@ ModelOpt = typer.Option("embedded", "--model", "-m",
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16.")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow the checkpoint's own Python code to run.")
-
-
-def user_errors(fn: Callable) -> Callable:
-    """Turn NeuroglotError into a one-line message and exit code 2."""
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except NeuroglotError as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(code=2)
-
-    return wrapper
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an --out folder that holds another request's or "
+                                                       "another command's results (refused otherwise).")
 
 
 def split_languages(value: Optional[str]) -> Optional[list[str]]:
@@ -112,6 +102,7 @@ def neurons(model: str = ModelOpt,
             aligned: bool = typer.Option(True, "--aligned/--all-facts", help="Keep only facts present in every language."),
             batch_size: int = typer.Option(32, "--batch-size"),
             png: bool = typer.Option(True, "--png/--no-png", help="Also write PNG figures (needs Chromium)."),
+            overwrite: bool = OverwriteOpt,
             device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
     """Neuron atlas: count activations, find factual / language-agnostic / language-specific neurons, write figures."""
     from tqdm import tqdm
@@ -127,9 +118,12 @@ def neurons(model: str = ModelOpt,
     nr.check_beta(beta)
     if positions not in nr.POSITIONS:
         raise InputError(f"--positions must be one of {', '.join(nr.POSITIONS)}.")
+    if text not in nr.TEXTS:
+        raise InputError(f"--text must be statement or prompt; got {text!r}.")
     corp = load_corpus(corpus, languages=langs, relations=split_languages(relations), max_facts=max_facts)
     if aligned:
         corp = corp.aligned(langs)
+    claim_out(out, "neurons", nr.atlas_request(model, corp, langs, positions, text), overwrite)
     wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     with tqdm(total=1, unit="text", desc="tracing") as bar:
         def progress(done: int, total: int) -> None:
@@ -138,15 +132,17 @@ def neurons(model: str = ModelOpt,
             bar.refresh()
 
         counts, folder, reused = nr.atlas_counts(wb, corp, langs, positions=positions, text=text, folder=out,
-                                                 batch_size=batch_size, progress=progress)
+                                                 batch_size=batch_size, progress=progress, overwrite=overwrite)
+    on_interrupt(f"the counts in {folder} are complete; the tables and figures written so far are complete "
+                 "files (run the command again for the rest).")
     typer.echo(f"{'read' if reused else 'wrote'} counts: {folder} "
                f"({', '.join(f'{l}: {n:,} tokens' for l, n in zip(counts.languages, counts.tokens))})")
     table = nr.neuron_set_table(counts, beta)
-    table.to_csv(folder / f"neurons_per_layer_beta{beta:g}.csv", index=False)
-    nr.neuron_list(counts, beta).to_parquet(folder / f"neurons_beta{beta:g}.parquet", index=False)
+    save_table(table, folder / f"neurons_per_layer_beta{beta:g}.csv", index=False)
+    save_parquet(nr.neuron_list(counts, beta), folder / f"neurons_beta{beta:g}.parquet")
     factual = nr.factual_neurons(counts, beta)
     sweep = nr.beta_sweep(counts)
-    sweep.to_csv(folder / "beta_sweep.csv", index=False)
+    save_table(sweep, folder / "beta_sweep.csv", index=False)
     figs = {
         f"neurons_per_layer_beta{beta:g}": figures.neurons_per_layer(table, counts.n_neurons),
         f"overlap_beta{beta:g}": figures.overlap_heatmap(nr.jaccard_overlap(factual)),
@@ -155,8 +151,7 @@ def neurons(model: str = ModelOpt,
         "lape": figures.lape_distribution(nr.lape(counts), np.logical_or.reduce(
             list(nr.lape_specific_neurons(counts).values()))),
     }
-    for name, fig in figs.items():
-        figures.save_figure(fig, folder / name, formats=("html", "png") if png else ("html",))
+    save_figures(folder, figs, png)
     wide = table.pivot(index="layer", columns="set", values="count")
     typer.echo(wide.to_string())
     lafn = wide[nr.LAFN]
@@ -236,6 +231,7 @@ def attribute(model: str = ModelOpt,
               layers: Optional[str] = typer.Option(None, "--layers", help="e.g. 0-5,9 (default all)."),
               max_rows: int = typer.Option(512, "--max-rows", help="Rows (layers × steps) per forward."),
               png: bool = typer.Option(True, "--png/--no-png", help="Also write PNG figures (needs Chromium)."),
+              overwrite: bool = OverwriteOpt,
               device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
     """Knowledge neurons by integrated gradients (MEMLA Eq. 1-4) per language: independent vs specific."""
     from tqdm import tqdm
@@ -262,6 +258,8 @@ def attribute(model: str = ModelOpt,
         table = at.fact_prompts(corp, langs, max_facts=max_facts, prompts_per_fact=prompts_per_fact,
                                 fact_ids=split_languages(facts))
         source = corp.name
+    at.check_method(method, steps, target_tokens)
+    claim_out(out, "attribute", at.attribution_request(model, table, steps, method, target_tokens), overwrite)
     wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     chosen = parse_layers(layers, wb.n_layers)
     with tqdm(total=len(table), unit="prompt", desc="integrated gradients") as bar:
@@ -271,22 +269,24 @@ def attribute(model: str = ModelOpt,
 
         run, folder, reused = at.attribution_run(wb, table, layers=chosen, steps=steps, method=method,
                                                  target_tokens=target_tokens, max_rows=max_rows, folder=out,
-                                                 progress=progress, extra_meta={"corpus": source})
+                                                 progress=progress, extra_meta={"corpus": source},
+                                                 overwrite=overwrite)
+    on_interrupt(f"the attributions in {folder} are complete; the tables and figures written so far are complete "
+                 "files (run the command again for the rest).")
     typer.echo(f"{'read' if reused else 'wrote'} attributions: {folder} ({len(run.prompts)} prompts, "
                f"{len(run.fact_ids)} facts, {', '.join(run.languages)})")
     counts = run.set_counts(threshold, share)
     per_layer = run.per_layer(threshold, share)
-    counts.to_csv(folder / f"knowledge_neurons_t{threshold:g}_p{share:g}.csv", index=False)
-    per_layer.to_csv(folder / f"knowledge_neurons_per_layer_t{threshold:g}_p{share:g}.csv")
+    save_table(counts, folder / f"knowledge_neurons_t{threshold:g}_p{share:g}.csv", index=False)
+    save_table(per_layer, folder / f"knowledge_neurons_per_layer_t{threshold:g}_p{share:g}.csv")
     tops = [run.top_neurons(f, threshold, share).assign(fact_id=f) for f in run.fact_ids]
     import pandas as pd
 
-    pd.concat(tops, ignore_index=True).to_csv(folder / f"top_neurons_t{threshold:g}_p{share:g}.csv", index=False)
+    save_table(pd.concat(tops, ignore_index=True), folder / f"top_neurons_t{threshold:g}_p{share:g}.csv", index=False)
     figs = {f"knowledge_neurons_by_layer_t{threshold:g}_p{share:g}":
             figures.knowledge_neurons_by_layer(per_layer, run.languages),
             "attribution_strength": figures.attribution_strength(run.mean_scores(), run.layers)}
-    for name, fig in figs.items():
-        figures.save_figure(fig, folder / name, formats=("html", "png") if png else ("html",))
+    save_figures(folder, figs, png)
     shown = counts.drop(columns=["object"]).set_index("fact_id")
     typer.echo(shown.to_string())
     totals = {c: int(counts[c].sum()) for c in counts.columns if c.startswith(("N_", "S_")) or c == at.INDEPENDENT}
@@ -320,6 +320,7 @@ def trace(model: str = ModelOpt,
           max_rows: int = typer.Option(256, "--max-rows", help="Rows per forward."),
           out: Path = typer.Option(..., "--out", "-o", help="Run folder to write."),
           png: bool = typer.Option(True, "--png/--no-png", help="Also write PNG figures (needs Chromium)."),
+          overwrite: bool = OverwriteOpt,
           device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
     """ROME-style causal tracing: heatmaps of one fact per language, or average effects over many facts."""
     from tqdm import tqdm
@@ -333,6 +334,9 @@ def trace(model: str = ModelOpt,
     bad = [k for k in chosen_kinds if k not in figures.TRACE_KINDS]
     if bad or not chosen_kinds:
         raise InputError(f"--kinds takes hidden, mlp and attn; got {kinds!r}.")
+    ct.check_parameters(chosen_kinds, samples, window, max_rows, seed, noise)
+    if max_facts < 1:
+        raise InputError(f"--max-facts must be at least 1; got {max_facts}.")
     typed = per_language(prompt, "--prompt")
     single: dict[str, tuple[str, str, Optional[str]]] = {}
     if typed:
@@ -354,11 +358,16 @@ def trace(model: str = ModelOpt,
         if fact:
             single = {lang: (p, s, o if answer_from == "object" else None)
                       for lang, (p, s, o) in ct.fact_prompt(corp.rows, fact, langs).items()}
-    wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     fmt = ("html", "png") if png else ("html",)
-    out.mkdir(parents=True, exist_ok=True)
     if single:
-        traces = {}
+        from analysis import runs
+
+        request = {"model": model.strip(), "dtype": dtype, "facts": {k: list(v) for k, v in single.items()},
+                   "kinds": chosen_kinds, "samples": samples, "noise": noise, "window": window, "seed": seed}
+        key = runs.request_key(request)
+        claim_out(out, "trace", request, overwrite, key=key)
+        wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        traces, figs = {}, {}
         for lang, (text, subj, ans) in single.items():
             with tqdm(total=100, desc=f"tracing {lang}", unit="%") as bar:
                 def progress(frac: float, message: str) -> None:
@@ -369,19 +378,26 @@ def trace(model: str = ModelOpt,
                                          window=window, seed=seed, max_rows=max_rows, progress=progress,
                                          language=lang)
             traces[lang] = [result]
-            fig = figures.causal_trace_heatmaps(result.tokens, result.subject_range, result.scores,
-                                                result.p_clean, result.p_corrupted, result.answer,
-                                                title=f"[{lang}] {text} → {result.answer.strip()}")
-            figures.save_figure(fig, out / f"trace_{lang}", formats=fmt)
+            figs[f"trace_{lang}"] = figures.causal_trace_heatmaps(
+                result.tokens, result.subject_range, result.scores, result.p_clean, result.p_corrupted,
+                result.answer, title=f"[{lang}] {text} → {result.answer.strip()}")
             best = {k: np.unravel_index(np.argmax(v), v.shape) for k, v in result.scores.items()}
             typer.echo(f"{lang}: {text!r} → {result.answer!r}: clean p = {result.p_clean:.4f}, corrupted p = "
                        f"{result.p_corrupted:.4f}; strongest restoration " + ", ".join(
                            f"{k} at token {result.tokens[t]!r} layer {l} (p = {result.scores[k][t, l]:.4f})"
                            for k, (t, l) in best.items()))
-        ct.save_traces(out, traces, {"request": {"model": wb.spec, "kinds": chosen_kinds, "samples": samples,
-                                                 "noise": noise, "window": window, "seed": seed}})
+
+        def write(tmp: Path) -> None:
+            ct.save_traces(tmp, traces, {"request": dict(request, model=wb.spec, key=key)})
+            for name, fig in figs.items():
+                figures.save_figure(fig, tmp / name, formats=fmt)
+
+        runs.write_run(out, "trace", key, request, write)
         typer.echo(f"wrote traces and figures trace_<language> → {out}")
         return
+    claim_out(out, "trace", dict(model=model.strip(), corpus=corp.name, languages=langs, max_facts=max_facts, seed=seed,
+                                 kinds=chosen_kinds, samples=samples, noise=float(noise), window=window), overwrite)
+    wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     with tqdm(total=100, desc="tracing facts", unit="%") as bar:
         def progress(frac: float, message: str) -> None:
             bar.n = round(100 * frac)
@@ -389,15 +405,16 @@ def trace(model: str = ModelOpt,
 
         traces, folder, reused = ct.trace_run(wb, corp, langs, max_facts=max_facts, kinds=chosen_kinds,
                                               samples=samples, noise=noise, window=window, seed=seed,
-                                              answer=answer_from, folder=out, max_rows=max_rows, progress=progress)
+                                              answer=answer_from, folder=out, max_rows=max_rows, progress=progress,
+                                              overwrite=overwrite)
+    on_interrupt(f"the traces in {folder} are complete; the figures written so far are complete files.")
     effects = {lang: {k: ct.average_effects(traces[lang], k) for k in chosen_kinds} for lang in langs if traces[lang]}
     if not effects:
         raise InputError("No fact could be traced (no prompt contains its subject).")
     for lang, per_kind in effects.items():
         for k, frame in per_kind.items():
-            frame.to_csv(folder / f"average_effect_{lang}_{k}.csv")
-    fig = figures.average_effect_heatmaps(effects)
-    figures.save_figure(fig, folder / "average_effects", formats=fmt)
+            save_table(frame, folder / f"average_effect_{lang}_{k}.csv")
+    save_figures(folder, {"average_effects": figures.average_effect_heatmaps(effects)}, png)
     n = {lang: len(traces[lang]) for lang in langs}
     typer.echo(f"{'read' if reused else 'wrote'} traces: {folder} ({', '.join(f'{l}: {c} facts' for l, c in n.items())})")
     for lang, per_kind in effects.items():
@@ -419,11 +436,16 @@ def read_json_option(value: Optional[str], what: str):
     if not value.lstrip().startswith(("{", "[")):
         if not path.is_file():
             raise InputError(f"{what}: {value!r} is neither JSON nor a file.")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise InputError(f"{what}: {path} is not UTF-8 text (a binary file, or another encoding); "
+                             "give a JSON file saved as UTF-8.") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{what} is not valid JSON: {exc}.") from None
+        source = f" ({path})" if text is not value else ""
+        raise InputError(f"{what}{source} is not valid JSON: {exc}.") from None
 
 
 def typed_request(prompt, subject, target, old, paraphrase, locality, portability):
@@ -509,6 +531,11 @@ def edit(model: str = ModelOpt,
     if list_editors:
         typer.echo("\n".join(available_editors()))
         return
+    if save is not None:
+        from editors.base import check_save_folder
+
+        check_save_folder(save, "--save")  # before the edit is computed, not after
+        on_interrupt(f"{save} is as it was before this command (nothing was saved).")
     sources = sum(x is not None and x != [] for x in (request, record, prompt))
     if sources != 1:
         raise InputError("Give the fact one way: --request FILE, --record ID or --prompt/--subject/--target.")
@@ -548,7 +575,7 @@ def edit(model: str = ModelOpt,
                 shown[col] = shown[col].map(lambda v: "" if v is None or pd.isna(v) else f"{v:.3f}")
             typer.echo(shown.to_string(index=False))
     if save is not None:
-        folder = result.save(save)
+        folder = result.save(save)  # atomic: an interruption leaves the earlier edit in place
         typer.echo(f"\nsaved the edit: {folder}")
 
 
@@ -570,28 +597,35 @@ def evaluate(model: str = ModelOpt,
              merge: Optional[list[Path]] = typer.Option(None, "--merge", help="Merge these run folders of one "
                                                                                "evaluation into --out and print its "
                                                                                "tables (nothing is computed)."),
+             overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in an --out folder that holds "
+                                                                       "another evaluation or another command's "
+                                                                       "results (refused otherwise)."),
              device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
     """The papers' comparison: edit n records with each method, score every test language, print the tables."""
     from tqdm import tqdm
 
     from analysis.model import load_model
     from editors.base import get_editor
-    from editors.evaluate import (EvalConfig, edit_sets_for, load_records, merge_runs, parse_language_sets, report,
-                                  run_evaluation)
+    from editors.evaluate import (EvalConfig, check_run_folder, edit_sets_for, load_records, merge_runs,
+                                  parse_language_sets, report, run_evaluation)
 
     if merge:
         if out is None:
             raise InputError("--merge needs --out, the folder to merge into.")
-        frame, config = merge_runs(merge, out)
+        claim_out(out, "evaluate", None, overwrite)
+        frame, config = merge_runs(merge, out, overwrite=overwrite)
         typer.echo(report(frame, config))
         typer.echo(f"merged run folder: {out}")
         return
 
-    names = split_languages(methods) or []
+    names = list(dict.fromkeys(split_languages(methods) or []))
+    if not names:
+        raise InputError("--methods names no editor; give at least one, e.g. lu-lafns,memit (see `neuroglot edit "
+                         "--list`).")
     for name in names:
         get_editor(name)                                   # unknown names fail before the model loads
-    edit_langs = list(parse_language_sets(edit_languages)[0])
-    tests = list(parse_language_sets(test_languages)[0])
+    edit_langs = list(parse_language_sets(edit_languages, "--edit-languages")[0])
+    tests = list(parse_language_sets(test_languages, "--test-languages")[0])
     overrides = read_json_option(hparams, "--hparams") or {}
     if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
         raise InputError('--hparams must be a JSON object {"method": {"field": value}}.')
@@ -600,11 +634,15 @@ def evaluate(model: str = ModelOpt,
         raise InputError(f"--hparams names {unknown[0]!r}, which is not in --methods.")
     sets = [list(s) for s in edit_sets_for(edit_langs, monolingual)]
     records = load_records(dataset, list(dict.fromkeys(edit_langs + tests)), n, offset)
-    wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     config = EvalConfig(dataset=str(Path(dataset).resolve()), methods=names, edit_sets=sets, test_languages=tests,
-                        n=n, offset=offset, hparams=overrides, model=wb.spec)
+                        n=n, offset=offset, hparams=overrides, model=model.strip())
     if out is None:
         out = Path("runs") / f"evaluate-{'-'.join(names)}-{'+'.join(edit_langs)}-n{n}"
+    state = check_run_folder(config, out, overwrite, what="--out")  # before the model loads
+    on_interrupt(f"the rows finished so far are kept in {out} and its tables match them; run the same command "
+                 f"again to resume{' (without --overwrite)' if state == 'replace' else ''}.")
+    wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    config.model = wb.spec
     total = len(records) * (1 + len(names) * len(sets))
     with tqdm(total=total, unit="step", desc="evaluate") as bar:
         def progress(frac: float, message: str) -> None:
@@ -612,7 +650,7 @@ def evaluate(model: str = ModelOpt,
             bar.set_postfix_str(message[:60])
             bar.refresh()
 
-        frame = run_evaluation(wb, config, out, progress=progress, records=records)
+        frame = run_evaluation(wb, config, out, progress=progress, records=records, overwrite=overwrite)
     typer.echo(report(frame, config))
     typer.echo(f"run folder: {out} (rows.jsonl, probes.csv, tables.md)")
 
@@ -624,6 +662,15 @@ def app(model: str = ModelOpt, corpus: str = typer.Option("demo", "--corpus", "-
         address: str = typer.Option("127.0.0.1", "--address", help="Bind address (keep 127.0.0.1 unless you mean it)."),
         ) -> None:
     """Start the Streamlit app (bound to 127.0.0.1, XSRF protection on)."""
+    from analysis.model import check_spec
+    from data import load_corpus
+
+    if not 1 <= port <= 65535:
+        raise InputError(f"--port must be between 1 and 65535; got {port}.")
+    if not address.strip():
+        raise InputError("--address is empty; use 127.0.0.1 (this machine only) or an interface address.")
+    check_spec(model)       # a bad spec or corpus fails here, not in the browser
+    load_corpus(corpus)
     if model == "embedded":
         from analysis.model import embedded_checkpoint
 

@@ -269,8 +269,9 @@ class Corpus:
             mask &= self._isin("relation", [str(r) for r in _as_list(relations)], self.relations, "relation(s)")
         rows = self.rows[mask]
         if max_facts is not None:
-            if int(max_facts) < 1:
-                raise CorpusError(f"max_facts must be at least 1, got {max_facts}.")
+            if isinstance(max_facts, bool) or not isinstance(max_facts, (int, float, np.integer, np.floating)) \
+                    or not np.isfinite(max_facts) or int(max_facts) != max_facts or max_facts < 1:
+                raise CorpusError(f"max_facts must be a whole number of at least 1, got {max_facts!r}.")
             rows = _sample_facts(rows, int(max_facts), seed)
         return self._new(rows)
 

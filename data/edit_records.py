@@ -74,8 +74,11 @@ def _load_json(path: Path) -> Any:
         raise CorpusError(f"{path}: file not found.")
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CorpusError(f"{path}: cannot read ({e}).") from None
+    except UnicodeDecodeError:
+        raise CorpusError(f"{path}: not UTF-8 text (a binary file, or another encoding), so not an edit data set."
+                          ) from None
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot read ({e.strerror or e}).") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -133,6 +136,9 @@ def load_mzsre(path: str | Path, languages: Iterable[str] | None = None) -> list
         if not files:
             raise CorpusError(f"{path}: no mzsre_test_duplicate_en*.json file in this folder.")
     elif path.is_file():
+        if path.suffix.lower() in (".jsonl", ".csv"):
+            raise CorpusError(f"{path} looks like a fact corpus ({path.suffix} file), not an edit data set: give an "
+                              "MzsRE / Bi-ZsRE folder or .json file (corpora go to --corpus).")
         files = [path]
     else:
         raise CorpusError(f"{path}: file or folder not found.")
@@ -140,9 +146,15 @@ def load_mzsre(path: str | Path, languages: Iterable[str] | None = None) -> list
     records: list[EditRecord] = []
     first_seen: dict[tuple[int, str], Path] = {}
     for file in files:
-        items = _load_json(file)
+        try:
+            items = _load_json(file)
+        except CorpusError as exc:
+            if "not valid JSON" in str(exc):
+                raise CorpusError(f"{exc} It is not an MzsRE / Bi-ZsRE edit data set (one JSON list).") from None
+            raise
         if not isinstance(items, list):
-            raise CorpusError(f"{file}: expected a JSON list of records, got {type(items).__name__}.")
+            raise CorpusError(f"{file}: expected a JSON list of records, got {type(items).__name__}; not an "
+                              "MzsRE / Bi-ZsRE edit data set.")
         for i, item in enumerate(items):
             where = f"{file}, item {i}"
             if not isinstance(item, dict) or not item:

@@ -67,6 +67,14 @@ def load_corpus(
     faster); ``max_facts`` keeps at most that many facts per relation, sampled
     reproducibly from ``seed``.
     """
+    try:
+        return _load_corpus(spec, languages, relations, max_facts, seed)
+    except UnicodeDecodeError:  # the user-file readers name the file; this covers the folder layouts
+        raise CorpusError(f"corpus {str(spec).strip()!r}: a file of it is not UTF-8 text (a binary file, or "
+                          "another encoding); save it as UTF-8.") from None
+
+
+def _load_corpus(spec, languages, relations, max_facts, seed) -> Corpus:
     langs = _normalize_languages(languages)
     rels = _as_list(relations)
     text = str(spec).strip()
@@ -133,16 +141,23 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     except OSError as e:
         raise CorpusError(f"{path}: cannot read ({e.strerror or e}).") from None
     with f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}, line {lineno}: not valid JSON ({e.msg}).") from None
-            if not isinstance(obj, dict):
-                raise CorpusError(f"{path}, line {lineno}: expected a JSON object, got {type(obj).__name__}.")
-            yield lineno, obj
+        try:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CorpusError(f"{path}, line {lineno}: not valid JSON ({e.msg}).") from None
+                if not isinstance(obj, dict):
+                    raise CorpusError(f"{path}, line {lineno}: expected a JSON object, got {type(obj).__name__}.")
+                yield lineno, obj
+        except UnicodeDecodeError:
+            raise CorpusError(not_utf8(path)) from None
+
+
+def not_utf8(path: Path) -> str:
+    return f"{path}: not UTF-8 text (a binary file, or another encoding); save it as UTF-8."
 
 
 def _field(obj: dict, key: str, where: str) -> str:
@@ -440,22 +455,31 @@ def _user_rows(path: Path) -> Iterator[tuple[int, dict]]:
     except OSError as e:
         raise CorpusError(f"{path}: cannot read ({e.strerror or e}).") from None
     with f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            raise CorpusError(f"{path}, line 1: empty file, expected a header line.")
-        fields = [name.strip() for name in reader.fieldnames]
-        for needed in ("fact_id", "relation", "language", "subject", "object"):
-            if needed not in fields:
-                raise CorpusError(f"{path}, line 1: missing column {needed!r} in the header.")
-        if "prompt" not in fields and "template" not in fields:
-            raise CorpusError(f"{path}, line 1: the header needs a 'prompt' or a 'template' column.")
-        reader.fieldnames = fields
-        for row in reader:
-            if None in row:
-                raise CorpusError(f"{path}, line {reader.line_num}: more values than header columns.")
-            if not any((v or "").strip() for v in row.values()):
-                continue
-            yield reader.line_num, {k: v for k, v in row.items() if v is not None and v != ""}
+        try:
+            yield from _csv_rows(path, f)
+        except UnicodeDecodeError:
+            raise CorpusError(not_utf8(path)) from None
+        except csv.Error as e:
+            raise CorpusError(f"{path}: not a readable CSV file ({e}).") from None
+
+
+def _csv_rows(path: Path, f) -> Iterator[tuple[int, dict]]:
+    reader = csv.DictReader(f)
+    if not reader.fieldnames:
+        raise CorpusError(f"{path}, line 1: empty file, expected a header line.")
+    fields = [name.strip() for name in reader.fieldnames]
+    for needed in ("fact_id", "relation", "language", "subject", "object"):
+        if needed not in fields:
+            raise CorpusError(f"{path}, line 1: missing column {needed!r} in the header.")
+    if "prompt" not in fields and "template" not in fields:
+        raise CorpusError(f"{path}, line 1: the header needs a 'prompt' or a 'template' column.")
+    reader.fieldnames = fields
+    for row in reader:
+        if None in row:
+            raise CorpusError(f"{path}, line {reader.line_num}: more values than header columns.")
+        if not any((v or "").strip() for v in row.values()):
+            continue
+        yield reader.line_num, {k: v for k, v in row.items() if v is not None and v != ""}
 
 
 def load_user_corpus(path: str | Path) -> Corpus:

@@ -99,15 +99,13 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
 import operator
 import os
-import shutil
-import tempfile
 import threading
 import time
 import unicodedata
-import uuid
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +113,7 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 
+from analysis import runs
 from analysis.errors import CorpusError, InputError, NeuroglotError
 from analysis.tokens import encode, subject_char_span
 from data.corpus import normalize_language
@@ -289,7 +288,9 @@ def _language_code(raw: Any, label: str) -> str:
 
 
 def _text_field(value: Any, what: str, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str):
+        raise InputError(f"{where}: the {what} must be text, got {type(value).__name__} {value!r}.")
+    if not value.strip():
         raise InputError(f"{where}: empty {what}.")
     return value
 
@@ -315,7 +316,10 @@ def _checked_fact(fact: Any, where: str, wb: Any) -> LanguageFact:
         raise InputError(f"{where}: expected a LanguageFact, got {type(fact).__name__}.")
     prompt = _text_field(fact.prompt, "prompt (the question to edit)", where)
     subject = _text_field(fact.subject, "subject", where)
-    if not isinstance(fact.target_new, str) or not fact.target_new.strip():
+    if not isinstance(fact.target_new, str):
+        raise InputError(f"{where}: the new target (target_new) must be text, got {type(fact.target_new).__name__} "
+                         f"{fact.target_new!r}.")
+    if not fact.target_new.strip():
         raise InputError(f"{where}: empty target; give the new answer the edited model should produce.")
     try:
         subject_char_span(prompt, subject)
@@ -948,21 +952,14 @@ class Edit:
         """
         from safetensors.torch import save_file
 
-        target = Path(path).expanduser()
-        if target.exists() and not _is_edit_folder(target):
-            raise InputError(f"{target} exists and is not a saved edit; choose another folder.")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = check_save_folder(path)
         tensors, layout = self._tensors_and_layout()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with runs.staging(target) as tmp:  # crash-safe swap; see analysis.runs.replace_folder
             save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": EDIT_FORMAT})
             layout["tensors_sha256"] = _sha256(tmp / TENSOR_FILE)
             text = json.dumps(layout, indent=2, ensure_ascii=False, default=_json_default)
             (tmp / JSON_FILE).write_text(text, encoding="utf-8")
-            _replace_folder(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            runs.replace_folder(tmp, target)
         return target
 
     def _tensors_and_layout(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -1002,9 +999,12 @@ class Edit:
         damaged or mismatched pair."""
         from safetensors.torch import load_file
 
+        if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+            raise InputError(f"Edit.load needs the folder of a saved edit, got {path!r}.")
         folder = Path(path).expanduser()
         if folder.name in (JSON_FILE, TENSOR_FILE) and folder.is_file():
             folder = folder.parent
+        runs.recover(folder)  # a save killed half-way: put the earlier edit back, drop its temporary folders
         json_path, tensor_path = folder / JSON_FILE, folder / TENSOR_FILE
         if not json_path.is_file() or not tensor_path.is_file():
             raise NeuroglotError(f"No saved edit at {folder}: expected a folder with {JSON_FILE} and {TENSOR_FILE}.")
@@ -1058,19 +1058,15 @@ def _is_edit_folder(path: Path) -> bool:
     return path.is_dir() and {p.name for p in path.iterdir()} <= {JSON_FILE, TENSOR_FILE}
 
 
-def _replace_folder(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing ``target`` is moved aside first and deleted after."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def check_save_folder(path: str | Path, what: str = "") -> Path:
+    """The folder an edit is saved to, checked before any work: writable, and new, empty or a saved edit."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise InputError(f"An edit is saved to a folder; got {path!r}.")
+    target = runs.check_writable(path, what)
+    runs.recover(target)
+    if target.exists() and not _is_edit_folder(target):
+        raise InputError(f"{target} exists and is not a saved edit; choose another folder.")
+    return target
 
 
 def _json_default(value: Any) -> Any:
@@ -1333,14 +1329,27 @@ def frozen(model: torch.nn.Module):
         model.train(was_training)
 
 
+#: ``progress(fraction, message)``: how far an editor's compute is (0-1) and the step it is at.
+EditProgress = Callable[[float, str], None]
+
+
+def _no_progress(fraction: float, message: str) -> None:
+    return None
+
+
 class Editor(abc.ABC):
-    """An editing method: ``Editor(hparams).compute(wb, requests) -> Edit``.
+    """An editing method: ``Editor(hparams).compute(wb, requests, progress=None) -> Edit``.
 
     Subclasses set ``name`` (through :func:`register`) and ``hparams_class`` and
     implement :meth:`_compute`. :meth:`compute` validates the requests and the
     hyper-parameters in one place (scikit-learn style), then calls
     ``_compute`` under ``wb.lock`` and fills the edit's ``meta``. Without
     ``hparams`` the preset for the model is used (:meth:`HParams.preset`).
+    A ``_compute`` that takes a ``progress`` keyword gets the caller's
+    :data:`EditProgress` callback and calls it at each step (locating,
+    optimising, inserting); for the others :meth:`compute` reports only the
+    start and the end. An exception raised by the callback stops the compute
+    (the model is left as it was).
     """
 
     name: ClassVar[str] = ""
@@ -1360,18 +1369,27 @@ class Editor(abc.ABC):
         """The hyper-parameters used on ``wb``: the given ones, else the model's preset."""
         return self.hparams if self.hparams is not None else self.hparams_class.preset(wb)
 
-    def compute(self, wb: Any, requests: EditRequest | Sequence[EditRequest]) -> Edit:
+    def compute(self, wb: Any, requests: EditRequest | Sequence[EditRequest],
+                progress: EditProgress | None = None) -> Edit:
         """Validate, then compute the edit of ``requests`` on ``wb``'s model.
 
         Invariant: the model at the end equals the model at the beginning.
         Editors never mutate the model themselves; they return an :class:`Edit`.
         Bad requests or hyper-parameters raise InputError before any work.
+        ``progress(fraction, message)`` is called as the work goes (see the class).
         """
+        report = progress or _no_progress
         checked = validate_requests(requests, wb)
         hparams = self.hparams_for(wb)
         hparams.validate(wb)
+        report(0.0, "waiting for the model (another computation holds it)")
         with wb.lock:
-            edit = self._compute(wb, checked, hparams)
+            report(0.0, "computing")
+            if "progress" in inspect.signature(self._compute).parameters:
+                edit = self._compute(wb, checked, hparams, progress=report)
+            else:
+                edit = self._compute(wb, checked, hparams)
+        report(1.0, "done")
         if not isinstance(edit, Edit):
             raise TypeError(f"{type(self).__name__}._compute returned {type(edit).__name__}, not an Edit.")
         edit.meta.update(

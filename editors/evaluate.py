@@ -58,8 +58,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 
+from analysis import runs
 from analysis.errors import InputError
 from editors.answers import answer_length, answer_scores, greedy_decode
+from editors import eval_folders
 from editors.base import EditRequest, get_editor
 from editors.metrics import exact_match, token_f1
 
@@ -188,8 +190,8 @@ def before_after(wb: Any, request: EditRequest, edit: Any, languages: Sequence[s
 
 # ---------------------------------------------------------------- configuration
 
-def parse_language_sets(values: Iterable[str] | str) -> list[tuple[str, ...]]:
-    """"en,zh" -> [("en", "zh")]; several values give several edit-language sets."""
+def parse_language_sets(values: Iterable[str] | str, what: str = "Edit languages") -> list[tuple[str, ...]]:
+    """"en,zh" -> [("en", "zh")]; several values give several edit-language sets. ``what`` names them."""
     from data.corpus import normalize_language
 
     values = [values] if isinstance(values, str) else list(values)
@@ -197,9 +199,9 @@ def parse_language_sets(values: Iterable[str] | str) -> list[tuple[str, ...]]:
     for value in values:
         langs = tuple(normalize_language(x.strip()) for x in str(value).replace("+", ",").split(",") if x.strip())
         if not langs:
-            raise InputError(f"Empty edit-language set {value!r}.")
+            raise InputError(f"{what}: none given ({value!r}); name at least one language, e.g. en,zh.")
         if len(set(langs)) != len(langs):
-            raise InputError(f"Edit languages {value!r} name a language twice.")
+            raise InputError(f"{what} {value!r} name a language twice.")
         out.append(langs)
     return out
 
@@ -287,32 +289,39 @@ def _append(path: Path, record: Mapping[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
+def check_run_folder(config: EvalConfig, out: str | Path, overwrite: bool = False, what: str = "") -> str:
+    """Before any work: "new", "resume" or "replace" for ``out``; InputError for a folder that holds another
+    evaluation or another command's results (unless ``overwrite``) or files that are not a run."""
+    return eval_folders.check_folder(out, config.key(), EvalConfig.identity, overwrite, what)
+
+
 def run_evaluation(wb: Any, config: EvalConfig, out: str | Path, progress: Progress | None = None,
-                   records: Sequence[Any] | None = None) -> pd.DataFrame:
+                   records: Sequence[Any] | None = None, overwrite: bool = False) -> pd.DataFrame:
     """Evaluate ``config`` on ``wb`` into the run folder ``out`` (resumed when it holds the same run).
 
     Returns the probe rows of the whole folder as a DataFrame (columns: method,
-    edit_languages, record, seconds, and those of :func:`score_probes`).
+    edit_languages, record, seconds, and those of :func:`score_probes`). A folder
+    holding another evaluation or another command's results is refused before any
+    work unless ``overwrite`` (which starts it afresh). The tables are written from
+    the rows at the end, also when the run is interrupted (it resumes next time).
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / CONFIG_FILE
-    if cfg_path.exists():
-        old = json.loads(cfg_path.read_text(encoding="utf-8"))
-        if EvalConfig.identity(old) != config.key():
-            raise InputError(f"{out} holds another evaluation ({old.get('dataset')}, model {old.get('model')}, "
-                             "other test languages or hyper-parameters); choose a new --out folder.")
-        merged = asdict(config)
+    state = check_run_folder(config, out, overwrite)
+    all_langs = list(dict.fromkeys([lang for s in config.edit_sets for lang in s] + list(config.test_languages)))
+    if records is None:
+        records = load_records(config.dataset, all_langs, config.n, config.offset)
+    editors = {m: get_editor(m, resolve_hparams(wb, m, config.hparams.get(m))) for m in config.methods}
+    merged = asdict(config)
+    try:
+        old = eval_folders.read_config(out) if state == "resume" else None
+    except InputError:
+        old = None  # damaged, but run.json names this evaluation: written again
+    if old:
         merged["methods"] = sorted(set(old.get("methods", [])) | set(config.methods))
         merged["edit_sets"] = [list(s) for s in dict.fromkeys(
             tuple(s) for s in list(old.get("edit_sets", [])) + config.edit_sets)]
         merged["n"] = max(int(old.get("n", 0)), config.n)
-        cfg_path.write_text(json.dumps(merged, indent=2, ensure_ascii=False), encoding="utf-8")
-    else:
-        cfg_path.write_text(json.dumps(asdict(config), indent=2, ensure_ascii=False), encoding="utf-8")
-    all_langs = list(dict.fromkeys([lang for s in config.edit_sets for lang in s] + list(config.test_languages)))
-    if records is None:
-        records = load_records(config.dataset, all_langs, config.n, config.offset)
+    eval_folders.start_folder(out, state, merged, config.key())
     rows_path = out / ROWS_FILE
     if rows_path.exists() and rows_path.stat().st_size:
         with rows_path.open("rb+") as fh:           # a line cut by an interruption: end it, it is skipped
@@ -320,8 +329,23 @@ def run_evaluation(wb: Any, config: EvalConfig, out: str | Path, progress: Progr
             if fh.read(1) != b"\n":
                 fh.write(b"\n")
     done = {(r["method"], r["edit_languages"], r["record"]) for r in _read_rows(rows_path) if r.get("done")}
-    editors = {m: get_editor(m, resolve_hparams(wb, m, config.hparams.get(m))) for m in config.methods}
     jobs = [(m, tuple(s)) for m in config.methods for s in config.edit_sets]
+    try:
+        _run_jobs(wb, config, out, records, editors, jobs, done, progress)
+    except BaseException:
+        frame = rows_frame(out)
+        if not frame.empty:
+            write_tables(frame, out, config)  # the tables of the rows written so far; the run resumes next time
+        raise
+    frame = rows_frame(out)
+    write_tables(frame, out, config)
+    return frame
+
+
+def _run_jobs(wb: Any, config: EvalConfig, out: Path, records: Sequence[Any], editors: dict[str, Any],
+              jobs: list[tuple[str, tuple[str, ...]]], done: set, progress: Progress | None) -> None:
+    rows_path = out / ROWS_FILE
+    eval_folders.drop_derived(out)  # written again from the rows when the run ends or stops
     total = len(records) * (1 + len(jobs))
     step = 0
     before_cache: dict[str, tuple[list[Probe], list[tuple[str, list[int]]]]] = {}
@@ -359,30 +383,38 @@ def run_evaluation(wb: Any, config: EvalConfig, out: str | Path, progress: Progr
             step += 1
     if progress:
         progress(1.0, "done")
-    frame = rows_frame(out)
-    write_tables(frame, out, config)
-    return frame
 
 
-def merge_runs(folders: Sequence[str | Path], out: str | Path) -> tuple[pd.DataFrame, EvalConfig]:
+def merge_runs(folders: Sequence[str | Path], out: str | Path, overwrite: bool = False) -> tuple[pd.DataFrame, EvalConfig]:
     """Merge run folders of the same evaluation (e.g. one process per method) into ``out`` and write its tables.
 
     The folders must agree on data set, test languages, hyper-parameters and
     model; methods, edit-language sets and records are united (a record's latest
     result wins). Folders may cover different record ranges (``--offset``, e.g.
     one process per half of the records): the merged run spans from the smallest
-    offset to the end of the last range.
+    offset to the end of the last range. An ``out`` that already holds a run of the
+    same evaluation is merged too; one that holds anything else is refused unless
+    ``overwrite``. ``out`` is written as a whole, atomically.
     """
     folders = [Path(f) for f in folders]
+    target = Path(out)
+    info = runs.claim(target, "evaluate", overwrite=overwrite)
     configs = []
     for folder in folders:
-        path = folder / CONFIG_FILE
-        if not path.exists():
+        config = eval_folders.read_config(folder)
+        if config is None:
             raise InputError(f"{folder} is not an evaluation run folder (no {CONFIG_FILE}).")
-        configs.append(json.loads(path.read_text(encoding="utf-8")))
+        configs.append(config)
     keys = [EvalConfig.identity(c, also_ignore=("offset", "hparams")) for c in configs]
     if any(k != keys[0] for k in keys):
         raise InputError("These run folders hold different evaluations (data set, test languages or model).")
+    if info.state not in ("absent", "empty") and not overwrite and target.resolve() not in {
+            f.resolve() for f in folders}:
+        own = eval_folders.read_config(target)
+        if own is None or EvalConfig.identity(own, also_ignore=("offset", "hparams")) != keys[0]:
+            raise runs.RunFolderError(f"{target} holds another evaluation than the folders merged into it; "
+                                      f"{runs.OVERWRITE_HINT}.")
+        folders, configs = [*folders, target], [*configs, own]  # nothing it holds is lost
     start = min(int(c.get("offset", 0)) for c in configs)
     end = max(int(c.get("offset", 0)) + int(c["n"]) for c in configs)
     hparams: dict[str, Any] = {}
@@ -396,18 +428,19 @@ def merge_runs(folders: Sequence[str | Path], out: str | Path) -> tuple[pd.DataF
                            "edit_sets": [list(s) for s in dict.fromkeys(tuple(s) for c in configs
                                                                           for s in c["edit_sets"])],
                            "offset": start, "n": end - start})
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     lines = []
     for folder in folders:
         lines += [json.dumps(r, ensure_ascii=False) for r in _read_rows(folder / ROWS_FILE) if r.get("done")]
-    tmp = out / (ROWS_FILE + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, out / ROWS_FILE)
-    (out / CONFIG_FILE).write_text(json.dumps(asdict(merged), indent=2, ensure_ascii=False), encoding="utf-8")
-    frame = rows_frame(out)
-    write_tables(frame, out, merged)
-    return frame, merged
+    result: dict[str, pd.DataFrame] = {}
+
+    def write(tmp: Path) -> None:
+        (tmp / ROWS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (tmp / CONFIG_FILE).write_text(json.dumps(asdict(merged), indent=2, ensure_ascii=False), encoding="utf-8")
+        result["frame"] = rows_frame(tmp)
+        write_tables(result["frame"], tmp, merged)
+
+    runs.write_run(target, "evaluate", runs.request_key(merged.key()), merged.key(), write)
+    return result["frame"], merged
 
 
 def _diagnostics(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -652,6 +685,6 @@ def report(frame: pd.DataFrame, config: EvalConfig) -> str:
 def write_tables(frame: pd.DataFrame, out: Path, config: EvalConfig) -> Path:
     """``tables.md`` (all tables) and ``probes.csv`` (every probe) in the run folder."""
     text = report(frame, config)
-    (out / "tables.md").write_text(text, encoding="utf-8")
-    frame.to_csv(out / "probes.csv", index=False)
+    runs.write_text(out / "probes.csv", frame.to_csv(index=False))
+    runs.write_text(out / "tables.md", text)  # written atomically: an interruption leaves no half table
     return out / "tables.md"

@@ -240,7 +240,7 @@ def test_attribution_run_reuses_recomputes_and_repairs(tmp_path, monkeypatch):
         m.setattr(attribution, "attribute_prompts", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
         again, _, reused = attribution_run(wb, prompts, steps=3, folder=folder)
         assert reused and np.array_equal(again.scores, first.scores)
-    other, _, reused = attribution_run(wb, prompts, steps=4, folder=folder)
+    other, _, reused = attribution_run(wb, prompts, steps=4, folder=folder, overwrite=True)
     assert not reused and other.meta["steps"] == 4
     (folder / "scores.npz").write_bytes(b"broken")
     repaired, _, reused = attribution_run(wb, prompts, steps=4, folder=folder)

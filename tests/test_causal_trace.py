@@ -408,10 +408,10 @@ def test_trace_run_reuses_and_recomputes(tmp_path):
     assert again.meta["request"] == first.meta["request"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["request"]["samples"] == 2 and manifest["request"]["version"] == ct.CAUSAL_TRACE_VERSION
-    changed, _, reused = trace_run(wb, corpus, ["en", "zh"], **dict(kw, samples=3))
+    changed, _, reused = trace_run(wb, corpus, ["en", "zh"], **dict(kw, samples=3), overwrite=True)
     assert not reused and changed["en"][0].meta["samples"] == 3
     assert json.loads((folder / "manifest.json").read_text())["request"]["samples"] == 3
-    _, _, reused = trace_run(wb, corpus, ["en"], **dict(kw, samples=3))
+    _, _, reused = trace_run(wb, corpus, ["en"], **dict(kw, samples=3), overwrite=True)
     assert not reused  # other languages
     (folder / "manifest.json").write_text("{not json")
     _, _, reused = trace_run(wb, corpus, ["en"], **dict(kw, samples=3))

@@ -766,6 +766,24 @@ def test_editor_validation_happens_before_compute():
     assert DummyEditor.calls == calls
 
 
+def test_progress_of_an_editor_without_steps_reports_its_start_and_end():
+    """``compute(progress=...)``: an editor whose ``_compute`` takes no ``progress`` gets its start and end
+    reported; one that takes it gets the callback itself."""
+    wb = tiny_wb("gpt2")
+    seen: list[tuple[float, str]] = []
+    DummyEditor(DummyHParams(layers=[1])).compute(wb, [france_request()], progress=lambda f, m: seen.append((f, m)))
+    assert seen[0][0] == 0.0 and seen[-1] == (1.0, "done") and any("computing" in m for _, m in seen)
+
+    class Stepping(DummyEditor):
+        def _compute(self, wb, requests, hparams, progress=None):
+            progress(0.5, "half way")
+            return super()._compute(wb, requests, hparams)
+
+    seen.clear()
+    Stepping(DummyHParams(layers=[1])).compute(wb, [france_request()], progress=lambda f, m: seen.append((f, m)))
+    assert (0.5, "half way") in seen and seen[-1] == (1.0, "done")
+
+
 def test_registry_lists_editors_and_names_the_known_ones_on_a_typo():
     assert "dummy-random" in available_editors()
     with pytest.raises(InputError, match=r"Unknown editor 'memlaa'; known editors: .*dummy-random"):

@@ -302,11 +302,12 @@ def test_atlas_counts_reuses_recomputes_and_repairs(tmp_path, monkeypatch):
         assert np.array_equal(again.counts, first.counts) and np.array_equal(again.tokens, first.tokens)
         assert again.meta["key"] == first.meta["key"]
 
-    other, _, reused = atlas_counts(wb, CORPUS, ["en", "zh"], positions="last", folder=folder)
+    other, _, reused = atlas_counts(wb, CORPUS, ["en", "zh"], positions="last", folder=folder,
+                                   overwrite=True)  # another request: replaced only on purpose
     assert not reused and other.positions == "last" and other.tokens.tolist() == [15, 15]
     assert NeuronCounts.load(folder).positions == "last"  # the folder now holds the new request
 
-    atlas_counts(wb, CORPUS, ["en", "zh"], folder=folder)  # back to positions="all"
+    atlas_counts(wb, CORPUS, ["en", "zh"], folder=folder, overwrite=True)  # back to positions="all"
     npz = folder / "counts.npz"
     for damage in (lambda: npz.write_bytes(npz.read_bytes()[:40]),                     # truncated zip
                    lambda: npz.write_bytes(b"not numpy at all"),
