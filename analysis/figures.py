@@ -808,9 +808,9 @@ def edit_probability_bars(table: pd.DataFrame, title: str) -> go.Figure:
                          numeric=["P(target) before", "P(target) after"])
     edit_rows = table[table["probe"] == "edit"]
     fig = go.Figure()
-    for column, name, opacity in (("P(target) before", "before", 0.45), ("P(target) after", "after", 1.0)):
-        fig.add_bar(x=edit_rows["language"], y=edit_rows[column], name=name, opacity=opacity,
-                    marker_color=[language_colour(lang) for lang in edit_rows["language"]],
+    # one colour per series (the languages are on the x axis), so the legend's swatches are the bars' colours
+    for column, name, colour in (("P(target) before", "before", "#9e9e9e"), ("P(target) after", "after", "#1f77b4")):
+        fig.add_bar(x=edit_rows["language"], y=edit_rows[column], name=name, marker_color=colour,
                     text=[f"{v:.3f}" for v in edit_rows[column]], textposition="outside",
                     hovertemplate="%{x}: P(new target) " + name + " = %{y:.4f}<extra></extra>")
     fig.update_layout(barmode="group", title=title, yaxis_title="P(new target | edit prompt)",

@@ -50,7 +50,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -322,11 +322,13 @@ def _delta_factors(layer: Any, scaling: float) -> tuple[torch.Tensor, torch.Tens
     return (b * scaling).contiguous(), a.contiguous()
 
 
-def train_adapters(wb: Any, requests: list[EditRequest], hp: LoRAFTHParams
+def train_adapters(wb: Any, requests: list[EditRequest], hp: LoRAFTHParams,
+                   progress: Callable[[float, str], None] | None = None,
                    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
     """Inject LoRA on ``wb.model``, train it on ``requests``, remove it; ``({param: (u, v)}, record)``.
 
     The model is left exactly as found, also when anything here raises (:func:`_restore`).
+    ``progress(fraction, message)`` is called after every training step (fraction of ``hp.steps``).
     """
     from peft import LoraModel
     from peft.tuners.lora import LoraLayer
@@ -367,6 +369,9 @@ def train_adapters(wb: Any, requests: list[EditRequest], hp: LoRAFTHParams
                     losses.append(float(loss.detach()))
                     if step == 0:
                         record["initial_row_losses"] = _row_losses(nll, rows)
+                    if progress is not None:
+                        progress((step + 1) / hp.steps, f"training the LoRA adapters on {len(paths)} module(s): "
+                                                        f"step {step + 1}/{hp.steps}, loss {losses[-1]:.3f}")
                     if losses[-1] < hp.early_stop_loss:
                         break
                     loss.backward()
@@ -403,9 +408,10 @@ class LoRAFTEditor(Editor):
 
     hparams_class = LoRAFTHParams
 
-    def _compute(self, wb: Any, requests: list[EditRequest], hparams: HParams) -> Edit:
+    def _compute(self, wb: Any, requests: list[EditRequest], hparams: HParams,
+                 progress: Callable[[float, str], None] | None = None) -> Edit:
         hp: LoRAFTHParams = hparams  # type: ignore[assignment]
         started = time.perf_counter()
-        factors, record = train_adapters(wb, requests, hp)
+        factors, record = train_adapters(wb, requests, hp, progress=progress)
         record["seconds"] = round(time.perf_counter() - started, 3)
         return Edit(weights=factors, meta={"lora_ft": record, "seconds": record["seconds"]})

@@ -66,7 +66,7 @@ import time
 import weakref
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -362,8 +362,12 @@ def _forward(wb: Any, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def compute_delta(wb: Any, request: EditRequest, located: dict[int, torch.Tensor], hp: LULAFNsHParams,
-                  prefixes: dict[str, list[str]]) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
-    """ΔV_{D_G} (Eq. 7-10) for one request: ``{layer: delta over D_G^layer}`` and a record of the run."""
+                  prefixes: dict[str, list[str]], progress: Callable[[float, str], None] | None = None,
+                  ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """ΔV_{D_G} (Eq. 7-10) for one request: ``{layer: delta over D_G^layer}`` and a record of the run.
+
+    ``progress(fraction, message)`` is called after every optimisation step (fraction of ``hp.steps``).
+    """
     rows, contexts = build_rows(wb, request, hp, prefixes)
     located = {layer: n for layer, n in located.items() if n.numel()}
     deltas = {layer: torch.zeros(n.numel(), dtype=torch.float32, device=wb.device, requires_grad=True)
@@ -388,6 +392,9 @@ def compute_delta(wb: Any, request: EditRequest, located: dict[int, torch.Tensor
             losses.append({"target": float(l_target.detach()), "kl": float(l_kl.detach()), "total": float(loss.detach())})
             if step == 0:
                 record["initial_target_loss"] = float(l_target.detach())
+            if progress is not None:
+                progress((step + 1) / hp.steps, f"optimising ΔV (Eq. 10): step {step + 1}/{hp.steps}, "
+                                                f"L_target {losses[-1]['target']:.3f}")
             if float(l_target.detach()) < hp.early_stop_loss:
                 break
             loss.backward()
@@ -414,17 +421,31 @@ class LULAFNsEditor(Editor):
 
     hparams_class = LULAFNsHParams
 
-    def _compute(self, wb: Any, requests: list[EditRequest], hparams: HParams) -> Edit:
+    def _compute(self, wb: Any, requests: list[EditRequest], hparams: HParams,
+                 progress: Callable[[float, str], None] | None = None) -> Edit:
         hp: LULAFNsHParams = hparams  # type: ignore[assignment]
         started = time.perf_counter()
         patches: list[ActivationPatch] = []
         groups: list[dict[str, Any]] = []
         with frozen(wb.model):
-            for request in requests:
+            for i, request in enumerate(requests):
                 t0 = time.perf_counter()
+                where = f"request {i + 1}/{len(requests)} {request.case_id or ''}".strip() + ": "
+
+                def report(fraction: float, message: str, i: int = i, where: str = where) -> None:
+                    # per request: locating 0-10 %, prefixes 10-15 %, optimising 15-100 %
+                    if progress is not None:
+                        progress((i + fraction) / len(requests), (where if len(requests) > 1 else "") + message)
+
+                report(0.0, f"locating language-agnostic neurons (Eq. 4-6) of {', '.join(request.languages)} "
+                            f"in layers {', '.join(map(str, hp.layer_indices(wb)))}")
                 located = locate(wb, request, hp)                                             # Eq. 4-6
+                report(0.10, "located " + ", ".join(f"L{layer}: {int(n.numel()):,}" for layer, n in located.items())
+                       + " neurons; generating prefixes")
                 prefixes = {lang: generate_prefixes(wb, lang, hp) for lang in request.languages}
-                deltas, record = compute_delta(wb, request, located, hp, prefixes)          # Eq. 7-10
+                report(0.15, f"optimising ΔV (Eq. 10): {hp.steps} steps")
+                deltas, record = compute_delta(wb, request, located, hp, prefixes,          # Eq. 7-10
+                                               progress=lambda f, m: report(0.15 + 0.85 * f, m))
                 for layer, delta in deltas.items():
                     patches.append(ActivationPatch.for_requests(layer, located[layer].cpu(), delta, request,
                                                                 match=hp.match))

@@ -479,12 +479,14 @@ class TargetValue:
         return self.init + self.delta
 
 
-def compute_target(wb: Any, fact: FactContexts, layer: int, site: str, hp: KeyValueHParams) -> TargetValue:
+def compute_target(wb: Any, fact: FactContexts, layer: int, site: str, hp: KeyValueHParams,
+                   progress: Callable[[float, str], None] | None = None) -> TargetValue:
     """ROME's compute_v (``site="down_proj"``) / MEMIT's compute_z (``site="layer"``) for one fact.
 
     One padded batch holds every context + target (teacher forced), the bare
     prompt (for ``v_0``, when it is not a context already) and the KL prompt;
-    each step is one forward and backward of that batch.
+    each step is one forward and backward of that batch. ``progress(fraction,
+    message)`` is called after every step (fraction of ``v_num_grad_steps``).
     """
     b = TeacherForcedRows(wb.tokenizer, wb.device)
     for ctx in fact.contexts:                 # MEMIT: per-token mean, then mean over contexts
@@ -541,6 +543,9 @@ def compute_target(wb: Any, fact: FactContexts, layer: int, site: str, hp: KeyVa
             if it == 0:
                 record["initial_nll"] = float(nll.detach())
             record.update(final_nll=float(nll.detach()), final_kl=float(kl.detach()), final_loss=float(loss.detach()))
+            if progress is not None:
+                progress((it + 1) / hp.v_num_grad_steps,
+                         f"step {it + 1}/{hp.v_num_grad_steps}, loss {float(loss.detach()):.3f}")
             if float(loss.detach()) < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
                 break
             loss.backward()
@@ -558,14 +563,18 @@ def compute_target(wb: Any, fact: FactContexts, layer: int, site: str, hp: KeyVa
 # ================================================================== statistics
 
 
-def key_second_moments(wb: Any, layers: list[int], requests: list[EditRequest],
-                       hp: KeyValueHParams) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
-    """``C = E[k kᵀ]`` per layer (float64 on the model's device) over the requests' languages."""
+def key_second_moments(wb: Any, layers: list[int], requests: list[EditRequest], hp: KeyValueHParams,
+                       progress: Callable[[int, int], None] | None = None,
+                       ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """``C = E[k kᵀ]`` per layer (float64 on the model's device) over the requests' languages.
+
+    ``progress(tokens done, tokens planned)`` is called while statistics missing from the disk cache are counted.
+    """
     from analysis.stats import cached_key_statistics
 
     languages = sorted({lang for r in requests for lang in r.languages})
     stats, folder, from_disk = cached_key_statistics(wb, layers, languages, n_tokens=hp.mom2_n_tokens,
-                                                     source=hp.mom2_source)
+                                                     source=hp.mom2_source, progress=progress)
     moments = {layer: stats[layer].second_moment.to(wb.device, torch.float64) for layer in layers}
     meta = {"languages": languages, "source": hp.mom2_source, "tokens": {str(l): stats[l].tokens for l in layers},
             "folder": str(folder), "from_disk": bool(from_disk)}
@@ -704,22 +713,40 @@ class _KeyValueEditor(Editor):
 
     target_site: ClassVar[str] = "layer"
 
-    def _compute(self, wb: Any, requests: list[EditRequest], hparams: HParams) -> Edit:
+    def _compute(self, wb: Any, requests: list[EditRequest], hparams: HParams,
+                 progress: Callable[[float, str], None] | None = None) -> Edit:
         hp: KeyValueHParams = hparams  # type: ignore[assignment]
+        report = progress or (lambda fraction, message: None)
         started = time.perf_counter()
         with frozen(wb.model):
             layers = sorted(hp.layer_indices(wb))
+            report(0.0, "generating the contexts (prefixes) of every language")
             facts = fact_contexts(wb, requests, hp)
             z_layer = layers[-1]
             t0 = time.perf_counter()
-            targets = [compute_target(wb, fact, z_layer, self.target_site, hp) for fact in facts]
+            targets = []
+            # progress: targets 0-50 %, key statistics 50-90 %, the update 90-100 %
+            for i, fact in enumerate(facts):
+                def target_step(f: float, message: str, i: int = i, fact: FactContexts = fact) -> None:
+                    report(0.5 * (i + f) / len(facts), f"target value of {fact.label} ({i + 1}/{len(facts)}, "
+                                                       f"layer {z_layer}): {message}")
+
+                target_step(0.0, "starting")
+                targets.append(compute_target(wb, fact, z_layer, self.target_site, hp, progress=target_step))
             t_targets = time.perf_counter() - t0
             moments, stats_meta = ({}, None)
             t0 = time.perf_counter()
             if hp.mom2_adjustment or not isinstance(self, ROMEEditor):
-                moments, stats_meta = key_second_moments(wb, layers, requests, hp)
+                report(0.5, f"key statistics C = E[k kᵀ] of layers {', '.join(map(str, layers))}")
+
+                def stats_step(done: int, planned: int) -> None:
+                    report(0.5 + 0.4 * done / max(planned, 1), f"key statistics of layers "
+                           f"{', '.join(map(str, layers))}: {done:,} / {planned:,} tokens counted")
+
+                moments, stats_meta = key_second_moments(wb, layers, requests, hp, progress=stats_step)
             t_stats = time.perf_counter() - t0
             t0 = time.perf_counter()
+            report(0.9, f"inserting {len(facts)} key-value pair(s) into layer(s) {', '.join(map(str, layers))}")
             weights, layer_meta, notes = self._insert(wb, layers, facts, targets, moments, hp)
             t_insert = time.perf_counter() - t0
         meta = {

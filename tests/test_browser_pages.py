@@ -85,3 +85,66 @@ def test_atlas_page_survives_every_interaction(app_url, browser):
     assert_clean(second, "moving β in the second session")
     other.close()
     page.close()
+
+
+def run_typed_attribution(page, url: str) -> None:
+    page.goto(url + "/attribution")
+    page.get_by_text("Type a fact").wait_for(timeout=180_000)
+    page.get_by_text("Type a fact").click()
+    page.get_by_role("textbox", name="Answer (zh)").wait_for(timeout=60_000)
+    steps = page.get_by_role("spinbutton", name="Steps m")
+    steps.fill("4")
+    steps.press("Enter")
+    page.get_by_role("button", name="Compute", exact=True).click()
+
+
+def test_attribution_page_survives_every_interaction(app_url, browser):
+    page = browser.new_page(viewport=WIDE)
+    run_typed_attribution(page, app_url)
+    shown(page, "Attributed 4 prompts", "language-independent", timeout=600_000)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+    assert_clean(page, "compute")
+
+    move_slider(page, "t (per prompt)", 2)                              # both sliders
+    settled(page)
+    shown(page, "(t = 0.3, p = 0.5", timeout=120_000)
+    move_slider(page, "p (per fact)", 1)
+    settled(page)
+    shown(page, "(t = 0.3, p = 0.6", timeout=120_000)
+    assert_clean(page, "moving t and p")
+
+    panel = page.get_by_role("tabpanel", name="Knowledge neurons per layer")
+    assert "layer" in download(page, panel, "CSV").decode()
+    assert download(page, panel, "PNG")[:4] == b"\x89PNG"
+    assert download(page, panel, "HTML")[:200].lower().find(b"html") >= 0
+    page.get_by_role("tab", name="Per fact").click()
+    settled(page)
+    assert "fact_id" in download(page, page.get_by_role("tabpanel", name="Per fact"), "CSV").decode()
+    assert_clean(page, "downloads")
+
+    page.get_by_role("tab", name="Top neurons").click()                # a row opens the drill-down
+    top = page.get_by_role("tabpanel", name="Top neurons")
+    select_first_row(page, top.locator("[data-testid='stDataFrame']").first)
+    shown(page, "promoted", timeout=300_000)
+    assert_clean(page, "selecting a neuron")
+    shot(page, "attribution_drill.png")
+
+    go_to(page, "Neuron atlas")                                        # leave and come back
+    page.get_by_role("button", name="Run", exact=True).wait_for(timeout=120_000)
+    go_to(page, "Attribution")
+    shown(page, "Attributed 4 prompts", "(t = 0.3, p = 0.6", timeout=300_000)
+    assert_clean(page, "coming back")
+    shot(page, "attribution.png")
+
+    page.get_by_role("button", name="Compute", exact=True).click()     # the same request again
+    settled(page)
+    shown(page, "Attributed 4 prompts", timeout=300_000)
+    assert_clean(page, "the same request again")
+
+    other = browser.new_context(viewport=WIDE)                          # a second session: read back at once
+    second = other.new_page()
+    run_typed_attribution(second, app_url)
+    shown(second, "Attributed 4 prompts", "(t = 0.2, p = 0.5", timeout=300_000)
+    assert_clean(second, "the same request in a second session")
+    other.close()
+    page.close()

@@ -204,3 +204,64 @@ def test_mzsre_folder_missing_shows_an_info_box(tiny_spec, tmp_path, monkeypatch
     assert not at.exception, at.exception
     assert at.radio(key="el-source").value == "A record from MzsRE"
     assert any("No MzsRE data" in i.value for i in at.info)
+
+
+def _tensors_in(value, seen=None) -> list[str]:
+    """Paths of every torch.Tensor reachable in ``value`` (dicts, lists, tuples, objects' __dict__)."""
+    import torch
+
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return []
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        return ["tensor"]
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple, set)):
+        items = enumerate(value)
+    elif hasattr(value, "__dict__") and not isinstance(value, type):
+        items = vars(value).items()
+    else:
+        return []
+    return [f"{k}/{p}" for k, v in items for p in _tensors_in(v, seen)]
+
+
+def test_the_page_scores_probes_as_the_evaluation_does_and_keeps_no_tensor_in_session_state(tiny_spec, tmp_path):
+    """The table's answers and P(target) are editors.evaluate's (answers exactly as long as the target), the
+    question comes early, the chart's legend colours are its bars' colours, and the session keeps its edits as
+    saved folders (ids in session_state), removed on revert."""
+    from app.state import workbench
+    from editors.base import Edit, EditRequest
+    from editors.evaluate import before_after
+
+    at = new_page(tiny_spec, tmp_path)
+    at.run()
+    fill_typed_fact(at)
+    at.button(key="el-apply").click().run()
+    assert not at.exception, at.exception
+    (entry,) = at.session_state["el_edits"]
+    state = {k: at.session_state[k] for k in ("el_edits", "el_before", "el_after", "el_store")}
+    assert _tensors_in(state) == []
+    folder = Path(at.session_state["el_store"].root)
+    assert (folder / entry["id"] / "edit.json").exists() and (folder / f"{entry['id']}.zip").exists()
+
+    table = at.dataframe[-1].value
+    assert list(table.columns[:4]) == ["language", "probe", "question", "target"]
+    wb = workbench(tiny_spec)
+    expected = before_after(wb, EditRequest.from_dict(entry["request"]), Edit.load(folder / entry["id"]))
+    assert list(table["question"]) == list(expected["prompt"])
+    assert list(table["answer before"]) == list(expected["answer before"])
+    assert list(table["answer after"]) == list(expected["answer after"])
+    edits = expected["kind"].isin(["reliability", "generality"])
+    assert table["P(target) after"][edits].tolist() == pytest.approx(expected["P(new) after"][edits].tolist())
+
+    (chart,) = at.get("plotly_chart")
+    traces = json.loads(chart.proto.spec)["data"]
+    assert [t["name"] for t in traces] == ["before", "after"]
+    assert all(isinstance(t["marker"]["color"], str) for t in traces)          # one colour per legend entry
+    assert traces[0]["marker"]["color"] != traces[1]["marker"]["color"]
+
+    at.button(key="el-revert").click().run()
+    assert not at.exception, at.exception
+    assert not (folder / entry["id"]).exists() and not (folder / f"{entry['id']}.zip").exists()

@@ -143,6 +143,19 @@ def test_seeded_runs_repeat_and_leave_the_global_random_state_alone():
     assert not torch.equal(first.delta(name), other.delta(name))
 
 
+def test_progress_reports_every_training_step():
+    wb = tiny_workbench("llama")
+    hp = tiny_hparams(steps=3, target_modules=["down_proj"], layers=[1])
+    seen: list[tuple[float, str]] = []
+    edit = LoRAFTEditor(hp).compute(wb, berlin_request(), progress=lambda f, m: seen.append((f, m)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    messages = " | ".join(m for _, m in seen)
+    assert all(f"step {k}/3" in messages for k in (1, 2, 3)) and "LoRA adapters" in messages
+    plain = LoRAFTEditor(hp).compute(wb, berlin_request())
+    assert all(torch.equal(edit.delta(n), plain.delta(n)) for n in edit.param_names)
+
+
 def test_all_languages_of_all_requests_train_in_one_batch_and_early_stop():
     """(A tiny model's final norm and small LM head bound its logits: its NLL cannot go far below 2.4.)"""
     wb = tiny_workbench("llama")

@@ -173,6 +173,35 @@ def test_several_requests_get_their_own_neurons_deltas_and_subjects():
         assert torch.equal(p.neurons, q.neurons) and torch.equal(p.delta, q.delta)
 
 
+def test_progress_reports_locating_and_every_step_and_a_raising_callback_stops_cleanly():
+    wb = tiny_wb()
+    hp = tiny_hparams(layers=[0, 1], steps=3, early_stop_loss=0.0)
+    seen: list[tuple[float, str]] = []
+    edit = LULAFNsEditor(hp).compute(wb, berlin_request(), progress=lambda f, m: seen.append((f, m)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    messages = " | ".join(m for _, m in seen)
+    assert "locating language-agnostic neurons" in messages and "generating prefixes" in messages
+    assert all(f"step {k}/3" in messages for k in (1, 2, 3))
+    # the callback does not change the result
+    plain = LULAFNsEditor(hp).compute(wb, berlin_request())
+    assert all(torch.equal(p.delta, q.delta) for p, q in zip(edit.patches, plain.patches))
+
+    # a callback that raises (the app stopping a run) stops the compute; the model is as it was
+    snap, hooks = snapshot(wb.model), hook_count(wb.model)
+
+    def stop(fraction: float, message: str) -> None:
+        if "step 2/" in message:
+            raise KeyboardInterrupt("stopped")
+
+    with pytest.raises(KeyboardInterrupt):
+        LULAFNsEditor(hp).compute(wb, berlin_request(), progress=stop)
+    assert_bit_identical(wb.model, snap)
+    assert hook_count(wb.model) == hooks and all(p.grad is None for p in wb.model.parameters())
+    assert wb.lock.acquire(blocking=False)
+    wb.lock.release()
+
+
 def test_prefixes_are_generated_by_the_model_seeded_and_cached():
     wb = tiny_wb()
     hp = tiny_hparams(n_prefixes=3, prefix_length=4)

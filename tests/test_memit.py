@@ -213,6 +213,24 @@ def test_model_untouched_when_compute_raises(name, monkeypatch):
         wb.model.eval()
 
 
+@pytest.mark.parametrize("name", ["rome", "memit"])
+def test_progress_reports_every_target_step_the_statistics_and_the_insertion(name):
+    wb = tiny_workbench("llama")
+    hp = tiny_hparams(name, v_num_grad_steps=3)
+    seen: list[tuple[float, str]] = []
+    edit = EDITORS[name](hp).compute(wb, berlin_request(), progress=lambda f, m: seen.append((f, m)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    messages = " | ".join(m for _, m in seen)
+    for lang in ("en", "zh"):
+        assert f"target value of france/{lang}" in messages
+    assert "step 3/3" in messages and "inserting 2 key-value pair(s)" in messages
+    if name == "memit":
+        assert "key statistics" in messages
+    plain = EDITORS[name](hp).compute(wb, berlin_request())
+    assert all(torch.equal(edit.delta(n), plain.delta(n)) for n in edit.param_names)
+
+
 # ================================================================= ROME
 
 

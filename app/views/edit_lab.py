@@ -1,19 +1,30 @@
 """Edit lab: apply a knowledge edit to one fact in several languages and compare the model before and after.
 
 Design Decision 4: the model is shared by every browser session. This page keeps its
-edits only in ``st.session_state`` (this session) and computes every "after" number
-inside ``with edit.applied(wb):``, which holds ``wb.lock`` and restores the model bit
-for bit on exit, so no other session ever sees them. "Before" numbers are read under
-``wb.lock`` too (another session may be inside its own application at that moment).
+edits per session only: each computed edit is saved (``Edit.save``) into a temporary
+folder of this session, and ``st.session_state`` holds only its id and plain data (no
+tensors). Every "after" number is computed inside ``with edit.applied(wb):``, which
+holds ``wb.lock`` and restores the model bit for bit on exit, so no other session ever
+sees them. "Before" numbers are read under ``wb.lock`` too (another session may be
+inside its own application at that moment).
+
+Probes are produced and scored by :mod:`editors.evaluate` (``probes``,
+``unedited_answers``, ``score_probes``): the page shows what the metrics measure.
+
+No cached function draws anything: the edit is computed in a worker thread while the
+page draws its steps and the elapsed seconds; a rerun (any click) stops that worker at
+its next step.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
+import shutil
 import tempfile
+import threading
 import time
 import uuid
+import weakref
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,17 +32,19 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from analysis.errors import InputError, NeuroglotError
 from analysis import figures
-from app.state import corpus_rows, current_corpus_spec, current_model_spec, user_errors, workbench
-from editors.answers import answer_length, answer_scores, greedy_answers
+from analysis.errors import InputError, NeuroglotError
+from app.state import (ERROR_ICON, corpus_rows, current_corpus_spec, current_model_spec, progress_bar,
+                       user_errors, workbench)
+from app.widgets import downloads
 from editors.base import Edit, EditRequest, LanguageFact, available_editors, get_editor
 from editors.evaluate import probes as request_probes
+from editors.evaluate import score_probes, unedited_answers
 
 st.title("Edit lab")
 st.caption("Edit one fact in several languages and compare the model's answers before and after. Your edits live "
            "in this browser session only: the shared model carries them just while this page measures it, so "
-           "other sessions never see them.")
+           "other sessions never see them (reloading the page starts a new session without edits).")
 
 SOURCES = ("A record from MzsRE", "Type a fact", "A fact from the corpus")
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,9 +57,14 @@ EXAMPLES = {
     "zh": dict(prompt="埃菲尔铁塔位于", subject="埃菲尔铁塔", target_new="罗马", target_old="巴黎",
                paraphrases="埃菲尔铁塔坐落于", locality="日本的首都是 | 东京", portability=""),
     "de": dict(prompt="Der Eiffelturm steht in der Stadt", subject="Eiffelturm", target_new="Rom",
-               target_old="Paris", paraphrases="Der Eiffelturm befindet sich in", locality="Die Hauptstadt von Japan ist | Tokio",
-               portability=""),
+               target_old="Paris", paraphrases="Der Eiffelturm befindet sich in",
+               locality="Die Hauptstadt von Japan ist | Tokio", portability=""),
 }
+PROBE_LABELS = {"reliability": "edit", "generality": "paraphrase", "locality": "locality",
+                "portability": "portability"}
+P_TARGET_HELP = ("P(target) is the probability of the whole target answer after the question, under teacher "
+                 "forcing: the product of the probabilities of its tokens, each given the question and the "
+                 "answer's tokens before it (not just its first token).")
 
 
 def mzsre_folder() -> Path:
@@ -56,10 +74,121 @@ def mzsre_folder() -> Path:
 
 @st.cache_data(show_spinner=False, max_entries=4)
 def mzsre_records(path: str) -> list[tuple[str, dict[str, dict[str, Any]]]]:
-    """MzsRE records as plain data: (record_id, {language: fields})."""
+    """MzsRE records as plain data: (record_id, {language: fields}). Pure: draws nothing."""
     from data.edit_records import load_mzsre
 
     return [(r.record_id, dict(r.fields)) for r in load_mzsre(path)]
+
+
+# ===================================================================== this session's edits
+
+
+class _FolderCleanup:
+    """Kept in ``st.session_state``: removes this session's edit folder when the session's state is dropped
+    (and at exit). Read back by its ``root`` only (the page's classes are new objects on every run)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        weakref.finalize(self, shutil.rmtree, str(root), True)
+
+
+def session_folder() -> Path:
+    """This session's temporary folder of saved edits (``Edit.save``): one sub-folder and one zip per edit id.
+
+    ``st.session_state`` holds this folder's path and, per edit, its id and plain data; the tensors stay on
+    disk (DESIGN: no tensors in session state)."""
+    root = getattr(st.session_state.get("el_store"), "root", None)
+    if root is None or not Path(root).is_dir():
+        root = Path(tempfile.mkdtemp(prefix="neuroglot-edit-lab-"))
+        st.session_state["el_store"] = _FolderCleanup(root)
+    return Path(root)
+
+
+def save_edit(folder: Path, edit: Edit) -> str:
+    """Save ``edit`` (and a zip of it for the download) under a new id."""
+    edit_id = uuid.uuid4().hex
+    saved = edit.save(folder / edit_id)
+    with zipfile.ZipFile(folder / f"{edit_id}.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        for file in sorted(saved.iterdir()):
+            z.write(file, f"edit/{file.name}")
+    return edit_id
+
+
+def load_edit(folder: Path, edit_id: str) -> Edit:
+    if not (folder / edit_id).is_dir():
+        raise InputError("This session's saved copy of an edit is gone (its temporary folder was removed). "
+                         "Press Revert all and apply the edit again.")
+    return Edit.load(folder / edit_id)
+
+
+def remove_edit(folder: Path, edit_id: str) -> None:
+    shutil.rmtree(folder / edit_id, ignore_errors=True)
+    (folder / f"{edit_id}.zip").unlink(missing_ok=True)
+
+
+def edit_zip(folder: Path, edit_id: str) -> bytes:
+    path = folder / f"{edit_id}.zip"
+    return path.read_bytes() if path.exists() else b""
+
+
+def plain_details(edit: Edit) -> dict[str, Any]:
+    """What the edit's expander shows, as plain data: hyper-parameters, the editor's records, losses per step."""
+    meta = json.loads(json.dumps(edit.meta, ensure_ascii=False, default=str))
+    details: dict[str, Any] = {"hparams": meta.get("hparams")}
+    losses = []
+    for key, value in meta.items():
+        if key in ("hparams", "requests", "versions", "model", "method", "created"):
+            continue
+        if isinstance(value, dict) and isinstance(value.get("losses"), list):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, dict) for v in value):   # per-request records
+            losses += [v["losses"] for v in value if isinstance(v.get("losses"), list) and v["losses"]]
+            value = [{k: v for k, v in item.items() if k not in ("losses", "prefixes")} for item in value]
+            if len(value) == 1 and isinstance(meta[key], dict):
+                value = value[0]
+        details[key] = value
+    return {"meta": details, "losses": losses}
+
+
+class _Stopped(Exception):
+    """Raised in the worker by the progress callback once the page's run has ended."""
+
+
+def compute_with_progress(editor: Any, wb: Any, request: EditRequest, label: str) -> tuple[Edit, float]:
+    """``editor.compute`` in a worker thread while the page shows its steps and the elapsed seconds.
+
+    The progress box is removed when the work ends (result or error). If the page's run ends first
+    (a click reruns the page), the worker stops at its next step and the model is left as it was.
+    """
+    state: dict[str, Any] = {"fraction": 0.0, "message": "starting"}
+    result: dict[str, Any] = {}
+    stop = threading.Event()
+
+    def report(fraction: float, message: str) -> None:
+        if stop.is_set():
+            raise _Stopped()
+        state["fraction"], state["message"] = float(fraction), str(message)
+
+    def work() -> None:
+        try:
+            result["edit"] = editor.compute(wb, request, progress=report)
+        except BaseException as exc:  # noqa: BLE001 - handed to the page's thread
+            result["error"] = exc
+
+    started = time.perf_counter()
+    worker = threading.Thread(target=work, name="edit-lab-compute", daemon=True)
+    with progress_bar(label) as update:
+        worker.start()
+        try:
+            while worker.is_alive():
+                update(state["fraction"], state["message"])
+                worker.join(0.3)
+        finally:
+            stop.set()          # a no-op when the worker is done; otherwise it stops at its next step
+    seconds = time.perf_counter() - started
+    if "error" in result:
+        raise result["error"]
+    return result["edit"], seconds
 
 
 # ============================================================== the fact to edit
@@ -79,16 +208,42 @@ def pairs_from_lines(text: str, what: str, lang: str) -> list[tuple[str, str]]:
     return out
 
 
+def language_name(code: str) -> str:
+    from data import LANGUAGES
+
+    return f"{code} · {LANGUAGES[code]}" if code in LANGUAGES else code
+
+
+def typed_language(raw: str) -> str:
+    """A typed language: an ISO code, an alias ("zh-cn") or an English name ("German"); a clear error otherwise."""
+    from analysis.errors import CorpusError
+    from data import LANGUAGES
+    from data.corpus import normalize_language
+
+    by_name = {name.lower(): code for code, name in LANGUAGES.items()}
+    text = str(raw).strip()
+    if text.lower() in by_name:
+        return by_name[text.lower()]
+    try:
+        return normalize_language(text)
+    except CorpusError:
+        raise InputError(f"Unknown language {text!r}: choose one from the Languages list, or type an ISO 639-1 "
+                         "code (en, zh, de ...) or an English language name (German).") from None
+
+
 def typed_request() -> dict[str, dict[str, str]]:
     """Widgets for a typed fact: per language, the raw texts (checked when the edit is applied)."""
-    languages = st.multiselect("Languages", TYPED_LANGUAGES, default=["en", "zh"], key="el-typed-languages",
-                               accept_new_options=True,
-                               help="ISO codes (or language names); type a code that is not listed to add it.")
+    from data import LANGUAGES
+
+    options = TYPED_LANGUAGES + sorted(set(LANGUAGES) - set(TYPED_LANGUAGES))
+    languages = st.multiselect("Languages", options, default=["en", "zh"], key="el-typed-languages",
+                               accept_new_options=True, format_func=language_name,
+                               help="Pick from the list, or type an ISO 639-1 code or an English language name.")
     raw = {}
     for lang in languages:
         ex = EXAMPLES.get(lang, {})
         with st.container(border=True):
-            st.markdown(f"**{lang}**")
+            st.markdown(f"**{language_name(lang)}**")
             c = st.columns(4)
             row = {
                 "prompt": c[0].text_input(f"Prompt ({lang})", ex.get("prompt", ""), key=f"el-prompt-{lang}"),
@@ -112,7 +267,10 @@ def typed_request() -> dict[str, dict[str, str]]:
 def request_from_typed(raw: dict[str, dict[str, str]]) -> EditRequest:
     facts = {}
     for lang, row in raw.items():
-        facts[lang] = LanguageFact(
+        code = typed_language(lang)
+        if code in facts:
+            raise InputError(f"The language {language_name(code)} is chosen twice.")
+        facts[code] = LanguageFact(
             prompt=row["prompt"].strip(), subject=row["subject"].strip(), target_new=row["target_new"].strip(),
             target_old=row["target_old"].strip() or None,
             paraphrases=[line.strip() for line in row["paraphrases"].splitlines() if line.strip()],
@@ -153,7 +311,8 @@ def mzsre_request() -> EditRequest | None:
     rid, fields = records[index]
     available = sorted(fields)
     default = [lang for lang in ("en", "zh") if lang in available] or available[:1]
-    languages = st.multiselect("Languages", available, default=default, key="el-mzsre-languages")
+    languages = st.multiselect("Languages", available, default=default, key="el-mzsre-languages",
+                               format_func=language_name)
     request = EditRequest.from_record(_Record(rid, fields), languages) if languages else None
     if request is not None:
         st.dataframe(pd.DataFrame([{"language": lang, "question": f.prompt, "subject": f.subject,
@@ -169,7 +328,8 @@ def corpus_request() -> EditRequest | None:
     corpus_name, rows = corpus_rows(current_corpus_spec())
     all_languages = sorted(rows["language"].unique())
     default = [lang for lang in ("en", "zh") if lang in all_languages] or all_languages[:1]
-    languages = st.multiselect("Languages", all_languages, default=default, key="el-corpus-languages")
+    languages = st.multiselect("Languages", all_languages, default=default, key="el-corpus-languages",
+                               format_func=language_name)
     if not languages:
         return None
     aligned = Corpus(rows, name=corpus_name).aligned(languages).rows
@@ -195,81 +355,124 @@ def corpus_request() -> EditRequest | None:
     return EditRequest(out, case_id=str(fact))
 
 
+# ================================================================= the editor
+
+
+def read_hparams(editor_name: str, text: str, wb: Any) -> Any:
+    """The hyper-parameters box as the editor's hyper-parameters, checked for ``wb``; messages name the editor
+    (not its Python class)."""
+    hp_class = get_editor(editor_name).hparams_class
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"The hyper-parameters are not valid JSON: {exc}.") from None
+    if not isinstance(data, dict):
+        raise InputError("The hyper-parameters must be one JSON object of field values, such as {\"steps\": 10}.")
+    try:
+        hp = hp_class.from_dict(data)
+        hp.validate(wb)
+    except InputError as exc:
+        raise InputError(str(exc).replace(hp_class.__name__, editor_name)) from None
+    return hp
+
+
 # ============================================================ before / after
 
 
-def probes(request: EditRequest) -> list[dict[str, Any]]:
-    """One row per probe of :func:`editors.evaluate.probes` (the edit prompt, each paraphrase, each locality
-    and portability question), labelled for the table; locality rows carry the data set's answer."""
-    labels = {"reliability": "edit", "generality": "paraphrase", "locality": "locality", "portability": "portability"}
+def probe_labels(request: EditRequest) -> list[str]:
+    """"edit", "paraphrase 1", "locality 1" ... for the probes of :func:`editors.evaluate.probes`."""
     seen: dict[tuple[str, str], int] = {}
     out = []
     for p in request_probes(request):
         n = seen[(p.language, p.kind)] = seen.get((p.language, p.kind), 0) + 1
-        label = labels[p.kind] if p.kind == "reliability" else f"{labels[p.kind]} {n}"
-        out.append(dict(language=p.language, probe=label, prompt=p.prompt, target=p.gold, old=p.old))
+        out.append(PROBE_LABELS[p.kind] if p.kind == "reliability" else f"{PROBE_LABELS[p.kind]} {n}")
     return out
-
-
-def measure(wb: Any, rows: list[dict[str, Any]]) -> dict[str, list]:
-    """Greedy answers and teacher-forced probabilities of the probes on the model as it is now."""
-    prompts = [r["prompt"] for r in rows]
-    lengths = [max(answer_length(wb, r["prompt"], r["target"]), 4) for r in rows]
-    answers = greedy_answers(wb, prompts, lengths)
-    p_target = [s.probability for s in answer_scores(wb, prompts, [r["target"] for r in rows])]
-    with_old = [i for i, r in enumerate(rows) if r["old"]]
-    p_old: list[float | None] = [None] * len(rows)
-    if with_old:
-        scores = answer_scores(wb, [prompts[i] for i in with_old], [rows[i]["old"] for i in with_old])
-        for i, s in zip(with_old, scores):
-            p_old[i] = s.probability
-    return {"answer": answers, "p_target": p_target, "p_old": p_old}
 
 
 def request_key(request: dict) -> str:
     return json.dumps(request, sort_keys=True, ensure_ascii=False)
 
 
-def before_numbers(wb: Any, model_spec: str, request: EditRequest) -> dict[str, list]:
-    """The unedited model's numbers, cached per request in this session."""
+def before_numbers(wb: Any, model_spec: str, request: EditRequest) -> dict[str, Any]:
+    """The unedited model's answers (text and token ids) and scores, cached per request in this session."""
     cache = st.session_state.setdefault("el_before", {})
     key = (model_spec, request_key(request.to_dict()))
     if key not in cache:
+        items = request_probes(request)
         with st.spinner("Measuring the model before the edit..."), wb.lock:
-            cache[key] = measure(wb, probes(request))
+            answers = unedited_answers(wb, items)
+            rows = score_probes(wb, items, answers, unedited=True)
+        cache[key] = {"answers": [[text, [int(t) for t in ids]] for text, ids in answers], "rows": rows}
     return cache[key]
 
 
-def after_numbers(wb: Any, model_spec: str, request: EditRequest, entries: list[dict]) -> dict[str, list]:
-    """The numbers with this session's edits applied (stacked in order), reverted on leaving."""
+def after_numbers(wb: Any, model_spec: str, request: EditRequest, entries: list[dict],
+                  folder: Path, before: dict[str, Any]) -> list[dict[str, Any]]:
+    """The scores with this session's edits applied (stacked in order), reverted on leaving."""
     cache = st.session_state.setdefault("el_after", {})
     key = (model_spec, request_key(request.to_dict()), tuple(e["id"] for e in entries))
     if key not in cache:
-        edits = [e["edit"] for e in entries]
-        edit = edits[0] if len(edits) == 1 else Edit.compose(*edits)
-        with st.spinner(f"Measuring the model with {len(edits)} edit(s) applied..."), edit.applied(wb):
-            cache[key] = measure(wb, probes(request))
+        with st.spinner(f"Measuring the model with {len(entries)} edit(s) applied..."):
+            edits = [load_edit(folder, e["id"]) for e in entries]
+            edit = edits[0] if len(edits) == 1 else Edit.compose(*edits)
+            answers = [(text, ids) for text, ids in before["answers"]]
+            with edit.applied(wb):
+                cache[key] = score_probes(wb, request_probes(request), answers)
         # keep only the current stack's entries: older stacks are not shown again
         for old in [k for k in cache if k[2] != key[2]]:
             del cache[old]
     return cache[key]
 
 
-def comparison_table(request: EditRequest, before: dict, after: dict) -> pd.DataFrame:
-    table = pd.DataFrame(probes(request))[["language", "probe", "prompt", "target", "old"]]
-    table["answer before"] = before["answer"]
-    table["answer after"] = after["answer"]
-    table["P(target) before"] = before["p_target"]
-    table["P(target) after"] = after["p_target"]
-    table["Δ P(target)"] = table["P(target) after"] - table["P(target) before"]
-    table["P(old) before"] = pd.to_numeric(pd.Series(before["p_old"], dtype="object"), errors="coerce")
-    table["P(old) after"] = pd.to_numeric(pd.Series(after["p_old"], dtype="object"), errors="coerce")
-    table = table.rename(columns={"old": "old target"})
-    columns = ["language", "probe", "target", "answer before", "answer after", "P(target) before", "P(target) after",
-               "Δ P(target)", "old target", "P(old) before", "P(old) after", "prompt"]
-    if table["old target"].isna().all():
-        columns = [c for c in columns if c not in ("old target", "P(old) before", "P(old) after")]
-    return table[columns]
+def comparison_table(request: EditRequest, before: list[dict], after: list[dict]) -> pd.DataFrame:
+    """One row per probe: the question early, then the target, its probability before and after, the answers."""
+    rows = []
+    for probe, label, b, a in zip(request_probes(request), probe_labels(request), before, after):
+        rows.append({
+            "language": probe.language, "probe": label, "question": probe.prompt,
+            "target": probe.gold or probe.reference,
+            "P(target) before": b.get("p_new"), "P(target) after": a.get("p_new"),
+            "answer before": b["answer"], "answer after": a["answer"],
+            "F1 after": a["f1"],
+            "old target": b.get("old"), "P(old) before": b.get("p_old"), "P(old) after": a.get("p_old"),
+        })
+    table = pd.DataFrame(rows)
+    for column in ("P(target) before", "P(target) after", "P(old) before", "P(old) after", "F1 after"):
+        table[column] = pd.to_numeric(table[column], errors="coerce")
+    table.insert(table.columns.get_loc("P(target) after") + 1, "Δ P(target)",
+                 table["P(target) after"] - table["P(target) before"])
+    if table["P(old) before"].isna().all():
+        table = table.drop(columns=["old target", "P(old) before", "P(old) after"])
+    return table
+
+
+COLUMN_HELP = {
+    "language": st.column_config.TextColumn("language", width=70),
+    "probe": st.column_config.TextColumn("probe", width=95),
+    "question": st.column_config.TextColumn(
+        "question", width=220, help="The probe's question (the edit prompt, a paraphrase, a locality or a "
+                                        "portability question), given to the model as it is."),
+    "target": st.column_config.TextColumn(
+        "target", width=90, help="Edit and paraphrases: the new target. Portability: the expected answer. "
+                                 "Locality: the data set's answer (the edit should leave the model's answer "
+                                 "unchanged)."),
+    "answer before": st.column_config.TextColumn(
+        "answer before", width=125,
+        help="Greedy answer of the unedited model: exactly as many tokens as the target has."),
+    "answer after": st.column_config.TextColumn(
+        "answer after", width=125,
+        help="Greedy answer with this session's edits applied (highlighted where it changed)."),
+    "P(target) before": st.column_config.NumberColumn("P(target) before", width=95, help=P_TARGET_HELP),
+    "P(target) after": st.column_config.NumberColumn("P(target) after", width=90, help=P_TARGET_HELP),
+    "Δ P(target)": st.column_config.NumberColumn("Δ P(target)", width=75),
+    "F1 after": st.column_config.NumberColumn(
+        "F1 after", width="small", help="Token F1 of the answer after the edit against the target (locality: "
+                                        "against the answer before the edit), as the evaluation computes it."),
+    "old target": st.column_config.TextColumn(
+        "old target", help="The old target of the request, or the unedited model's answer where it gives none."),
+    "P(old) before": st.column_config.NumberColumn("P(old) before", width="small"),
+    "P(old) after": st.column_config.NumberColumn("P(old) after", width="small"),
+}
 
 
 def styled(table: pd.DataFrame):
@@ -283,45 +486,24 @@ def styled(table: pd.DataFrame):
         return ["" if c != "answer after" or row["answer after"] == row["answer before"] else mark
                 for c in row.index]
 
-    numbers = [c for c in table.columns if c.startswith(("P(", "Δ"))]
+    numbers = [c for c in table.columns if c.startswith(("P(", "Δ", "F1"))]
+    texts = [c for c in ("old target",) if c in table.columns]
     return (table.style.map(delta_colour, subset=["Δ P(target)"]).apply(changed, axis=1)
-            .format({c: "{:.4f}" for c in numbers}, na_rep="–").format(na_rep="–", subset=[c for c in ("old target",) if c in table.columns]))
+            .format({c: "{:.4f}" for c in numbers}, na_rep="–").format(na_rep="–", subset=texts))
 
 
-
-def edit_zip(entry: dict) -> bytes:
-    """The edit as a zip of its saved folder (edit.safetensors + edit.json), made once."""
-    if "zip" not in entry:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = entry["edit"].save(Path(tmp) / "edit")
-            buffer = io.BytesIO()
-            with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
-                for file in sorted(folder.iterdir()):
-                    z.write(file, f"edit/{file.name}")
-        entry["zip"] = buffer.getvalue()
-    return entry["zip"]
-
-
-def edit_details(entry: dict) -> None:
-    edit: Edit = entry["edit"]
+def edit_details(entry: dict, folder: Path) -> None:
     st.markdown(f"**{entry['editor']}** · case `{entry['case_id'] or '–'}` · {entry['seconds']:.1f} s · "
                 f"languages {', '.join(entry['request']['facts'])}")
-    st.json(edit.summary(), expanded=True)
-    details = {"hparams": edit.meta.get("hparams")}
-    for key, value in edit.meta.items():
-        if key in ("hparams", "requests", "versions", "model", "method", "created"):
-            continue
-        if isinstance(value, list) and all(isinstance(v, dict) for v in value):   # per-request records
-            value = [{k: v for k, v in item.items() if k not in ("losses", "prefixes")} for item in value]
-        details[key] = value
-    st.json(details, expanded=False)
-    for i, item in enumerate(v for value in edit.meta.values() if isinstance(value, list) for v in value
-                             if isinstance(v, dict) and isinstance(v.get("losses"), list) and v["losses"]):
-        losses = pd.DataFrame(item["losses"])
-        st.caption(f"Losses per step (request {i + 1})")
-        st.line_chart(losses, height=180)
-    st.download_button("Download the edit (zip)", edit_zip(entry), f"edit-{entry['editor']}-{entry['id'][:8]}.zip",
-                       "application/zip", key=f"el-dl-{entry['id']}")
+    st.json(entry["summary"], expanded=True)
+    st.json(entry["details"]["meta"], expanded=False)
+    for i, losses in enumerate(entry["details"]["losses"]):
+        frame = pd.DataFrame(losses if isinstance(losses[0], dict) else {"loss": losses})
+        st.caption(f"Losses per step ({i + 1})")
+        st.line_chart(frame, height=180)
+    st.download_button("Download the edit (zip)", edit_zip(folder, entry["id"]),
+                       f"edit-{entry['editor']}-{entry['id'][:8]}.zip", "application/zip",
+                       key=f"el-dl-{entry['id']}", on_click="ignore")
 
 
 # ========================================================================= page
@@ -330,6 +512,7 @@ with user_errors():
     model_spec = current_model_spec()
     with st.spinner("Loading the model..."):
         wb = workbench(model_spec)
+    folder = session_folder()
     all_entries: list[dict] = st.session_state.setdefault("el_edits", [])
     entries = [e for e in all_entries if e["model"] == model_spec]
 
@@ -363,8 +546,9 @@ with user_errors():
         try:
             defaults = hp_class.preset(wb).to_dict()
             origins[hp_key] = f"preset {hp_class.preset_name(wb)!r}"
-        except NeuroglotError as exc:
-            st.error(f"{exc} Starting from {hp_class.__name__}'s defaults: edit them below.", icon="⚠️")
+        except NeuroglotError:
+            st.error(f"{editor_name} has no preset for this model ({wb.name}): starting from its default "
+                     "hyper-parameters; edit them below.", icon=ERROR_ICON)
             try:
                 defaults = hp_class().to_dict()
             except Exception:                       # a class without defaults for every field
@@ -383,10 +567,11 @@ with user_errors():
     revert_all = b[2].button("Revert all", key="el-revert-all", disabled=not entries)
 
     if (revert and entries) or revert_all:
-        if revert_all:
-            all_entries[:] = [e for e in all_entries if e["model"] != model_spec]
-        else:
-            all_entries.remove(entries[-1])
+        removed = entries if revert_all else entries[-1:]
+        for entry in removed:
+            all_entries.remove(entry)
+            remove_edit(folder, entry["id"])
+        st.session_state["el_flash"] = ("info", f"Reverted {len(removed)} edit(s).")
         st.rerun()                                  # redraw the buttons for the new list
     if apply:
         with user_errors():
@@ -394,26 +579,25 @@ with user_errors():
                 request = request_from_typed(typed_raw)
             if request is None:
                 raise InputError("Choose a fact to edit first (a record and at least one language).")
-            try:
-                data = json.loads(hp_text)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"The hyper-parameters are not valid JSON: {exc}.") from None
-            hp = get_editor(editor_name).hparams_class.from_dict(data)
-            hp.validate(wb)
+            hp = read_hparams(editor_name, hp_text, wb)
             checked = request.validate(wb)
             editor = get_editor(editor_name, hp)
-            with st.spinner(f"Computing the {editor_name} edit of {', '.join(checked.languages)}..."):
-                started = time.perf_counter()
-                edit = editor.compute(wb, checked)
-                seconds = time.perf_counter() - started
+            edit, seconds = compute_with_progress(
+                editor, wb, checked, f"Computing the {editor_name} edit of {', '.join(checked.languages)}")
+            edit_id = save_edit(folder, edit)
+            all_entries.append(dict(id=edit_id, editor=editor_name, model=model_spec, request=checked.to_dict(),
+                                    case_id=checked.case_id, seconds=seconds, summary=edit.summary(),
+                                    details=plain_details(edit)))
             if edit.is_empty():
-                st.session_state["el_flash"] = (f"{editor_name} computed an empty edit (nothing to change with these "
-                                                "hyper-parameters); it is kept in the list but changes nothing.")
-            all_entries.append(dict(id=uuid.uuid4().hex, edit=edit, editor=editor_name, model=model_spec,
-                                    request=checked.to_dict(), case_id=checked.case_id, seconds=seconds))
+                st.session_state["el_flash"] = (
+                    "warning", f"{editor_name} computed an empty edit (nothing to change with these "
+                               "hyper-parameters); it is kept in the list but changes nothing.")
+            else:
+                st.session_state["el_flash"] = ("success", f"Applied the {editor_name} edit ({seconds:.1f} s).")
             st.rerun()                              # redraw the buttons (Revert) for the new list
     if flash := st.session_state.pop("el_flash", None):
-        st.warning(flash)
+        kind, text = flash
+        getattr(st, kind)(text)
     entries = [e for e in all_entries if e["model"] == model_spec]
 
     st.subheader("3 · Before and after")
@@ -432,12 +616,21 @@ with user_errors():
     shown = min(int(shown if shown is not None else len(entries) - 1), len(entries) - 1)
     shown_request = EditRequest.from_dict(entries[shown]["request"])
     before = before_numbers(wb, model_spec, shown_request)
-    after = after_numbers(wb, model_spec, shown_request, entries)
-    table = comparison_table(shown_request, before, after)
-    st.dataframe(styled(table), hide_index=True, width="stretch", key="el-table")
-    fig = figures.edit_probability_bars(table, f"P(new target) before vs after ({len(entries)} edit(s) applied)")
+    after = after_numbers(wb, model_spec, shown_request, entries, folder, before)
+    table = comparison_table(shown_request, before["rows"], after)
+    st.caption("Answers are greedy and exactly as long as the target (in tokens), as in the evaluation. "
+               + P_TARGET_HELP + " It is measured on the edit question and its paraphrases (“–” on the "
+               "locality and portability rows). Locality rows should keep their answer; changed answers are "
+               "highlighted.")
+    # rows tall enough for two or three lines: long questions and answers wrap instead of being cut off
+    st.dataframe(styled(table), hide_index=True, width="stretch", key="el-table", row_height=66, placeholder="–",
+                 height=min(38 + 66 * len(table), 760),
+                 column_config={c: v for c, v in COLUMN_HELP.items() if c in table.columns})
+    fig = figures.edit_probability_bars(table[table["probe"] == "edit"],
+                                        f"P(new target) before vs after ({len(entries)} edit(s) applied)")
     st.plotly_chart(fig, width="stretch", key="el-bars")
+    downloads(fig, f"edit_lab_{entries[shown]['editor']}_{len(entries)}_edits", table)
     for i, entry in enumerate(entries):
         with st.expander(f"Edit {i + 1}: {entry['editor']} · {entry['case_id'] or '–'} · summary and download",
                          expanded=False):
-            edit_details(entry)
+            edit_details(entry, folder)

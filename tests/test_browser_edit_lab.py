@@ -1,0 +1,188 @@
+"""The Edit lab used as a user does (issue 11): apply an edit while its steps and elapsed seconds show, read
+the result, download the table and the edit, revert, apply another editor, stack a second edit, make a
+mistake, leave the page and come back, open a second browser session, reload. After every step the page shows
+its result and no exception text; no stale "Computing ..." box stays above a result or an error.
+
+Cheap hyper-parameters (LU-LAFNs: two layers, two steps, one short prefix; LoRA-FT: three steps) keep each
+edit to seconds on a CPU. Every wait is for what the page says, never for a fixed time."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import time
+import zipfile
+
+import pytest
+
+from tests.browser import assert_clean, download, go_to, settled, shot, shown
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+TALL = {"width": 1400, "height": 2400}      # the whole page fits: the screenshots show the result too
+CHEAP = {
+    "lu-lafns": dict(layers=[9, 17], steps=2, n_prefixes=1, prefix_length=2, paraphrase_sources=["prompt"]),
+    "lora-ft": dict(steps=3),
+}
+MARKER = {"lu-lafns": "beta", "lora-ft": "rank"}   # a field only that editor's hyper-parameters have
+LONG = 600_000                               # a loaded machine: wait for what the page says, up to 10 minutes
+
+
+def open_record(page, url: str) -> None:
+    page.goto(url + "/edit-lab")
+    page.get_by_text("Record (").wait_for(timeout=LONG)
+    search = page.get_by_role("textbox", name="Search the records")
+    search.fill("IAAF Combined Events")
+    search.press("Enter")
+    page.get_by_text("Record (1 of").wait_for(timeout=LONG)
+
+
+def choose_editor(page, name: str) -> None:
+    box = page.locator("[data-testid='stSelectbox']").filter(has_text="Editor")
+    if box.inner_text().strip().endswith(name):
+        return
+    box.click()
+    page.get_by_role("option", name=name, exact=True).click()
+    settled(page)
+
+
+def cheap_hparams(page, editor: str) -> None:
+    """Replace the preset in the hyper-parameters box by cheap values. Waits until the page shows one box
+    holding this editor's JSON (the page fills it after drawing it; a rerun may briefly show the old box)."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    boxes = page.get_by_label("Hyper-parameters (JSON", exact=False)
+    boxes.first.wait_for(timeout=LONG)
+    deadline = time.time() + LONG / 1000
+    while time.time() < deadline:
+        try:
+            values = [json.loads(boxes.nth(i).input_value(timeout=5_000)) for i in range(boxes.count())]
+            if len(values) == 1 and MARKER[editor] in values[0]:
+                break
+        except (ValueError, PlaywrightError):  # not JSON yet, or a box of the previous run went away
+            pass
+        page.wait_for_timeout(250)           # polling what the page shows, not a fixed wait
+    hparams = json.loads(boxes.input_value())
+    assert MARKER[editor] in hparams, hparams
+    hparams.update(CHEAP[editor])
+    boxes.fill(json.dumps(hparams))
+    boxes.press("Control+Enter")
+    settled(page)
+
+
+def apply_and_watch(page, editor: str) -> None:
+    """Click Apply edit: a progress line (the editor, its current step, the elapsed seconds) shows while the
+    edit is computed, then the result replaces it."""
+    page.get_by_role("button", name="Apply edit", exact=True).click()
+    step = re.compile(rf"Computing the {editor} edit of en, zh · (?!starting).+ · \d+ s")   # the editor's own step
+    page.get_by_text(step).first.wait_for(timeout=LONG)
+    shot(page, f"edit_lab_progress_{editor}.png")
+    shown(page, f"Applied the {editor} edit", timeout=LONG)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=LONG)
+    settled(page)
+    assert page.get_by_text("Computing the").count() == 0, "a stale progress box stays above the result"
+
+
+def chart_series(page) -> list[dict]:
+    """Names and marker colours of the before/after chart's traces (plotly's own data in the page)."""
+    return page.locator(".js-plotly-plot").first.evaluate(
+        "el => el.data.map(t => ({name: t.name, color: t.marker.color}))")
+
+
+def test_edit_lab_survives_apply_revert_another_editor_reload_and_a_second_session(app_url, browser):
+    page = browser.new_page(viewport=TALL)
+    open_record(page, app_url)
+    assert_clean(page, "opening the page")
+
+    # 1. apply LU-LAFNs: its steps and elapsed seconds show while it runs, then the result
+    cheap_hparams(page, "lu-lafns")
+    apply_and_watch(page, "lu-lafns")
+    body = shown(page, "1 edit(s) applied in this session", "Edit 1: lu-lafns · mzsre:0",
+                 "the probability of the whole target answer")
+    assert_clean(page, "applying LU-LAFNs")
+    assert "Error" not in body
+    series = chart_series(page)
+    assert [s["name"] for s in series] == ["before", "after"]
+    assert all(isinstance(s["color"], str) for s in series), series      # the legend's colour is the bars'
+    shot(page, "edit_lab_applied.png")
+
+    # 2. the table as CSV (question early, answers as long as the target) and the edit as a zip
+    table = list(csv.DictReader(io.StringIO(download(page, page, "CSV").decode())))
+    columns = list(table[0])
+    assert columns[:4] == ["language", "probe", "question", "target"], columns
+    edit_rows = {r["language"]: r for r in table if r["probe"] == "edit"}
+    assert edit_rows["en"]["target"] == "2006" and "answer after" in columns and "P(target) after" in columns
+    page.get_by_text("Edit 1: lu-lafns · mzsre:0 · summary and download").click()
+    archive = zipfile.ZipFile(io.BytesIO(download(page, page, "Download the edit (zip)")))
+    assert sorted(archive.namelist()) == ["edit/edit.json", "edit/edit.safetensors"]
+    assert_clean(page, "downloads")
+    shown(page, "1 edit(s) applied in this session")
+
+    # 3. revert
+    page.get_by_role("button", name="Revert", exact=True).click()
+    body = shown(page, "Reverted 1 edit(s).", "No edit applied in this session", timeout=LONG)
+    assert_clean(page, "revert")
+    assert "edit(s) applied" not in body and page.locator(".js-plotly-plot").count() == 0
+    shot(page, "edit_lab_reverted.png")
+
+    # 4. another editor: LoRA-FT
+    choose_editor(page, "lora-ft")
+    cheap_hparams(page, "lora-ft")
+    apply_and_watch(page, "lora-ft")
+    body = shown(page, "1 edit(s) applied in this session", "Edit 1: lora-ft · mzsre:0")
+    assert_clean(page, "applying LoRA-FT")
+    assert "Error" not in body and "lu-lafns · mzsre:0" not in body
+
+    # 5. LU-LAFNs again, stacked on the LoRA-FT edit (its cheap values are still in its box)
+    choose_editor(page, "lu-lafns")
+    apply_and_watch(page, "lu-lafns")
+    body = shown(page, "2 edit(s) applied in this session", "Edit 1: lora-ft · mzsre:0", "Edit 2: lu-lafns · mzsre:0")
+    assert_clean(page, "stacking a second edit")
+    assert "Error" not in body
+    shot(page, "edit_lab_stacked.png")
+
+    # 6. a mistake: hyper-parameters that are not JSON. An error box, the earlier edits and their table stay
+    box = page.get_by_label("Hyper-parameters (JSON", exact=False)
+    good = box.input_value()
+    box.fill("{layers: [9]")
+    box.press("Control+Enter")
+    settled(page)
+    page.get_by_role("button", name="Apply edit", exact=True).click()
+    body = shown(page, "not valid JSON", "2 edit(s) applied in this session", timeout=LONG)
+    settled(page)
+    assert_clean(page, "bad hyper-parameters")
+    assert page.get_by_text("Computing the").count() == 0
+    assert page.locator(".js-plotly-plot").count() == 1
+    shot(page, "edit_lab_error.png")
+    box.fill(good)
+    box.press("Control+Enter")
+    settled(page)
+
+    # 7. leave the page and come back: the session keeps its edits and shows them
+    go_to(page, "Home")
+    shown(page, "Facts per relation × language", timeout=LONG)
+    go_to(page, "Edit lab")
+    shown(page, "2 edit(s) applied in this session", "Edit 2: lu-lafns · mzsre:0", timeout=LONG)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=LONG)
+    assert_clean(page, "leaving and coming back")
+
+    # 8. a second browser session on the same server sees no edit
+    other = browser.new_context(viewport=TALL)
+    second = other.new_page()
+    second.goto(app_url + "/edit-lab")
+    body2 = shown(second, "No edit applied in this session", timeout=LONG)
+    assert_clean(second, "a second session")
+    assert "edit(s) applied" not in body2 and "Edit 1:" not in body2
+    assert second.locator(".js-plotly-plot").count() == 0
+    other.close()
+    shown(page, "2 edit(s) applied in this session")        # ... and the first one still has both
+
+    # 9. reload: a new session, which cleanly shows no edit (the old session's saved edits are not shown)
+    page.reload()
+    body = shown(page, "No edit applied in this session", timeout=LONG)
+    assert_clean(page, "reload")
+    assert "edit(s) applied" not in body and "Edit 1:" not in body and "Error" not in body
+    assert page.locator(".js-plotly-plot").count() == 0
+    shot(page, "edit_lab_reloaded.png")
+    page.close()
