@@ -74,6 +74,15 @@ def user_errors() -> Iterator[None]:
         show_unexpected(exc)
 
 
+def folder_stamp(folder: str | None) -> float:
+    """The modification time of a run folder's manifest (0.0 when the folder is gone or incomplete): part of
+    the key of the cached readers, so a folder rewritten by another session or the CLI is read again."""
+    from pathlib import Path
+
+    manifest = Path(folder) / "manifest.json" if folder else None
+    return manifest.stat().st_mtime if manifest is not None and manifest.is_file() else 0.0
+
+
 @contextmanager
 def progress_bar(label: str) -> Iterator[Callable]:
     """A visible progress bar with the current step and the elapsed seconds, removed when the work ends

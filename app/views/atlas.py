@@ -7,8 +7,8 @@ import streamlit as st
 
 from analysis import figures
 from analysis import neurons as nr
-from app.state import (corpus_rows, current_corpus_spec, current_model_spec, kept, progress_bar, user_errors,
-                       workbench)
+from app.state import (corpus_rows, current_corpus_spec, current_model_spec, folder_stamp, kept, progress_bar,
+                       user_errors, workbench)
 from app.widgets import downloads, neuron_drilldown
 from data.relations import relation_label
 
@@ -42,13 +42,6 @@ def count_request(request: tuple) -> str:
 def counts_in(folder: str, stamp: float) -> nr.NeuronCounts:
     """A run folder's counts (``stamp``: the manifest's modification time, so a rewritten folder is re-read)."""
     return nr.NeuronCounts.load(folder)
-
-
-def stamp(folder: str) -> float:
-    from pathlib import Path
-
-    manifest = Path(folder) / "manifest.json"
-    return manifest.stat().st_mtime if manifest.is_file() else 0.0
 
 
 with user_errors():
@@ -90,11 +83,11 @@ with user_errors():
         st.stop()
     done = st.session_state.get("atlas_done", {})
     folder = done.get(request)
-    if submitted or folder is None or stamp(folder) == 0.0:
+    if submitted or folder is None or folder_stamp(folder) == 0.0:
         # A new request, the same one again (read back from its run folder), or one cut short by leaving the page.
         folder = count_request(request)
         st.session_state["atlas_done"] = {request: folder}
-    counts = counts_in(folder, stamp(folder))
+    counts = counts_in(folder, folder_stamp(folder))
     model_spec, corpus_spec, languages, relations, positions, text, max_facts = request
     st.caption(f"Counted {', '.join(f'{l}: {n:,} tokens' for l, n in zip(counts.languages, counts.tokens))} · "
                f"{counts.n_layers} layers × {counts.n_neurons:,} neurons · {max_facts} facts per relation · "

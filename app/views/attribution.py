@@ -6,7 +6,8 @@ import streamlit as st
 
 from analysis import attribution as at
 from analysis import figures
-from app.state import corpus_rows, current_corpus_spec, current_model_spec, user_errors, workbench
+from app.state import (corpus_rows, current_corpus_spec, current_model_spec, folder_stamp, kept, progress_bar,
+                       user_errors, workbench)
 from app.widgets import downloads, neuron_drilldown
 
 st.title("Attribution")
@@ -18,13 +19,20 @@ st.caption("Integrated gradients (Eq. 2) score every FFN neuron of every layer b
 SOURCES = ("One fact from the corpus", "Several facts from the corpus", "Type a fact")
 
 
+def attribute(request: dict) -> str:
+    """Run (or read back) one request's integrated gradients; returns its run folder. Not cached by Streamlit:
+    the backend's run folder is the cache, found again by a rerun, a page switch or another session."""
+    with progress_bar("Integrating gradients") as progress:
+        _, folder, _ = at.attribution_run(workbench(request["model"]), request["prompts"], steps=request["steps"],
+                                          method=request["method"], target_tokens=request["target_tokens"],
+                                          progress=progress)
+    return str(folder)
+
+
 @st.cache_data(show_spinner=False, max_entries=16)
-def attribute(model_spec: str, prompts: pd.DataFrame, steps: int, method: str, target_tokens: str,
-              _progress=None) -> at.AttributionRun:
-    """Scores for one request; also kept in a run folder on disk, so a restart reads them back."""
-    run, _, _ = at.attribution_run(workbench(model_spec), prompts, steps=steps, method=method,
-                                   target_tokens=target_tokens, progress=_progress)
-    return run
+def run_in(folder: str, stamp: float) -> at.AttributionRun:
+    """A run folder's attributions (``stamp``: the manifest's modification time)."""
+    return at.AttributionRun.load(folder)
 
 
 def fact_label(rows: pd.DataFrame, fact_id: str) -> str:
@@ -41,8 +49,9 @@ def typed_fact(languages: list[str]) -> pd.DataFrame:
     cols = st.columns(max(1, len(languages)))
     for col, lang in zip(cols, languages):
         prompts, answer = examples.get(lang, ("", ""))
-        text = col.text_area(f"Prompts ({lang}), one per line", prompts, key=f"typed-prompts-{lang}", height=100)
-        ans = col.text_input(f"Answer ({lang})", answer, key=f"typed-answer-{lang}")
+        text = kept(col.text_area, f"Prompts ({lang}), one per line", key=f"typed-prompts-{lang}", default=prompts,
+                    height=100)
+        ans = kept(col.text_input, f"Answer ({lang})", key=f"typed-answer-{lang}", default=answer)
         for j, line in enumerate(p for p in text.splitlines() if p.strip()):
             rows.append(dict(fact_id="typed", relation="typed", language=lang, subject="", object=ans.strip(),
                              prompt=line.strip(), template_id=f"typed.{lang}.{j}"))
@@ -54,9 +63,9 @@ with user_errors():
     corpus_name, rows = corpus_rows(corpus_spec)
     all_languages = sorted(rows["language"].unique())
 
-    source = st.radio("Facts", SOURCES, horizontal=True, key="ig-source")
+    source = kept(st.radio, "Facts", SOURCES, key="ig-source", default=SOURCES[0], horizontal=True)
     default_langs = [lang for lang in ("en", "zh") if lang in all_languages] or all_languages[:2]
-    languages = st.multiselect("Languages", all_languages, default=default_langs, key="ig-languages")
+    languages = kept(st.multiselect, "Languages", all_languages, key="ig-languages", default=default_langs)
     with st.form("ig-request"):
         if source == SOURCES[0]:
             from data.corpus import Corpus
@@ -64,24 +73,23 @@ with user_errors():
             aligned = Corpus(rows, name=corpus_name).aligned(languages).rows if languages else rows.iloc[:0]
             facts = list(pd.unique(aligned["fact_id"]))
             en_rows = aligned[aligned["language"] == (languages[0] if languages else "en")]
-            fact = st.selectbox(f"Fact ({len(facts):,} in all chosen languages)", facts,
-                                format_func=lambda f: fact_label(en_rows, f))
+            fact = kept(st.selectbox, f"Fact ({len(facts):,} in all chosen languages)", facts, key="ig-fact",
+                        default=facts[0] if facts else None, format_func=lambda f: fact_label(en_rows, f))
             request_facts = {"fact_ids": [fact] if fact else []}
         elif source == SOURCES[1]:
-            n_facts = st.number_input("Facts (taken round-robin over the relations)", 1, 500, 5)
+            n_facts = kept(st.number_input, "Facts (taken round-robin over the relations)", key="ig-n-facts", default=5,
+                           min_value=1, max_value=500)
             request_facts = {"max_facts": int(n_facts)}
         else:
             typed = typed_fact(languages)
-        c1, c2, c3, c4 = st.columns(4)
-        threshold = c1.slider("t (per prompt)", 0.05, 1.0, 0.2, 0.05,
-                              help="Knowledge neurons of a prompt: attribution ≥ t × the prompt's maximum.")
-        share = c2.slider("p (per fact)", 0.1, 1.0, 0.5, 0.1,
-                          help="Knowledge neurons of a fact: in at least this share of its paraphrases.")
-        steps = c3.number_input("Steps m", 1, 200, 20, help="Integration steps (Riemann sum, α = k/m).")
-        target_tokens = c4.radio("Answer probability", at.TARGET_TOKENS, horizontal=True,
-                                 help="first: the first answer token (Dai et al.); mean: all its tokens.")
-        method = st.selectbox("Quadrature", at.METHODS, help="riemann_right is Dai et al.'s sum as written; "
-                                                              "gausslegendre is more accurate for the same steps.")
+        c1, c2, c3 = st.columns(3)
+        steps = kept(c1.number_input, "Steps m", key="ig-steps", default=20, min_value=1, max_value=200,
+                     help="Integration steps (Riemann sum, α = k/m).")
+        target_tokens = kept(c2.radio, "Answer probability", at.TARGET_TOKENS, key="ig-target", default=at.TARGET_TOKENS[0],
+                             horizontal=True, help="first: the first answer token (Dai et al.); mean: all its tokens.")
+        method = kept(c3.selectbox, "Quadrature", at.METHODS, key="ig-method", default=at.METHODS[0],
+                      help="riemann_right is Dai et al.'s sum as written; gausslegendre is more accurate for the "
+                           "same steps.")
         submitted = st.form_submit_button("Compute", type="primary")
     if submitted:
         if not languages:
@@ -101,27 +109,32 @@ with user_errors():
 
             corp = load_corpus(corpus_spec, languages=languages)
             prompts = at.fact_prompts(corp, languages, **request_facts)
-        st.session_state["ig_request"] = (prompts, int(steps), method, target_tokens, threshold, share)
+        st.session_state["ig_request"] = dict(model=model_spec, corpus=corpus_spec, prompts=prompts, steps=int(steps),
+                                              method=method, target_tokens=target_tokens)
+        st.session_state.pop("ig_folder", None)
 
     request = st.session_state.get("ig_request")
+    if request is not None and (request["model"], request["corpus"]) != (model_spec, corpus_spec):
+        request = None  # the model or corpus changed on Home since: the old result no longer applies
     if request is None:
         st.info("Choose a fact and press **Compute**. One prompt takes a few seconds on a laptop CPU with the "
-                "embedded model (all layers, 20 steps); results are cached.")
+                "embedded model (all layers, 20 steps); a request that ran before (in any session) is read back "
+                "at once.")
         st.stop()
-    prompts, steps, method, target_tokens, _, _ = request
+    folder = st.session_state.get("ig_folder")
+    if submitted or folder_stamp(folder) == 0.0:
+        # A new request, the same one again (read back from its run folder), or one cut short by leaving the page.
+        folder = st.session_state["ig_folder"] = attribute(request)
+    run = run_in(folder, folder_stamp(folder))
+    st.caption(f"Attributed {len(run.prompts)} prompts of {len(run.fact_ids)} fact(s) in {', '.join(run.languages)} · "
+               f"{len(run.layers)} layers × {run.n_neurons:,} neurons · {run.meta.get('steps', request['steps'])} "
+               f"steps · run folder `{folder}`")
 
-    with st.status("Integrating gradients...", expanded=False) as status:
-        bar = st.progress(0.0)
-
-        def progress(frac: float, message: str) -> None:
-            bar.progress(min(max(frac, 0.0), 1.0), text=message[:120])
-
-        run = attribute(model_spec, prompts, steps, method, target_tokens, _progress=progress)
-        bar.progress(1.0)
-        status.update(label=f"Attributed {len(run.prompts)} prompts of {len(run.fact_ids)} fact(s) in "
-                      f"{', '.join(run.languages)} · {len(run.layers)} layers × {run.n_neurons:,} neurons",
-                      state="complete")
-
+    c1, c2 = st.columns(2)  # thresholds apply to the stored scores: moving them recomputes nothing
+    threshold = kept(c1.slider, "t (per prompt)", key="ig-t", default=0.2, min_value=0.05, max_value=1.0, step=0.05,
+                     help="Knowledge neurons of a prompt: attribution ≥ t × the prompt's maximum (memla Eq. 3).")
+    share = kept(c2.slider, "p (per fact)", key="ig-p", default=0.5, min_value=0.1, max_value=1.0, step=0.1,
+                 help="Knowledge neurons of a fact: in at least this share of its paraphrases.")
     counts = run.set_counts(threshold, share)
     per_layer = run.per_layer(threshold, share)
     shown_langs = run.languages
@@ -144,16 +157,17 @@ with user_errors():
         downloads(fig, "attribution_strength")
     with tabs[1]:
         st.dataframe(counts, hide_index=True, width="stretch")
-        st.download_button("CSV", counts.to_csv(index=False).encode(), "knowledge_neurons.csv", "text/csv")
+        st.download_button("CSV", counts.to_csv(index=False).encode(), "knowledge_neurons.csv", "text/csv",
+                           on_click="ignore", icon=":material/download:", key="ig-per-fact-csv")
     with tabs[2]:
         fact = st.selectbox("Fact", run.fact_ids, format_func=lambda f: fact_label(run.prompts, f),
                             key="ig-top-fact")
         top = run.top_neurons(fact, threshold, share, k=100)
         st.caption(f"{len(top):,} knowledge neurons of this fact (strongest first). Select a row to open the "
                    "neuron's drill-down (the atlas's view: the texts that excite it most, the tokens it promotes).")
-        event = st.dataframe(top, hide_index=True, width="stretch", on_select="rerun",
-                             selection_mode="single-row", key="ig-top-table")
-        picked = event.selection.rows if event is not None else []
+        event = st.dataframe(top, hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row",
+                             key=f"ig-top-table-{fact}-{threshold:g}-{share:g}")  # a new table forgets old rows
+        picked = [i for i in (event.selection.rows if event is not None else []) if i < len(top)]
         if picked:
             row = top.iloc[picked[0]]
             drill_langs = [lang for lang in shown_langs if lang in all_languages] or all_languages[:1]
