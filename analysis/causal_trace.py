@@ -852,3 +852,33 @@ def trace_run(wb, corpus, languages: Sequence[str], max_facts: int = 20, kinds: 
     runs.write_run(folder, "trace", request["key"], request, lambda tmp: save_traces(tmp, traces, meta))
     traces.meta = _manifest_head(traces, meta)
     return traces, folder, False
+
+
+def prompt_trace_run(wb, prompt: str, subject: str, answer: str | None = None, kinds: Sequence[str] = KINDS,
+                     samples: int = 10, noise: float = 3.0, window: int = 10, seed: int = 0,
+                     language: str | None = None, folder: str | Path | None = None, max_rows: int = 256,
+                     progress: Progress | None = None) -> tuple[TraceResult, Path, bool]:
+    """:func:`causal_trace` of one prompt through a run folder, reused when the same request comes again (the
+    app's page reads it back on every rerun, page switch and in other sessions). ``folder`` defaults to
+    ``<cache>/runs/trace1-<key>``. Returns ``(result, folder, reused)``."""
+    from analysis.model import cache_root
+
+    request = {"model": wb.spec, "model_name": wb.name, "parameters": wb.n_params, "dtype": str(wb.dtype),
+               "prompt": prompt, "subject": subject, "answer": answer, "language": language,
+               "kinds": list(kinds), "samples": int(samples), "noise": float(noise), "window": int(window),
+               "seed": int(seed), "version": CAUSAL_TRACE_VERSION}
+    key = runs.request_key(request)
+    folder = Path(folder) if folder is not None else cache_root() / "runs" / f"trace1-{key}"
+    info = runs.claim(folder, "trace", key, request)
+    if info.state == "run" and info.key == key:
+        try:
+            return load_traces(folder)[language or "?"][0], folder, True
+        except (NeuroglotError, KeyError, IndexError):
+            pass  # damaged folder: recompute and replace
+    result = causal_trace(wb, prompt, subject, answer, kinds=kinds, samples=samples, noise=noise, window=window,
+                          seed=seed, max_rows=max_rows, progress=progress, language=language)
+    traces = FactTraces()
+    traces[language or "?"] = [result]
+    runs.write_run(folder, "trace", key, request,
+                   lambda tmp: save_traces(tmp, traces, {"request": dict(request, key=key)}))
+    return result, folder, False

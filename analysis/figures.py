@@ -760,7 +760,8 @@ def causal_trace_heatmaps(tokens: Sequence[str], subject_range: Sequence[int], s
     fig.update_yaxes(autorange="reversed")
     default = (f"Causal tracing → {_show_token(answer)}: clean p = {p_clean:.3f}, "
                f"corrupted p = {p_corrupted:.3f} (* = subject)")
-    _layout(fig, title or default, height=max(320, 60 + 28 * len(tokens)))
+    # Tall enough that every token label is readable: 34 px a row plus the titles and the layer axis.
+    _layout(fig, title or default, height=max(460, 170 + 34 * len(tokens)))
     return fig
 
 

@@ -148,3 +148,65 @@ def test_attribution_page_survives_every_interaction(app_url, browser):
     assert_clean(second, "the same request in a second session")
     other.close()
     page.close()
+
+
+def run_typed_trace(page, url: str) -> None:
+    page.goto(url + "/tracing")
+    page.get_by_text("Type a fact").wait_for(timeout=180_000)
+    page.get_by_text("Type a fact").click()
+    page.get_by_role("textbox", name="Subject (de)").wait_for(timeout=60_000)
+    samples = page.get_by_role("spinbutton", name="Noise samples")
+    samples.fill("2")
+    samples.press("Enter")
+    page.get_by_role("button", name="Trace", exact=True).click()
+
+
+def test_tracing_page_survives_every_interaction(app_url, browser):
+    page = browser.new_page(viewport=WIDE)
+    run_typed_trace(page, app_url)
+    shown(page, "Strongest MLP effect", "p(answer), clean run", "p(answer), subject corrupted",
+          "are the subject's", timeout=600_000)
+    assert_clean(page, "trace")
+    shot(page, "tracing.png", full_page=True)
+
+    panel = page.get_by_role("tabpanel", name="en")                     # downloads of the en heatmaps
+    assert "token" in download(page, panel, "CSV").decode()
+    assert download(page, panel, "PNG")[:4] == b"\x89PNG"
+    assert_clean(page, "downloads")
+
+    select_first_row(page, panel.locator("[data-testid='stDataFrame']").first)   # a row opens the drill-down
+    shown(page, "promoted", timeout=300_000)
+    assert_clean(page, "selecting a neuron")
+
+    for lang in ("zh", "de", "en"):                                     # every language's tab
+        page.get_by_role("tab", name=lang, exact=True).click()
+        settled(page)
+        assert_clean(page, f"tab {lang}")
+
+    go_to(page, "Attribution")                                          # leave and come back
+    page.get_by_role("button", name="Compute", exact=True).wait_for(timeout=120_000)
+    go_to(page, "Causal tracing")
+    shown(page, "Strongest MLP effect", timeout=300_000)
+    assert_clean(page, "coming back")
+    assert page.get_by_role("spinbutton", name="Noise samples").input_value() == "2"
+
+    page.get_by_role("button", name="Trace", exact=True).click()        # the same request again
+    settled(page)
+    shown(page, "Strongest MLP effect", timeout=300_000)
+    assert_clean(page, "the same request again")
+
+    other = browser.new_context(viewport=WIDE)                          # a second session: read back at once
+    second = other.new_page()
+    run_typed_trace(second, app_url)
+    shown(second, "Strongest MLP effect", timeout=300_000)
+    assert_clean(second, "the same request in a second session")
+    other.close()
+
+    subject = page.get_by_role("textbox", name="Subject (en)")          # a bad subject: an error box in en only
+    subject.fill("Louvre")
+    page.get_by_role("button", name="Trace", exact=True).click()
+    page.get_by_text("does not occur in the prompt").first.wait_for(timeout=300_000)
+    assert_clean(page, "a subject not in the prompt")
+    page.get_by_role("tab", name="zh", exact=True).click()
+    shown(page, "Strongest MLP effect", timeout=120_000)                 # the other languages are still traced
+    page.close()
