@@ -210,3 +210,21 @@ def test_tracing_page_survives_every_interaction(app_url, browser):
     page.get_by_role("tab", name="zh", exact=True).click()
     shown(page, "Strongest MLP effect", timeout=120_000)                 # the other languages are still traced
     page.close()
+
+
+def test_home_failed_load_keeps_the_model_and_resets_the_box(app_url, browser):
+    page = browser.new_page(viewport=WIDE)
+    page.goto(app_url)
+    shown(page, "Layers × neurons", timeout=180_000)
+    box = page.get_by_role("textbox", name="Model")
+    box.fill("/no/such/model.gguf")
+    page.get_by_role("button", name="Load", exact=True).click()
+    shown(page, "GGUF file not found", "The previous model (embedded) is still in use", "18 × 2,048",
+          timeout=120_000)
+    assert page.get_by_role("textbox", name="Model").input_value() == "embedded"   # the box shows the model in use
+    icons = page.locator("[data-testid='stSidebarNav'] [data-testid='stIconMaterial']").all()
+    assert len(icons) >= 5 and all(i.inner_text().isascii() for i in icons)   # Material icons, not emoji
+    go_to(page, "Neuron atlas")                                         # the other pages still work
+    page.get_by_role("button", name="Run", exact=True).wait_for(timeout=120_000)
+    assert_clean(page, "a page after a failed load")
+    page.close()
