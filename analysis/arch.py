@@ -1,15 +1,15 @@
 """Where each architecture family keeps its FFN neurons, keys, values, attention and embeddings.
 
-Two FFN sites matter to Neuroglot (DESIGN.md, Decision 1; papers/lu-lafns.md Eq. 2-3):
+Two FFN sites matter to Neuroglot (DESIGN.md, Decision 1; lu-lafns Eq. 2-3, papers/lu-lafns.md):
 
 * **neuron** -- the output of the activation function applied to the FFN's first
   matrix, ``act_fn(h W1)``: one scalar per intermediate dimension per layer. For a
-  gated FFN (``down(act(gate(h)) * up(h))``, Eq. 3) this is the *gate* branch
+  gated FFN (``down(act(gate(h)) * up(h))``, lu-lafns Eq. 3) this is the *gate* branch
   ``act(gate(h))``, before the product with ``up(h)``. "Activated" means > 0. The
   neuron site is the activation-function module, so its forward *output* is read.
 * **key** -- the input of the down-projection, the vector MEMIT, AlphaEdit and
   LangEdit treat as the key of the FFN's linear associative memory. For an ungated
-  FFN (Eq. 2) key == neuron; for a gated FFN key == act(gate(h)) * up(h). The key
+  FFN (lu-lafns Eq. 2) key == neuron; for a gated FFN key == act(gate(h)) * up(h). The key
   site is the down-projection module, so its forward *input* is read.
 
 Row ``j`` of :meth:`ArchAdapter.value_vectors` is the value vector of neuron ``j``:

@@ -1,8 +1,8 @@
-"""Knowledge neurons by integrated gradients (papers/memla.md §4.1, Eq. 1-4; Dai et al. 2022).
+"""Knowledge neurons by integrated gradients (memla Eq. 1-4, papers/memla.md §4.1; Dai et al. 2022).
 
-For a prompt ``x`` and its answer ``y*``, Eq. 1 is the probability of the answer
+For a prompt ``x`` and its answer ``y*``, memla Eq. 1 is the probability of the answer
 when the ``i``-th FFN neuron of layer ``l`` (the activation-function output,
-DESIGN Decision 1) at the prompt's last token is set to a value ``ŵ``. Eq. 2
+DESIGN Decision 1) at the prompt's last token is set to a value ``ŵ``. memla Eq. 2
 attributes each neuron by integrated gradients along the straight path from the
 baseline (zero activation) to its clean value ``w̄``::
 
@@ -21,8 +21,8 @@ Sets (memla.md "following Chen et al. (2023)", i.e. Dai et al.'s procedure):
   maximum attribution over all layers (``t = 0.2``);
 * per fact and language ``N_x^k``: neurons in at least ``share`` of the fact's
   prompts (its paraphrases; ``p = 0.5`` by default, Dai et al. tune ``p``);
-* Eq. 3: language-independent ``I_x = ∩_k N_x^k``;
-* Eq. 4: language-specific ``S_x^k = N_x^k − I_x``.
+* memla Eq. 3: language-independent ``I_x = ∩_k N_x^k``;
+* memla Eq. 4: language-specific ``S_x^k = N_x^k − I_x``.
 
 The answer's probability is that of its first token by default; ``target_tokens
 = "mean"`` averages the (teacher-forced) probabilities of all its tokens.
@@ -76,7 +76,7 @@ INDEPENDENT = "independent"
 
 @dataclass
 class PromptAttribution:
-    """Eq. 2 scores of every neuron of the chosen layers for one prompt and answer."""
+    """memla Eq. 2 scores of every neuron of the chosen layers for one prompt and answer."""
 
     prompt: str
     target: str
@@ -211,7 +211,7 @@ def _neuron_modules(wb) -> dict[int, torch.nn.Module]:
 def neuron_attributions(wb, prompt: str, target: str, layers: Sequence[int] | None = None, steps: int = 20,
                         method: str = "riemann_right", target_tokens: str = "first", max_rows: int = 512,
                         target_ids: Sequence[int] | None = None) -> PromptAttribution:
-    """Eq. 2 for every neuron of ``layers`` (default: all) at the last token of ``prompt``.
+    """memla Eq. 2 for every neuron of ``layers`` (default: all) at the last token of ``prompt``.
 
     ``target`` is the answer's text; its tokens are those the model would write
     after the prompt (:func:`analysis.tokens.answer_ids`) unless ``target_ids``
@@ -238,7 +238,7 @@ def neuron_attributions(wb, prompt: str, target: str, layers: Sequence[int] | No
             chunk = chosen[start:start + per_chunk]
 
             def summed_probability(x: torch.Tensor, chunk=chunk) -> torch.Tensor:
-                # x: [s, len(chunk), d_ff], the scaled activations α·w̄ of each layer (Eq. 1's ŵ).
+                # x: [s, len(chunk), d_ff], the scaled activations α·w̄ of each layer (memla Eq. 1's ŵ).
                 # Row (i, k) scales layer chunk[i] at step k; the sum over i keeps every layer's
                 # gradient its own, since no row depends on another layer's inputs.
                 s = x.shape[0]
@@ -356,7 +356,7 @@ def fact_knowledge_neurons(prompt_sets: Sequence[np.ndarray], share: float = 0.5
 
 
 def language_independent_neurons(fact_sets: dict[str, np.ndarray]) -> np.ndarray:
-    """Eq. 3: ``I_x = ∩_k N_x^k`` over the languages of ``fact_sets``."""
+    """memla Eq. 3: ``I_x = ∩_k N_x^k`` over the languages of ``fact_sets``."""
     if not fact_sets:
         raise InputError("Language-independent neurons need the knowledge neurons of at least one language.")
     sets = list(fact_sets.values())
@@ -367,7 +367,7 @@ def language_independent_neurons(fact_sets: dict[str, np.ndarray]) -> np.ndarray
 
 
 def language_specific_neurons(fact_sets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Eq. 4: ``S_x^k = N_x^k − I_x`` for every language ``k``."""
+    """memla Eq. 4: ``S_x^k = N_x^k − I_x`` for every language ``k``."""
     shared = language_independent_neurons(fact_sets)
     return {lang: np.asarray(s, dtype=bool) & ~shared for lang, s in fact_sets.items()}
 
@@ -380,7 +380,7 @@ PROMPT_COLUMNS = ("fact_id", "relation", "language", "subject", "object", "promp
 
 @dataclass
 class AttributionRun:
-    """Eq. 2 scores of many prompts: the facts × languages × paraphrases of a request."""
+    """memla Eq. 2 scores of many prompts: the facts × languages × paraphrases of a request."""
 
     prompts: pd.DataFrame   # one row per prompt: PROMPT_COLUMNS + prob, baseline_min, completeness_gap
     scores: np.ndarray      # [n_prompts, n_layers, d_ff] float32
@@ -419,7 +419,7 @@ class AttributionRun:
 
     def set_parts(self, fact_id: str, threshold: float = 0.2, share: float = 0.5) -> dict[str, np.ndarray]:
         """One fact's sets, bool [n_layers, d_ff] each: ``N^k`` under the language code, ``"independent"``
-        (Eq. 3) and ``"specific <k>"`` (Eq. 4). A fact without prompts in every language of the run shares
+        (memla Eq. 3) and ``"specific <k>"`` (memla Eq. 4). A fact without prompts in every language of the run shares
         nothing: its independent set is empty and each language's specific set is its whole ``N^k``."""
         sets = self.fact_sets(fact_id, threshold, share)
         if len(sets) == len(self.languages):
@@ -432,7 +432,7 @@ class AttributionRun:
         return parts
 
     def set_counts(self, threshold: float = 0.2, share: float = 0.5) -> pd.DataFrame:
-        """One row per fact: |N^k| per language, |I| (Eq. 3) and |S^k| per language (Eq. 4)."""
+        """One row per fact: |N^k| per language, |I| (memla Eq. 3) and |S^k| per language (memla Eq. 4)."""
         records = []
         for fact_id in self.fact_ids:
             parts = self.set_parts(fact_id, threshold, share)
@@ -512,7 +512,7 @@ class AttributionRun:
 def attribute_prompts(wb, prompts: pd.DataFrame, layers: Sequence[int] | None = None, steps: int = 20,
                       method: str = "riemann_right", target_tokens: str = "first", max_rows: int = 512,
                       progress: Progress | None = None) -> AttributionRun:
-    """Eq. 2 for every row of ``prompts`` (columns PROMPT_COLUMNS; ``object`` is the answer)."""
+    """memla Eq. 2 for every row of ``prompts`` (columns PROMPT_COLUMNS; ``object`` is the answer)."""
     missing = [c for c in ("fact_id", "language", "prompt", "object") if c not in prompts.columns]
     if missing:
         raise InputError(f"The prompts table lacks the column(s) {', '.join(missing)}.")

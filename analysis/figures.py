@@ -7,7 +7,7 @@ message written for users.
 
 Colours are fixed per language code (``language_colour``) so that "en" has the same
 colour in every figure of a session; the language-agnostic factual neurons (LAFNs,
-papers/lu-lafns.md Eq. 6) are always drawn in ``LAFN_COLOUR``.
+lu-lafns Eq. 6) are always drawn in ``LAFN_COLOUR``.
 
 ``save_figure`` writes a self-contained HTML file (plotly.js embedded, so it opens
 offline) and a PNG through kaleido, which drives a headless Chrome/Chromium.
@@ -243,8 +243,8 @@ def _check_neuron_counts(table: pd.DataFrame, keys: list[str], n_neurons: int, w
 
 
 def neurons_per_layer(table: pd.DataFrame, n_neurons: int, title: str | None = None) -> go.Figure:
-    """Figure 1 of papers/lu-lafns.md: factual neurons per layer for each language (Eq. 5),
-    the language-agnostic factual neurons (LAFNs, Eq. 6) as bars, language-specific sets dashed.
+    """Figure 1 of papers/lu-lafns.md: factual neurons per layer for each language (lu-lafns Eq. 5),
+    the language-agnostic factual neurons (LAFNs, lu-lafns Eq. 6) as bars, language-specific sets dashed.
 
     ``table`` has columns ``layer`` (0-based int), ``set`` (a language code, ``"LAFN"`` or
     ``"specific:<code>"``) and ``count``; ``n_neurons`` is the number of FFN neurons per layer.
@@ -382,7 +382,7 @@ def overlap_by_layer(table: pd.DataFrame, title: str | None = None) -> go.Figure
 
 
 def beta_sweep(table: pd.DataFrame, n_neurons: int, title: str | None = None) -> go.Figure:
-    """LAFNs per layer for each threshold β of Eq. 5 (papers/lu-lafns.md Table 5), as an
+    """LAFNs per layer for each threshold β of lu-lafns Eq. 5 (Table 5), as an
     annotated heatmap: rows β (ascending downwards, as in Table 5), columns layers.
 
     ``table`` has columns ``beta``, ``layer`` (0-based int) and ``count``. Layer/β cells
@@ -416,7 +416,7 @@ def beta_sweep(table: pd.DataFrame, n_neurons: int, title: str | None = None) ->
         ),
     ))
     return _layout(
-        fig, title or "Language-agnostic factual neurons per layer for each threshold β (Eq. 5)",
+        fig, title or "Language-agnostic factual neurons per layer for each threshold β (lu-lafns Eq. 5)",
         xaxis=dict(title="layer (0-based)", type="category", showgrid=False),
         yaxis=dict(title="β", type="category", autorange="reversed", showgrid=False),
         height=max(360, 34 * len(betas) + 180),
@@ -659,7 +659,7 @@ def knowledge_neurons_by_layer(per_layer: pd.DataFrame, languages: Sequence[str]
     """Integrated-gradient knowledge neurons per layer, one panel per language side by side.
 
     ``per_layer`` is indexed by layer with a column per language (``N^k``),
-    ``"independent"`` (memla.md Eq. 3) and ``"specific <k>"`` (Eq. 4), as
+    ``"independent"`` (memla Eq. 3) and ``"specific <k>"`` (memla Eq. 4), as
     :meth:`analysis.attribution.AttributionRun.per_layer` returns (summed over facts).
     Each panel stacks the language-independent neurons (the same bars in every
     panel) under that language's specific ones.

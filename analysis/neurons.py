@@ -2,12 +2,12 @@
 
 papers/lu-lafns.md §3.2:
 
-* Eq. 4 — ``N^i = {n_j^i}``, ``n_j^i`` = number of tokens of the corpus ``C_l``
+* lu-lafns Eq. 4 — ``N^i = {n_j^i}``, ``n_j^i`` = number of tokens of the corpus ``C_l``
   for which neuron j of layer i is activated, ``act_fn(h W1)_j > 0``
   (:func:`count_activations`).
-* Eq. 5 — factual neurons of language l in layer i:
+* lu-lafns Eq. 5 — factual neurons of language l in layer i:
   ``D_l^i = {j | n_j^i / max(N^i) > β}`` (:func:`factual_neurons`).
-* Eq. 6 — language-agnostic factual neurons (LAFNs):
+* lu-lafns Eq. 6 — language-agnostic factual neurons (LAFNs):
   ``D^i = D_{l1}^i ∩ ... ∩ D_{lL}^i`` (:func:`language_agnostic_neurons`).
 
 Language-specific neurons are a language's factual neurons found in no other
@@ -57,7 +57,7 @@ Progress = Callable[[int, int], None]
 
 @dataclass
 class NeuronCounts:
-    """Eq. 4 counts for several languages, with the totals needed to normalise them."""
+    """lu-lafns Eq. 4 counts for several languages, with the totals needed to normalise them."""
 
     languages: list[str]
     counts: np.ndarray            # int64 [n_languages, n_layers, n_neurons]
@@ -162,7 +162,7 @@ def _texts_with_subjects(corpus, language: str, text: str) -> tuple[list[str], l
 
 def count_activations(wb, corpus, languages: Sequence[str], positions: str = "all", text: str = "statement",
                       batch_size: int = 32, progress: Progress | None = None) -> NeuronCounts:
-    """Eq. 4: per language, how often each neuron of each layer is activated (> 0).
+    """lu-lafns Eq. 4: per language, how often each neuron of each layer is activated (> 0).
 
     Traces the neuron site (``act_fn(h W1)``) of every layer with nnsight, on
     the decoder stack only (no LM head). Texts are sorted by length and
@@ -210,7 +210,7 @@ def count_activations(wb, corpus, languages: Sequence[str], positions: str = "al
 
 
 def count_batch(wb, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-    """Counts [n_layers, n_neurons] of activated neurons at the ``mask`` positions of one batch."""
+    """lu-lafns Eq. 4 for one batch: counts [n_layers, n_neurons] of activated neurons at the ``mask`` positions."""
     _, layers = wb.base_model()
     neuron = wb.arch.neuron
     counted = mask.reshape(-1).nonzero().squeeze(1)  # flat (row, token) indices of the counted positions
@@ -220,7 +220,7 @@ def count_batch(wb, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask:
         with nn_model.trace(**forward_inputs(wb, input_ids, attention_mask)):
             for i in range(wb.n_layers):  # layer order, as the forward pass
                 act = resolve(nn_model, f"{layers}.{i}.{neuron}").output
-                # Eq. 4 on the counted positions only (no full-size mask product); an int32 sum
+                # lu-lafns Eq. 4 on the counted positions only (no full-size mask product); an int32 sum
                 # is exact, a batch has far fewer than 2**31 positions
                 per_layer.append(act.flatten(0, 1).index_select(0, counted).gt(0).sum(0, dtype=torch.int32).save())
     return torch.stack(per_layer).cpu().numpy().astype(np.int64)
@@ -261,7 +261,7 @@ def check_beta(beta: float) -> float:
 
 
 def factual_neurons(counts: NeuronCounts, beta: float) -> dict[str, np.ndarray]:
-    """Eq. 5 per language and layer: ``n_j / max(N^i) > β`` → bool [n_layers, n_neurons].
+    """lu-lafns Eq. 5 per language and layer: ``n_j / max(N^i) > β`` → bool [n_layers, n_neurons].
 
     β = 0 keeps every neuron activated at least once; β = 1 keeps none
     (no ratio exceeds 1). A layer where no neuron fired has no factual neuron.
@@ -285,7 +285,7 @@ def _chosen(factual: dict[str, np.ndarray], languages: Sequence[str] | None, at_
 
 
 def language_agnostic_neurons(factual: dict[str, np.ndarray], languages: Sequence[str] | None = None) -> np.ndarray:
-    """Eq. 6: the LAFNs, the intersection of the chosen (≥ 2) languages' factual neurons."""
+    """lu-lafns Eq. 6: the LAFNs, the intersection of the chosen (≥ 2) languages' factual neurons."""
     languages = _chosen(factual, languages, 2)
     return np.logical_and.reduce([factual[lang] for lang in languages])
 
@@ -345,7 +345,7 @@ def lape_specific_neurons(counts: NeuronCounts, entropy_quantile: float = 0.01,
 
 def neuron_set_table(counts: NeuronCounts, beta: float, languages: Sequence[str] | None = None,
                      specific: bool = True) -> pd.DataFrame:
-    """Neurons per layer for each language (Eq. 5), the LAFNs (Eq. 6) and, optionally,
+    """Neurons per layer for each language (lu-lafns Eq. 5), the LAFNs (lu-lafns Eq. 6) and, optionally,
     each language's specific neurons: columns ``layer``, ``set``, ``count``."""
     factual = factual_neurons(counts, beta)
     languages = _chosen(factual, languages, 2)

@@ -13,9 +13,10 @@ of papers/langedit.md Algorithm 1, whose null space AlphaEdit and LangEdit
 project onto). We also keep the mean ``μ = (1/N) Σ_t k_t`` so the centred
 covariance ``C − μμᵀ`` is one call away (:meth:`KeyStats.covariance`).
 
-The text (DESIGN.md Decision 7) is FLORES-200 sentences of the edit languages
-(:func:`flores_sentences`; ``NEUROGLOT_FLORES`` or ``../shared/data/flores200_devtest``)
-or the statements of a corpus (:func:`statistics_texts`). Tokens counted: every
+The text (DESIGN.md Decision 7) is given: ``{language: [text, ...]}``, with a
+label per language saying where it came from (FLORES-200 sentences of the edit
+languages or the statements of a corpus, read by :mod:`data.flores`; this module
+reads no files of text). Tokens counted: every
 real token of each sentence (padding and the tokenizer's special tokens such as
 BOS never count), each sentence cut at ``max_length`` tokens, until
 ``n_tokens`` tokens are seen. The budget is split fairly over the languages
@@ -68,7 +69,6 @@ import hashlib
 import itertools
 import json
 import os
-import re
 import tempfile
 import time
 import zlib
@@ -80,15 +80,14 @@ import numpy as np
 import torch
 
 from analysis.arch import resolve
-from analysis.errors import CorpusError, InputError, NeuroglotError
+from analysis.errors import InputError, NeuroglotError
 from analysis.neurons import atomic_write, forward_inputs, versions
 from analysis.tokens import Batch
 
 #: Bumped when what key_statistics computes changes, so older cache entries are not reused.
 STATS_VERSION = 1
+#: The source label of FLORES-200 sentences (read by :mod:`data.flores`); it comes first in a combined label.
 FLORES = "flores"
-FLORES_ENV = "NEUROGLOT_FLORES"
-FLORES_SUFFIX = ".devtest"
 PRECISIONS: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
 _META_KEY = "neuroglot_key_stats"
 _TOKENIZE_CHUNK = 256
@@ -99,153 +98,6 @@ Progress = Callable[[int, int], None]  # (tokens done, tokens planned)
 
 
 # ------------------------------------------------------------------------- text
-
-
-def default_flores_folder() -> Path:
-    """``NEUROGLOT_FLORES`` if set, else ``shared/data/flores200_devtest`` beside the repository."""
-    if os.environ.get(FLORES_ENV):
-        return Path(os.environ[FLORES_ENV]).expanduser()
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "flores200_devtest"
-
-
-def flores_folder(folder: str | Path | None = None) -> Path:
-    """The FLORES-200 folder to read (``folder`` or :func:`default_flores_folder`); InputError if absent."""
-    path = Path(folder).expanduser() if folder is not None else default_flores_folder()
-    if not path.is_dir():
-        raise InputError(f"No FLORES-200 folder at {path}. Point {FLORES_ENV} (or folder=) at a folder of "
-                         f"<code>{FLORES_SUFFIX} files such as eng_Latn{FLORES_SUFFIX}, or give a corpus.")
-    return path
-
-
-def flores_languages(folder: str | Path | None = None) -> dict[str, str]:
-    """The languages with a FLORES file in the folder: {our code (or the file stem): file stem}."""
-    from data.corpus import FLORES_CODES
-
-    by_stem = {stem: code for code, stem in FLORES_CODES.items()}
-    stems = sorted(p.name[:-len(FLORES_SUFFIX)] for p in flores_folder(folder).glob(f"*{FLORES_SUFFIX}"))
-    return {by_stem.get(stem, stem): stem for stem in stems}
-
-
-def _describe_flores(available: Mapping[str, str]) -> str:
-    return ", ".join(f"{code} ({stem})" if code != stem else stem for code, stem in available.items()) or "none"
-
-
-def language_code(language: str) -> str:
-    """Our ISO code for ``language`` ("en", "zh-hans" → "zh", "eng_Latn" → "en"); InputError if unknown."""
-    from data.corpus import normalize_language
-
-    try:
-        return normalize_language(language)
-    except CorpusError as exc:
-        raise InputError(str(exc)) from None
-
-
-def flores_file(language: str, folder: str | Path | None = None) -> tuple[str, Path | None]:
-    """``(code, path)`` of a language's FLORES file; ``path`` is None when the folder has none.
-
-    ``language`` is one of our codes ("de") or a FLORES file stem ("deu_Latn").
-    """
-    from data.corpus import FLORES_CODES
-
-    folder = flores_folder(folder)
-    if re.fullmatch(r"[a-z]{3}_[A-Za-z]{4}", str(language)) and (folder / f"{language}{FLORES_SUFFIX}").is_file():
-        stem = str(language)
-        code = next((c for c, s in FLORES_CODES.items() if s == stem), stem)
-        return code, folder / f"{stem}{FLORES_SUFFIX}"
-    code = language_code(language)
-    stem = FLORES_CODES.get(code)
-    path = folder / f"{stem}{FLORES_SUFFIX}" if stem else None
-    return code, path if path is not None and path.is_file() else None
-
-
-def read_sentences(path: Path, max_sentences: int | None = None) -> list[str]:
-    """The non-empty lines of a one-sentence-per-line file (the first ``max_sentences``)."""
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    lines = [line for line in lines if line]
-    return lines if max_sentences is None else lines[:max_sentences]
-
-
-def flores_sentences(languages: Sequence[str] | str, folder: str | Path | None = None,
-                     max_sentences: int | None = None) -> dict[str, list[str]]:
-    """FLORES-200 sentences per language, in file order: ``{code: [sentence, ...]}``.
-
-    Reads ``<folder>/<FLORES code>.devtest`` (one sentence per line); ``folder``
-    defaults to :func:`default_flores_folder`. A language without a file is an
-    InputError that lists the languages the folder has.
-    """
-    if max_sentences is not None:
-        max_sentences = check_positive(max_sentences, "max_sentences")
-    out: dict[str, list[str]] = {}
-    for language in check_language_list(languages):
-        code, path = flores_file(language, folder)
-        if path is None:
-            raise InputError(f"No FLORES-200 sentences for {language!r} in {flores_folder(folder)}; "
-                             f"it has: {_describe_flores(flores_languages(folder))}.")
-        out[code] = read_sentences(path, max_sentences)
-    return out
-
-
-def corpus_sentences(corpus, language: str, seed: int = 0) -> list[str]:
-    """A corpus's full statements in ``language``, without repeats, in a fixed shuffled order.
-
-    Corpora are sorted by relation; shuffling (seeded) lets a token budget
-    smaller than the corpus see every relation.
-    """
-    statements = list(dict.fromkeys(str(s) for s in corpus.statements(language) if str(s).strip()))
-    order = np.random.default_rng(seed).permutation(len(statements))
-    return [statements[i] for i in order]
-
-
-def _corpus_label(corpus) -> str:
-    return f"corpus:{getattr(corpus, 'name', 'corpus')}"
-
-
-def statistics_texts(languages: Sequence[str] | str, source: Any = FLORES, folder: str | Path | None = None,
-                     corpus=None, max_sentences: int | None = None) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Texts per language for key statistics, and where each language's texts came from.
-
-    ``source="flores"``: FLORES-200 sentences; a language without a FLORES file
-    (or every language, when there is no FLORES folder) takes the statements
-    of ``corpus`` instead, and is an InputError when no corpus is given.
-    ``source=<Corpus>``: that corpus's statements. Returns
-    ``({code: texts}, {code: "flores" | "corpus:<name>"})``.
-    """
-    languages = check_language_list(languages)
-    if max_sentences is not None:
-        max_sentences = check_positive(max_sentences, "max_sentences")
-    if hasattr(source, "statements"):  # a Corpus
-        corpus, use_flores = source, False
-    elif source == FLORES:
-        use_flores = True
-    else:
-        raise InputError(f"Unknown source {source!r}: use 'flores' or a corpus.")
-    texts: dict[str, list[str]] = {}
-    sources: dict[str, str] = {}
-    for language in languages:
-        path = None
-        if use_flores:
-            try:
-                code, path = flores_file(language, folder)
-            except InputError:
-                if corpus is None:
-                    raise
-                code = language_code(language)  # no FLORES folder: the corpus for every language
-            if path is not None:
-                texts[code], sources[code] = read_sentences(path, max_sentences), FLORES
-                continue
-        else:
-            code = language_code(language)
-        if corpus is None:
-            raise InputError(f"No FLORES-200 sentences for {language!r} in {flores_folder(folder)}; it has: "
-                             f"{_describe_flores(flores_languages(folder))}. Give a corpus to use its statements.")
-        if code not in set(corpus.languages):
-            no_flores = f"No FLORES-200 sentences for {language!r} and t" if use_flores else "T"
-            raise InputError(f"{no_flores}he corpus {getattr(corpus, 'name', '')!r} has no statements in {code}; "
-                             f"it has {', '.join(corpus.languages)}.")
-        sentences = corpus_sentences(corpus, code)
-        texts[code] = sentences if max_sentences is None else sentences[:max_sentences]
-        sources[code] = _corpus_label(corpus)
-    return texts, sources
 
 
 def source_label(sources: Mapping[str, str]) -> str:
@@ -267,16 +119,6 @@ def check_positive(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
         raise InputError(f"{name} must be a whole number of at least 1; got {value!r}.")
     return int(value)
-
-
-def check_language_list(languages: Sequence[str] | str) -> list[str]:
-    """Languages as a list without repeats (a single string is one language)."""
-    if isinstance(languages, str):
-        languages = [languages]
-    languages = list(dict.fromkeys(str(lang).strip() for lang in languages))
-    if not languages or not all(languages):
-        raise InputError(f"Choose at least one language for the key statistics; got {languages or 'none'}.")
-    return languages
 
 
 def check_layers(wb, layers: int | Iterable[int]) -> list[int]:
@@ -531,25 +373,33 @@ def accumulate_batch(wb, batch: Batch, counted: torch.Tensor, sums: Mapping[int,
             tracer.stop()  # later layers are not needed
 
 
-def _texts_per_language(texts_or_languages, source, folder, corpus) -> tuple[dict[str, list[str]], dict[str, str]]:
-    if isinstance(texts_or_languages, Mapping):
-        label = _corpus_label(source) if hasattr(source, "statements") else str(source)
-        texts = {str(lang): [str(t) for t in texts if str(t).strip()] for lang, texts in texts_or_languages.items()}
-        if not texts:
-            raise InputError("No texts were given for the key statistics.")
-        return texts, {lang: label for lang in texts}
-    return statistics_texts(texts_or_languages, source, folder=folder, corpus=corpus)
+def checked_texts(texts: Mapping[str, Sequence[str]], sources: str | Mapping[str, str]
+                  ) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """The non-empty texts per language and a source label per language (``sources``: one label for
+    all, or ``{language: label}``); InputError for anything else."""
+    if not isinstance(texts, Mapping):
+        raise InputError("Key statistics take texts per language ({language: [text, ...]}), got "
+                         f"{type(texts).__name__}; data.flores.statistics_texts reads them for languages.")
+    texts = {str(lang): [str(t) for t in lang_texts if str(t).strip()] for lang, lang_texts in texts.items()}
+    if not texts:
+        raise InputError("No texts were given for the key statistics.")
+    if isinstance(sources, str):
+        return texts, {lang: sources for lang in texts}
+    missing = [lang for lang in texts if lang not in sources]
+    if missing:
+        raise InputError(f"No source label for the texts of {', '.join(missing)}.")
+    return texts, {lang: str(sources[lang]) for lang in texts}
 
 
-def key_statistics(wb, layers: int | Iterable[int], texts_or_languages: Mapping[str, Sequence[str]] | Sequence[str],
-                   n_tokens: int = 100_000, batch_size: int = 16, max_length: int = 128, source: Any = FLORES,
-                   progress: Progress | None = None, *, folder: str | Path | None = None, corpus=None,
+def key_statistics(wb, layers: int | Iterable[int], texts: Mapping[str, Sequence[str]],
+                   n_tokens: int = 100_000, batch_size: int = 16, max_length: int = 128,
+                   source: str | Mapping[str, str] = "texts", progress: Progress | None = None, *,
                    precision: str = "float64", device: str | torch.device | None = None) -> dict[int, KeyStats]:
     """Second moment and mean of the keys of every requested layer, in one pass over the text.
 
-    ``texts_or_languages``: ``{language: [text, ...]}`` (then ``source`` is only a
-    label), or language codes whose texts :func:`statistics_texts` reads from
-    ``source`` ("flores", with ``corpus`` as fallback, or a Corpus). At most
+    ``texts``: ``{language: [text, ...]}`` (:func:`data.flores.statistics_texts`
+    reads FLORES-200 or a corpus for languages); ``source`` labels where they
+    came from (one label, or one per language). At most
     ``n_tokens`` real tokens are counted, split fairly over the languages;
     fewer only when the text runs out (``meta["requested_tokens"]`` keeps the
     request). ``precision`` is the accumulator's dtype ("float64" or
@@ -561,7 +411,7 @@ def key_statistics(wb, layers: int | Iterable[int], texts_or_languages: Mapping[
     batch_size = check_positive(batch_size, "batch_size")
     max_length = check_positive(max_length, "max_length")
     dtype = check_precision(precision)
-    texts, sources = _texts_per_language(texts_or_languages, source, folder, corpus)
+    texts, sources = checked_texts(texts, source)
     started = time.perf_counter()
     plan = token_plan(wb.tokenizer, texts, n_tokens, max_length)
     planned = sum(t.take for chosen in plan.values() for t in chosen)
@@ -633,17 +483,18 @@ def read_cached(folder: Path, layer: int, key: str, d_ff: int) -> KeyStats | Non
     return stats
 
 
-def cached_key_statistics(wb, layers: int | Iterable[int], languages: Sequence[str] | str,
-                          n_tokens: int = 100_000, source: Any = FLORES, *, folder: str | Path | None = None,
-                          corpus=None, batch_size: int = 16, max_length: int = 128, precision: str = "float64",
+def cached_key_statistics(wb, layers: int | Iterable[int], texts: Mapping[str, Sequence[str]],
+                          sources: str | Mapping[str, str] = "texts", n_tokens: int = 100_000, *,
+                          batch_size: int = 16, max_length: int = 128, precision: str = "float64",
                           progress: Progress | None = None) -> tuple[dict[int, KeyStats], Path, bool]:
-    """:func:`key_statistics` of ``languages``, read from the disk cache where computed before.
+    """:func:`key_statistics` of ``texts``, read from the disk cache where computed before.
 
-    ``source`` is "flores" (sentences from ``folder``, falling back to the
-    statements of ``corpus`` for languages without a FLORES file) or a Corpus.
-    Layers found in ``cache_root()/stats/<key>/`` are read back; missing or
-    damaged ones are computed together in one pass and written there. Returns
-    ``(stats per layer, cache folder, True when every layer came from disk)``.
+    ``texts`` and ``sources`` as :func:`data.flores.statistics_texts` returns them
+    (``{language: [text, ...]}``; ``{language: "flores" | "corpus:<name>"}`` or one
+    label for all). The languages' order does not matter. Layers found in
+    ``cache_root()/stats/<key>/`` are read back; missing or damaged ones are
+    computed together in one pass and written there. Returns ``(stats per
+    layer, cache folder, True when every layer came from disk)``.
     """
     from analysis.model import cache_root
 
@@ -652,8 +503,8 @@ def cached_key_statistics(wb, layers: int | Iterable[int], languages: Sequence[s
     max_length = check_positive(max_length, "max_length")
     check_positive(batch_size, "batch_size")
     check_precision(precision)
-    languages = sorted(check_language_list(languages))  # the statistics do not depend on the order
-    texts, sources = statistics_texts(languages, source, folder=folder, corpus=corpus)
+    texts, sources = checked_texts(texts, sources)
+    texts = {lang: texts[lang] for lang in sorted(texts)}  # the statistics do not depend on the order
     label = source_label(sources)
     key = stats_key(wb, texts, label, n_tokens, max_length)
     where = cache_root() / "stats" / key

@@ -450,7 +450,7 @@ def read_json_option(value: Optional[str], what: str):
 
 def typed_request(prompt, subject, target, old, paraphrase, locality, portability):
     """An EditRequest from per-language ``LANG:TEXT`` options (``Q|A`` pairs for locality/portability)."""
-    from editors.base import EditRequest, LanguageFact
+    from editors.requests import EditRequest, LanguageFact
 
     prompts, subjects = per_language(prompt, "--prompt"), per_language(subject, "--subject")
     targets, olds = per_language(target, "--target"), per_language(old, "--old")
@@ -525,14 +525,15 @@ def edit(model: str = ModelOpt,
     """Edit one fact in several languages and print every probe's answer before and after, per language."""
     import pandas as pd
 
-    from editors.base import EditRequest, available_editors
+    from editors.base import available_editors
+    from editors.requests import EditRequest
     from editors.evaluate import before_after
 
     if list_editors:
         typer.echo("\n".join(available_editors()))
         return
     if save is not None:
-        from editors.base import check_save_folder
+        from editors.edit import check_save_folder
 
         check_save_folder(save, "--save")  # before the edit is computed, not after
         on_interrupt(f"{save} is as it was before this command (nothing was saved).")

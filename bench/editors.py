@@ -44,7 +44,8 @@ def worker(args: argparse.Namespace) -> dict:
     from bench.common import device_line, peak_rss_mib
     from data.edit_records import load_mzsre
     from editors.answers import answer_scores
-    from editors.base import EditRequest, get_editor
+    from editors.base import get_editor
+    from editors.requests import EditRequest
 
     langs = args.languages.split(",")
     wb = load_model("embedded", device=args.device)

@@ -22,11 +22,11 @@ Metric families (all computed on every probe, see :func:`score_probes`)
       against the reference. Locality compares the edited model's answer with
       the unedited model's answer to the same question (Locality: "F'(x) should
       be the same as F(x)").
-    * papers/memla.md App. B: **ES** (Eq. 9) and **PS** (Eq. 10) =
+    * papers/memla.md App. B: **ES** (memla Eq. 9) and **PS** (memla Eq. 10) =
       1[P'(y*|x) > P'(y°|x)] with sequence probabilities, where y° is the old
       target when the request gives one and otherwise the unedited model's
       greedy answer (MzsRE has no old target; a probe whose y° is empty is
-      skipped); **NS** (Eq. 11) = F1 of the edited model's answer against the
+      skipped); **NS** (memla Eq. 11) = F1 of the edited model's answer against the
       locality question's gold answer. Transferability = the mean over source
       ≠ target language pairs (:func:`transfer_matrix`).
     * papers/langedit.md §4.1.2: **Efficacy / Generality** = top-1 accuracy of
@@ -62,7 +62,8 @@ from analysis import runs
 from analysis.errors import InputError
 from editors.answers import answer_length, answer_scores, greedy_decode
 from editors import eval_folders
-from editors.base import EditRequest, get_editor
+from editors.base import get_editor
+from editors.requests import EditRequest
 from editors.metrics import exact_match, token_f1
 
 KINDS = ("reliability", "generality", "locality", "portability")
@@ -155,9 +156,9 @@ def score_probes(wb: Any, items: Sequence[Probe], before: Sequence[tuple[str, li
             row.update(p_new=new.probability, top1=new.top1_accuracy,
                        p_old=None if old is None else old.probability,
                        old=(p.old if p.old else b) or None,
-                       es=None if old is None else float(new.logprob > old.logprob))
+                       es=None if old is None else float(new.logprob > old.logprob))  # memla Eq. 9 / memla Eq. 10
         elif p.kind == "locality":
-            row["ns"] = token_f1(answer, p.gold, p.language)
+            row["ns"] = token_f1(answer, p.gold, p.language)  # memla Eq. 11
             kept = by.get((i, "kept"))
             row["top1"] = None if kept is None else kept.top1_accuracy
         rows.append(row)
@@ -600,7 +601,8 @@ def _per_language_table(frame: pd.DataFrame, edit_languages: str, test_languages
 
 
 def memla_table(frame: pd.DataFrame, edit_languages: str, test_languages: Sequence[str]) -> pd.DataFrame:
-    """memla App. B: ES, PS, NS (%) per method and test language for edits of ``edit_languages``."""
+    """memla App. B: ES (memla Eq. 9), PS (memla Eq. 10) and NS (memla Eq. 11) in %, per method and test
+    language, for edits of ``edit_languages``."""
     return _per_language_table(frame, edit_languages, test_languages,
                                [("ES", "reliability", "es"), ("PS", "generality", "es"), ("NS", "locality", "ns")])
 

@@ -50,7 +50,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from numbers import Integral, Real
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -59,7 +60,13 @@ from analysis.arch import resolve
 from analysis.errors import InputError
 from analysis.neurons import forward_inputs
 from analysis.tokens import answer_ids, pad_sequences
-from editors.base import Edit, Editor, EditRequest, HParams, register
+from editors.base import Editor, register
+from editors.edit import Edit
+from editors.hparams import Constraint, HParams, Interval
+from editors.requests import EditRequest
+
+if TYPE_CHECKING:
+    from analysis.model import Workbench
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +112,16 @@ class LoRAFTHParams(HParams):
     early_stop_loss: float = 1e-2
     seed: int = 0
 
+    BOUNDS: ClassVar[dict[str, Constraint]] = {
+        "rank": Interval(Integral, 1, None, closed="left"),
+        "alpha": Interval(Real, 0, None, closed="neither"),
+        "dropout": Interval(Real, 0, 1, closed="left"),
+        "lr": Interval(Real, 0, None, closed="neither"),
+        "steps": Interval(Integral, 1, None, closed="left"),
+        "weight_decay": Interval(Real, 0, None, closed="left"),
+        "early_stop_loss": Interval(Real, 0, None, closed="left"),
+        "seed": Interval(Integral, 0, None, closed="left"),
+    }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # EasyEdit hparams/LoRA/llama3.1-8b.yaml (dropout and the early stop: see the class docstring)
         "meta-llama/Llama-3.1-8B": dict(layers=[], target_modules=["q_proj", "v_proj"], rank=8, alpha=32,
@@ -131,7 +148,7 @@ class LoRAFTHParams(HParams):
                              f"got {self.target_modules!r}.")
         self.target_modules = list(self.target_modules)
 
-    def validate(self, wb: Any = None) -> None:
+    def validate(self, wb: Workbench | None = None) -> None:
         super().validate(wb)
         if not self.target_modules:
             raise InputError(f"target_modules is empty: name at least one of {', '.join(TARGET_MODULES)}.")
@@ -141,21 +158,6 @@ class LoRAFTHParams(HParams):
                              f"use some of: {', '.join(TARGET_MODULES)}.")
         if len(set(self.target_modules)) != len(self.target_modules):
             raise InputError(f"target_modules lists a module twice: {self.target_modules}.")
-        for name, low in (("rank", 1), ("steps", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InputError(f"{name} must be a whole number >= {low}, got {value!r}.")
-        for name in ("alpha", "lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise InputError(f"{name} must be a number > 0, got {value!r}.")
-        for name in ("weight_decay", "early_stop_loss"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise InputError(f"{name} must be a number >= 0, got {value!r}.")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0 <= self.dropout < 1:
-            raise InputError(f"dropout must be a number in [0, 1), got {self.dropout!r}.")
         if wb is not None:
             target_paths(wb, self)
 

@@ -2,27 +2,27 @@
 
 For each edit request (one multilingual group G with subjects S_G):
 
-Locating stage (Eq. 4-6)
+Locating stage (lu-lafns Eq. 4-6)
     Per language l, the paraphrase set C_l of the edit question is built
     (:func:`paraphrase_set`); every real token of every text of C_l is counted
-    (Eq. 4, ``act_fn(h W1)_j > 0``, :func:`analysis.neurons.count_batch`); the
-    factual neurons of l in layer i are ``n_j / max(N^i) > β`` (Eq. 5,
+    (lu-lafns Eq. 4, ``act_fn(h W1)_j > 0``, :func:`analysis.neurons.count_batch`); the
+    factual neurons of l in layer i are ``n_j / max(N^i) > β`` (lu-lafns Eq. 5,
     :func:`analysis.neurons.factual_neurons`) and D_G^i is their intersection
-    over the request's languages (Eq. 6,
+    over the request's languages (lu-lafns Eq. 6,
     :func:`analysis.neurons.language_agnostic_neurons`; one language: D_l^i).
 
-Editing stage (Eq. 7-10)
+Editing stage (lu-lafns Eq. 7-10)
     One update ΔV^i over D_G^i per located layer, added to the neuron
     activations (the ``"neuron"`` site) at the last subject token, shared by all
     languages, is optimised with Adam on
-    ``λ1 L_target + λ2 L_kl`` (Eq. 10):
+    ``λ1 L_target + λ2 L_kl`` (lu-lafns Eq. 10):
 
-    * L_target (Eq. 8): mean over languages l and M prefixes p_l^m of the
+    * L_target (lu-lafns Eq. 8): mean over languages l and M prefixes p_l^m of the
       negative log-likelihood of the new target y_l after ``p_l^m + x_l``
       (teacher forced, all target tokens; averaged per token as MEMIT's
       ``compute_v`` does, so ``early_stop_loss`` means the same for long and
       short targets).
-    * L_kl (Eq. 9): mean over l of ``KL[P_θ(·|q_l) || P_θ'(·|q_l)]`` at the
+    * L_kl (lu-lafns Eq. 9): mean over l of ``KL[P_θ(·|q_l) || P_θ'(·|q_l)]`` at the
       last token of ``q_l`` = "{s_l} is a" written in l (:data:`KL_TEMPLATES`;
       English for a language without a template, with a logged note). ΔV is
       added at the last subject token of q_l too (as MEMIT's KL prompts).
@@ -33,8 +33,8 @@ Editing stage (Eq. 7-10)
       step (0 turns it off), and the loop stops early once L_target is below
       ``early_stop_loss`` (MEMIT: 5e-2).
 
-    The result is the cache entry ``{S_G: ΔV_{D_G}}`` of Eq. 11, returned as one
-    :class:`~editors.base.ActivationPatch` per layer; the engine applies it
+    The result is the cache entry ``{S_G: ΔV_{D_G}}`` of lu-lafns Eq. 11, returned as one
+    :class:`~editors.edit.ActivationPatch` per layer; the engine applies it
     only where a subject of S_G occurs (``edit.applied(wb)``).
 
 Deviations from the paper (documented, each a hyper-parameter where it can be)
@@ -63,10 +63,9 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
-import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from numbers import Integral, Real
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -81,31 +80,30 @@ from analysis.neurons import (
     language_agnostic_neurons,
 )
 from analysis.tokens import encode
-from editors.base import (MATCH_MODES, ActivationPatch, Edit, Editor, EditRequest, HParams, LanguageFact, frozen,
-                          register)
+from editors.base import Editor, frozen, register
+from editors.contexts import generate_prefixes, kl_prompt, prefixed
+from editors.edit import ActivationPatch, Edit
+from editors.hparams import Constraint, HParams, Interval, Options
+from editors.requests import EditRequest, LanguageFact
 from editors.rows import TeacherForcedRows, clamp_norm_
+from editors.subjects import MATCH_MODES
+
+if TYPE_CHECKING:
+    from analysis.model import Workbench
 
 log = logging.getLogger(__name__)
 
 PARAPHRASE_SOURCES = ("prompt", "paraphrases", "variants")
-
-#: q_l of Eq. 9, "{subject} is a" in each language ("{}" is the subject).
-KL_TEMPLATES: dict[str, str] = {
-    "en": "{} is a", "zh": "{}是一个", "de": "{} ist ein", "fr": "{} est un", "es": "{} es un",
-    "ru": "{} — это", "ja": "{}は", "ar": "{} هو", "cs": "{} je", "nl": "{} is een", "it": "{} è un",
-    "pt": "{} é um", "ko": "{}는", "th": "{} เป็น", "tr": "{} bir", "pl": "{} to", "uk": "{} — це",
-    "vi": "{} là một",
-}
 
 
 @dataclass
 class LULAFNsHParams(HParams):
     """Hyper-parameters of LU-LAFNs (papers/lu-lafns.md §3.3 and §4.1 "Implementation Details")."""
 
-    beta: float = 0.1                    # Eq. 5 threshold
-    lambda1: float = 1.0                 # Eq. 10, weight of L_target (paper: 1)
-    lambda2: float = 0.0625              # Eq. 10, weight of L_kl (paper: 0.0625, MEMIT's value)
-    n_prefixes: int = 4                  # M of Eq. 8 (paper: 4)
+    beta: float = 0.1                    # lu-lafns Eq. 5 threshold
+    lambda1: float = 1.0                 # lu-lafns Eq. 10, weight of L_target (paper: 1)
+    lambda2: float = 0.0625              # lu-lafns Eq. 10, weight of L_kl (paper: 0.0625, MEMIT's value)
+    n_prefixes: int = 4                  # M of lu-lafns Eq. 8 (paper: 4)
     prefix_length: int = 5               # tokens per generated prefix (paper: 5)
     empty_prefix: bool = False           # also train on the bare question (MEMIT's "{}" template; not in the paper)
     steps: int = 25                      # Adam steps (MEMIT: 20-25; not given by the paper)
@@ -118,6 +116,16 @@ class LULAFNsHParams(HParams):
     match: str = "exact"                 # subject matching of the patches ("exact" as the paper, or "normalized")
     seed: int = 0                        # prefix sampling
 
+    BOUNDS: ClassVar[dict[str, Constraint]] = {
+        "beta": Interval(Real, 0, 1, closed="both"),
+        **dict.fromkeys(("lambda1", "lambda2", "weight_decay", "clamp_norm_factor", "early_stop_loss"),
+                        Interval(Real, 0, None, closed="left")),
+        "lr": Interval(Real, 0, None, closed="neither"),
+        "n_prefixes": Interval(Integral, 0, None, closed="left"),
+        "prefix_length": Interval(Integral, 1, None, closed="left"),
+        "steps": Interval(Integral, 1, None, closed="left"),
+        "match": Options("subject match", MATCH_MODES),
+    }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "meta-llama/Llama-3.1-8B": dict(layers=[11, 12, 13, 31], beta=0.1),
         "Qwen/Qwen2-7B": dict(layers=[19, 20, 21, 27], beta=0.0),
@@ -139,28 +147,14 @@ class LULAFNsHParams(HParams):
             self.prompt_variants = [self.prompt_variants]
         self.prompt_variants = list(self.prompt_variants)
 
-    def validate(self, wb: Any = None) -> None:
+    def validate(self, wb: Workbench | None = None) -> None:
         super().validate(wb)
         if not self.layers:
             raise InputError("LU-LAFNs needs at least one layer to edit (layers=[...]).")
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 <= self.beta <= 1:
-            raise InputError(f"beta must be a number in [0, 1], got {self.beta!r}.")
-        for name in ("lambda1", "lambda2", "weight_decay", "clamp_norm_factor", "early_stop_loss"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise InputError(f"{name} must be a number >= 0, got {value!r}.")
         if self.lambda1 == 0 and self.lambda2 == 0:
             raise InputError("lambda1 and lambda2 are both 0: nothing to optimise.")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise InputError(f"lr must be a number > 0, got {self.lr!r}.")
-        for name, low in (("n_prefixes", 0), ("prefix_length", 1), ("steps", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InputError(f"{name} must be a whole number >= {low}, got {value!r}.")
         if self.n_prefixes == 0 and not self.empty_prefix:
             raise InputError("n_prefixes is 0 and empty_prefix is False: L_target has no context to train on.")
-        if self.match not in MATCH_MODES:
-            raise InputError(f"Unknown subject match {self.match!r}; use one of: {', '.join(MATCH_MODES)}.")
         unknown = [s for s in self.paraphrase_sources if s not in PARAPHRASE_SOURCES]
         if unknown or not self.paraphrase_sources:
             raise InputError(f"paraphrase_sources must name some of {', '.join(PARAPHRASE_SOURCES)}; "
@@ -174,7 +168,7 @@ class LULAFNsHParams(HParams):
 
 
 def paraphrase_set(fact: LanguageFact, hp: LULAFNsHParams) -> list[str]:
-    """C_l of Eq. 4 for one language: the prompt, its paraphrases and prompt variants (module docstring)."""
+    """C_l of lu-lafns Eq. 4 for one language: the prompt, its paraphrases and prompt variants (module docstring)."""
     texts: list[str] = []
     if "prompt" in hp.paraphrase_sources:
         texts.append(fact.prompt)
@@ -186,7 +180,7 @@ def paraphrase_set(fact: LanguageFact, hp: LULAFNsHParams) -> list[str]:
 
 
 def activation_counts(wb: Any, request: EditRequest, hp: LULAFNsHParams) -> NeuronCounts:
-    """Eq. 4 per language of ``request``: activation counts over every real token of C_l (all layers)."""
+    """lu-lafns Eq. 4 per language of ``request``: activation counts over every real token of C_l (all layers)."""
     languages = request.languages
     counts = np.zeros((len(languages), wb.n_layers, wb.n_neurons), dtype=np.int64)
     tokens = np.zeros(len(languages), dtype=np.int64)
@@ -200,77 +194,14 @@ def activation_counts(wb: Any, request: EditRequest, hp: LULAFNsHParams) -> Neur
 
 
 def locate(wb: Any, request: EditRequest, hp: LULAFNsHParams) -> dict[int, torch.Tensor]:
-    """D_G^i (Eq. 4-6) of one request: ``{layer: sorted neuron indices}`` for the layers of ``hp``."""
+    """D_G^i (lu-lafns Eq. 4-6) of one request: ``{layer: sorted neuron indices}`` for the layers of ``hp``."""
     counts = activation_counts(wb, request, hp)
-    factual = factual_neurons(counts, hp.beta)                                   # Eq. 5
+    factual = factual_neurons(counts, hp.beta)                                   # lu-lafns Eq. 5
     if len(request.languages) > 1:
-        agnostic = language_agnostic_neurons(factual, request.languages)         # Eq. 6
+        agnostic = language_agnostic_neurons(factual, request.languages)         # lu-lafns Eq. 6
     else:
         agnostic = factual[request.languages[0]]
     return {layer: torch.from_numpy(np.flatnonzero(agnostic[layer])).long() for layer in hp.layer_indices(wb)}
-
-
-# ================================================================== prefixes
-
-_PREFIX_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, list[str]]]" = weakref.WeakKeyDictionary()
-
-
-def _language_seed(seed: int, language: str) -> int:
-    return (int(seed) * 1_000_003 + zlib.crc32(language.encode())) % (2 ** 63)
-
-
-def _last_logits(wb: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits [B, vocab] at each row's last non-padding token (LM head on those positions only)."""
-    base, _ = wb.base_model()
-    hidden = base(**forward_inputs(wb, input_ids, attention_mask))[0]
-    last = attention_mask.long().sum(1) - 1
-    return wb.logits(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).float()
-
-
-def generate_prefixes(wb: Any, language: str, hp: LULAFNsHParams) -> list[str]:
-    """M prefixes p_l^m of ``prefix_length`` tokens sampled by the model from BOS (cached; seeded)."""
-    if hp.n_prefixes == 0:
-        return []
-    key = (wb.spec, language, int(hp.seed), int(hp.n_prefixes), int(hp.prefix_length))
-    cache = _PREFIX_CACHE.setdefault(wb.model, {})
-    if key in cache:
-        return list(cache[key])
-    tok = wb.tokenizer
-    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    if start is None:
-        raise InputError(f"The tokenizer of {wb.name} has no BOS or EOS token to start the prefixes from.")
-    gen = torch.Generator().manual_seed(_language_seed(hp.seed, language))
-    special = {int(i) for i in getattr(tok, "all_special_ids", []) or []}
-    # and every added token (Gemma's <start_of_image>, <unusedN>, ...): control tokens, not text
-    special |= {int(i) for i in (getattr(tok, "added_tokens_decoder", None) or {})}
-    special = sorted(special)
-    ids = torch.full((hp.n_prefixes, 1), int(start), dtype=torch.long, device=wb.device)
-    with torch.no_grad():
-        for _ in range(hp.prefix_length):
-            logits = _last_logits(wb, ids, torch.ones_like(ids))
-            vocab = logits.shape[-1]
-            logits[:, [i for i in special if i < vocab]] = float("-inf")
-            probs = torch.softmax(logits, -1).cpu()
-            nxt = torch.multinomial(probs, 1, generator=gen).to(wb.device)
-            ids = torch.cat([ids, nxt], dim=1)
-    prefixes = [" ".join(tok.decode(row[1:], skip_special_tokens=True).split()) for row in ids.cpu()]
-    cache[key] = prefixes
-    return list(prefixes)
-
-
-def prefixed(prefix: str, prompt: str) -> str:
-    """``p + x`` of Eq. 8 as MEMIT's context template ``"{prefix}. {prompt}"`` (bare prompt for no prefix)."""
-    prefix = prefix.replace("{", " ").replace("}", " ").strip()
-    return f"{prefix}. {prompt}" if prefix else prompt
-
-
-def kl_prompt(language: str, subject: str) -> str:
-    """q_l of Eq. 9: "{subject} is a" in ``language`` (English where no template is known, logged)."""
-    template = KL_TEMPLATES.get(language)
-    if template is None:
-        log.info("LU-LAFNs: no '{subject} is a' template for %r; using the English one for L_kl.", language)
-        template = KL_TEMPLATES["en"]
-    return template.format(subject)
 
 
 # =================================================================== editing
@@ -287,7 +218,7 @@ class _Rows:
     target_rows: torch.Tensor      # [P] positions whose next-token prediction is a target token
     target_cols: torch.Tensor
     target_ids: torch.Tensor       # [P]
-    target_weight: torch.Tensor    # [P] 1 / (|contexts| * |target tokens of its row|): Eq. 8's mean
+    target_weight: torch.Tensor    # [P] 1 / (|contexts| * |target tokens of its row|): lu-lafns Eq. 8's mean
     kl_rows: torch.Tensor          # [|L|] rows of q_l, read at their last token
     kl_cols: torch.Tensor
     plain_rows: torch.Tensor       # rows holding the bare prompt's subject values (for ||V||)
@@ -295,7 +226,7 @@ class _Rows:
 
 def build_rows(wb: Any, request: EditRequest, hp: LULAFNsHParams,
                prefixes: dict[str, list[str]]) -> tuple[_Rows, dict[str, list[str]]]:
-    """The rows of L_target (every language, every context) and of L_kl (every language)."""
+    """The rows of L_target (lu-lafns Eq. 8: every language, every context) and of L_kl (lu-lafns Eq. 9)."""
     b = TeacherForcedRows(wb.tokenizer, wb.device)
     plain_rows: list[int] = []
     contexts_of: dict[str, list[str]] = {}
@@ -304,7 +235,7 @@ def build_rows(wb: Any, request: EditRequest, hp: LULAFNsHParams,
         contexts_of[lang] = contexts
         n_ctx = len(contexts) * len(request.facts)
         for ctx in contexts:
-            b.add(ctx, fact.subject, fact.target_new, contexts=n_ctx)           # Eq. 8's mean
+            b.add(ctx, fact.subject, fact.target_new, contexts=n_ctx)           # lu-lafns Eq. 8's mean
         plain_rows.append(b.add(fact.prompt, fact.subject))
     kl_rows = [b.add(kl_prompt(lang, fact.subject), fact.subject) for lang, fact in request.facts.items()]
     rows = _Rows(*b.batch(), torch.arange(len(b.seqs), device=wb.device), b.long(b.patch_cols),
@@ -314,7 +245,7 @@ def build_rows(wb: Any, request: EditRequest, hp: LULAFNsHParams,
 
 
 class _NeuronUpdate:
-    """Forward hooks that add ΔV^i to D_G^i at the rows' last subject tokens (plain PyTorch hooks)."""
+    """lu-lafns Eq. 7: forward hooks that add ΔV^i to D_G^i at the rows' last subject tokens (plain PyTorch hooks)."""
 
     def __init__(self, wb: Any, located: dict[int, torch.Tensor], deltas: dict[int, torch.Tensor], rows: _Rows):
         self.wb, self.located, self.deltas, self.rows = wb, located, deltas, rows
@@ -364,7 +295,7 @@ def _forward(wb: Any, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
 def compute_delta(wb: Any, request: EditRequest, located: dict[int, torch.Tensor], hp: LULAFNsHParams,
                   prefixes: dict[str, list[str]], progress: Callable[[float, str], None] | None = None,
                   ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
-    """ΔV_{D_G} (Eq. 7-10) for one request: ``{layer: delta over D_G^layer}`` and a record of the run.
+    """ΔV_{D_G} (lu-lafns Eq. 7-10) for one request: ``{layer: delta over D_G^layer}`` and a record of the run.
 
     ``progress(fraction, message)`` is called after every optimisation step (fraction of ``hp.steps``).
     """
@@ -384,16 +315,16 @@ def compute_delta(wb: Any, request: EditRequest, located: dict[int, torch.Tensor
             optimizer.zero_grad()
             target_logp, kl_logp = _forward(wb, rows)
             nll = -target_logp.gather(1, rows.target_ids[:, None]).squeeze(1)
-            l_target = (nll * rows.target_weight).sum()                                          # Eq. 8
-            l_kl = F.kl_div(kl_logp, kl_init, log_target=True, reduction="batchmean")             # Eq. 9
+            l_target = (nll * rows.target_weight).sum()                                 # lu-lafns Eq. 8
+            l_kl = F.kl_div(kl_logp, kl_init, log_target=True, reduction="batchmean")    # lu-lafns Eq. 9
             norm_v = sum(update.initial[layer] ** 2 for layer in located)
             decay = hp.weight_decay * sum((d ** 2).sum() for d in deltas.values()) / norm_v.clamp_min(1e-12)
-            loss = hp.lambda1 * l_target + hp.lambda2 * l_kl + decay                              # Eq. 10
+            loss = hp.lambda1 * l_target + hp.lambda2 * l_kl + decay                     # lu-lafns Eq. 10
             losses.append({"target": float(l_target.detach()), "kl": float(l_kl.detach()), "total": float(loss.detach())})
             if step == 0:
                 record["initial_target_loss"] = float(l_target.detach())
             if progress is not None:
-                progress((step + 1) / hp.steps, f"optimising ΔV (Eq. 10): step {step + 1}/{hp.steps}, "
+                progress((step + 1) / hp.steps, f"optimising ΔV (lu-lafns Eq. 10): step {step + 1}/{hp.steps}, "
                                                 f"L_target {losses[-1]['target']:.3f}")
             if float(l_target.detach()) < hp.early_stop_loss:
                 break
@@ -437,14 +368,14 @@ class LULAFNsEditor(Editor):
                     if progress is not None:
                         progress((i + fraction) / len(requests), (where if len(requests) > 1 else "") + message)
 
-                report(0.0, f"locating language-agnostic neurons (Eq. 4-6) of {', '.join(request.languages)} "
+                report(0.0, f"locating language-agnostic neurons (lu-lafns Eq. 4-6) of {', '.join(request.languages)} "
                             f"in layers {', '.join(map(str, hp.layer_indices(wb)))}")
-                located = locate(wb, request, hp)                                             # Eq. 4-6
+                located = locate(wb, request, hp)                                    # lu-lafns Eq. 4-6
                 report(0.10, "located " + ", ".join(f"L{layer}: {int(n.numel()):,}" for layer, n in located.items())
                        + " neurons; generating prefixes")
                 prefixes = {lang: generate_prefixes(wb, lang, hp) for lang in request.languages}
-                report(0.15, f"optimising ΔV (Eq. 10): {hp.steps} steps")
-                deltas, record = compute_delta(wb, request, located, hp, prefixes,          # Eq. 7-10
+                report(0.15, f"optimising ΔV (lu-lafns Eq. 10): {hp.steps} steps")
+                deltas, record = compute_delta(wb, request, located, hp, prefixes,  # lu-lafns Eq. 7-10
                                                progress=lambda f, m: report(0.15 + 0.85 * f, m))
                 for layer, delta in deltas.items():
                     patches.append(ActivationPatch.for_requests(layer, located[layer].cpu(), delta, request,

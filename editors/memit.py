@@ -14,7 +14,7 @@ Multilingual editing: M-ROME / M-MEMIT (papers/lu-lafns.md §4.2)
 
     * its target (:func:`compute_target`: ROME's ``compute_v`` / MEMIT's
       ``compute_z``) is optimised on that language's prompt and target only;
-    * its key (:func:`fact_keys`: ROME's Eq. 3 ``k* = 1/N Σ_j k(x_j + s)``) is
+    * its key (:func:`fact_keys`: rome Eq. 3 ``k* = 1/N Σ_j k(x_j + s)``) is
       the mean of the key site at the last subject token over that language's
       contexts;
     * all pairs of all requests are then inserted together.
@@ -23,8 +23,8 @@ The shared steps (one function each, named after its symbol)
     Contexts ``x_j + s``: the bare prompt (``empty_prefix``, ROME/MEMIT's
     ``"{}"`` template) and the prompt after model-generated prefixes, for each
     ``[length, count]`` of ``context_template_length_params``
-    (:func:`editors.lu_lafns.generate_prefixes`, joined with
-    :func:`editors.lu_lafns.prefixed` as ``"{prefix}. {prompt}"``).
+    (:func:`editors.contexts.generate_prefixes`, joined with
+    :func:`editors.contexts.prefixed` as ``"{prefix}. {prompt}"``).
 
     Target (:func:`compute_target`): a vector ``δ`` added at the last subject
     token of every context (and of the KL prompt), at the output of the
@@ -48,7 +48,7 @@ The shared steps (one function each, named after its symbol)
     over the union of the requests' languages, ``mom2_n_tokens`` tokens of
     ``mom2_source``).
 
-ROME (Meng et al. 2022, Eq. 2), one layer, ``n`` pairs at once
+ROME (Meng et al. 2022, rome Eq. 2), one layer, ``n`` pairs at once
     ``Δ = R (Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹`` with ``K = [k_1 … k_n]`` (``d_ff × n``) and
     ``R = V − W K`` (:func:`rome_update`). For ``n = 1`` this is the paper's
     rank-one ``Λ (C⁻¹k*)ᵀ`` with ``Λ = (v* − W k*) / ((C⁻¹k*)ᵀ k*)``; for ``n``
@@ -58,7 +58,7 @@ ROME (Meng et al. 2022, Eq. 2), one layer, ``n`` pairs at once
     ``v_l = W k_l + b + δ_l`` (the MLP output at the mean key, moved by the
     optimised ``δ_l``), so ``R = [δ_1 … δ_n]``.
 
-MEMIT (Meng et al. 2023, Alg. 1 and Eq. 14)
+MEMIT (Meng et al. 2023, memit Alg. 1 and memit Eq. 14)
     ``z_l = h^L_0 + δ_l`` at the last layer ``L`` of ``layers``. For each layer
     ``i`` in ascending order (with the updates of the earlier layers in force,
     applied through :meth:`Edit.applied` and undone at the end): keys ``K``
@@ -66,7 +66,7 @@ MEMIT (Meng et al. 2023, Alg. 1 and Eq. 14)
     ``h^L`` is read at the bare prompts' last subject token; ``ΔW = R Kᵀ (λ C +
     K Kᵀ)⁻¹`` with ``λ = mom2_update_weight`` (:func:`memit_update`).
 
-AlphaEdit (Fang et al. 2025, Eq. 8 and its code; papers/langedit.md §2.2, §3)
+AlphaEdit (Fang et al. 2025, alphaedit Eq. 8 and its code; papers/langedit.md §2.2, §3)
     MEMIT's ``z`` and spreading, with ``P = Û Ûᵀ`` where ``Û`` are the
     eigenvectors of ``C`` whose eigenvalue is below ``nullspace_threshold``
     (:func:`nullspace_projection`) and ``ΔW = R Kᵀ P (K Kᵀ P + λ I)⁻¹`` with
@@ -115,7 +115,7 @@ Deviations from the papers and their code (each a hyper-parameter where it can b
       constraint, which with ``v = W k* + b + δ`` gives ``R = δ``.
     * ROME's ``mom2_adjustment=False`` (EasyEdit's Llama/Qwen presets) uses
       ``C = I``; the multi-pair formula stays exact.
-    * Keys are the plain mean over all contexts (ROME Eq. 3); MEMIT's code
+    * Keys are the plain mean over all contexts (rome Eq. 3); MEMIT's code
       averages the mean of each context *type* (bare prompt; prefixed).
     * A singular ``C`` (or ``λC + KKᵀ``) gets a ridge of ``1e-6 · trace/d``
       (logged in ``edit.meta``) where the code would fail.
@@ -143,8 +143,8 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import Any, Callable, ClassVar
+from numbers import Integral, Real
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -152,28 +152,23 @@ import torch.nn.functional as F
 from analysis.arch import first_tensor, resolve
 from analysis.errors import InputError
 from analysis.neurons import forward_inputs
+from analysis.stats import cached_key_statistics
 from analysis.tokens import pad_sequences, subject_last_ids
-from editors.base import Edit, Editor, EditRequest, HParams, frozen, register
+from data.flores import statistics_texts
+from editors.base import Editor, frozen, register
+from editors.contexts import PrefixSpec, generate_prefixes, kl_prompt, prefixed
+from editors.edit import Edit
+from editors.hparams import Constraint, HParams, Interval
+from editors.requests import EditRequest
 from editors.rows import TeacherForcedRows, clamp_norm_
-from editors.lu_lafns import generate_prefixes, kl_prompt, prefixed
+
+if TYPE_CHECKING:
+    from analysis.model import Workbench
 
 log = logging.getLogger(__name__)
 
 
 # ============================================================ hyper-parameters
-
-
-def _number(hp: Any, name: str, low: float = 0.0, strict: bool = False) -> None:
-    value = getattr(hp, name)
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (value > low if strict else value >= low)
-    if not ok:
-        raise InputError(f"{name} must be a number {'>' if strict else '>='} {low:g}, got {value!r}.")
-
-
-def _whole(hp: Any, name: str, low: int) -> None:
-    value = getattr(hp, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InputError(f"{name} must be a whole number >= {low}, got {value!r}.")
 
 
 @dataclass
@@ -193,22 +188,25 @@ class KeyValueHParams(HParams):
     mom2_n_tokens: int = 100_000          # tokens of key statistics
     mom2_source: str = "flores"           # "flores" (FLORES-200 in the request languages)
 
+    BOUNDS: ClassVar[dict[str, Constraint]] = {
+        "v_lr": Interval(Real, 0, None, closed="neither"),
+        **dict.fromkeys(("v_weight_decay", "clamp_norm_factor", "kl_factor", "early_stop_loss"),
+                        Interval(Real, 0, None, closed="left")),
+        "v_num_grad_steps": Interval(Integral, 1, None, closed="left"),
+        "mom2_n_tokens": Interval(Integral, 1, None, closed="left"),
+        "seed": Interval(Integral, 0, None, closed="left"),
+    }
+
     def __post_init__(self) -> None:
         super().__post_init__()
         params = self.context_template_length_params
         if isinstance(params, (list, tuple)):
             self.context_template_length_params = [list(p) if isinstance(p, (list, tuple)) else p for p in params]
 
-    def validate(self, wb: Any = None) -> None:
+    def validate(self, wb: Workbench | None = None) -> None:
         super().validate(wb)
         if not self.layers:
             raise InputError(f"{type(self).__name__} needs at least one layer to edit (layers=[...]).")
-        _number(self, "v_lr", 0.0, strict=True)
-        for name in ("v_weight_decay", "clamp_norm_factor", "kl_factor", "early_stop_loss"):
-            _number(self, name)
-        _whole(self, "v_num_grad_steps", 1)
-        _whole(self, "mom2_n_tokens", 1)
-        _whole(self, "seed", 0)
         params = self.context_template_length_params
         if not isinstance(params, list) or any(
                 not isinstance(p, list) or len(p) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in p)
@@ -255,7 +253,7 @@ class ROMEHParams(KeyValueHParams):
                          context_template_length_params=[[5, 2], [10, 2]]),
     }
 
-    def validate(self, wb: Any = None) -> None:
+    def validate(self, wb: Workbench | None = None) -> None:
         super().validate(wb)
         if len(self.layers) != 1:
             raise InputError(f"ROME edits exactly one layer; got layers={self.layers}. Use MEMIT for several.")
@@ -269,6 +267,7 @@ class MEMITHParams(KeyValueHParams):
     clamp_norm_factor: float = 0.75
     mom2_update_weight: float = 15000.0   # λ of ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹
 
+    BOUNDS: ClassVar[dict[str, Constraint]] = {"mom2_update_weight": Interval(Real, 0, None, closed="left")}
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # AlphaEdit repository hparams/MEMIT/Llama3-8B.json (MEMIT as run by the AlphaEdit authors on
         # Llama-3-8B): layers 4-8, clamp 0.75, v_lr 1e-1, 25 steps, weight decay 0.5, kl 0.0625, λ 15000.
@@ -300,11 +299,6 @@ class MEMITHParams(KeyValueHParams):
                          context_template_length_params=[[5, 2], [10, 2]]),
     }
 
-    def validate(self, wb: Any = None) -> None:
-        super().validate(wb)
-        _number(self, "mom2_update_weight")
-
-
 @dataclass
 class AlphaEditHParams(MEMITHParams):
     """AlphaEdit (Fang et al. 2025): MEMIT's targets and spreading, projected on the null space of C."""
@@ -313,6 +307,10 @@ class AlphaEditHParams(MEMITHParams):
     nullspace_relative: bool = False      # threshold relative to the largest eigenvalue (code: absolute)
     l2: float = 10.0                      # λ of ΔW = R Kᵀ P (K Kᵀ P + λ I)⁻¹ (the code's "L2")
 
+    BOUNDS: ClassVar[dict[str, Constraint]] = {
+        "nullspace_threshold": Interval(Real, 0, None, closed="neither"),
+        "l2": Interval(Real, 0, None, closed="neither"),
+    }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # EasyEdit hparams/AlphaEdit/llama3.1-8b.yaml: layers 4-8, clamp 0.75, v_lr 1e-1, weight decay 0.5,
         # kl 0.0625, threshold 2e-2, L2 10.
@@ -336,10 +334,8 @@ class AlphaEditHParams(MEMITHParams):
                          l2=10.0, mom2_n_tokens=20_000, context_template_length_params=[[5, 2], [10, 2]]),
     }
 
-    def validate(self, wb: Any = None) -> None:
+    def validate(self, wb: Workbench | None = None) -> None:
         super().validate(wb)
-        _number(self, "nullspace_threshold", 0.0, strict=True)
-        _number(self, "l2", 0.0, strict=True)
         if self.nullspace_relative and self.nullspace_threshold > 1:
             raise InputError(f"A relative nullspace_threshold must be at most 1, got {self.nullspace_threshold}.")
 
@@ -367,8 +363,7 @@ def context_prefixes(wb: Any, language: str, hp: KeyValueHParams) -> list[str]:
     """The model-generated prefixes of ``language`` for every ``[length, count]`` of the hparams."""
     out: list[str] = []
     for length, count in hp.context_template_length_params:
-        spec = SimpleNamespace(n_prefixes=int(count), prefix_length=int(length), seed=int(hp.seed))
-        out.extend(generate_prefixes(wb, language, spec))
+        out.extend(generate_prefixes(wb, language, PrefixSpec(int(count), int(length), int(hp.seed))))
     return out
 
 
@@ -436,7 +431,7 @@ def read_at_subject(wb: Any, texts: list[str], subjects: list[str],
 
 
 def fact_keys(wb: Any, layer: int, facts: list[FactContexts]) -> torch.Tensor:
-    """k* per fact (ROME Eq. 3): mean over its contexts of the key at the last subject token, ``[n, d_ff]``."""
+    """k* per fact (rome Eq. 3): mean over its contexts of the key at the last subject token, ``[n, d_ff]``."""
     keys, _ = _keys_and_reads(wb, layer, facts, [])
     return keys
 
@@ -570,11 +565,10 @@ def key_second_moments(wb: Any, layers: list[int], requests: list[EditRequest], 
 
     ``progress(tokens done, tokens planned)`` is called while statistics missing from the disk cache are counted.
     """
-    from analysis.stats import cached_key_statistics
-
     languages = sorted({lang for r in requests for lang in r.languages})
-    stats, folder, from_disk = cached_key_statistics(wb, layers, languages, n_tokens=hp.mom2_n_tokens,
-                                                     source=hp.mom2_source, progress=progress)
+    texts, sources = statistics_texts(languages, hp.mom2_source)
+    stats, folder, from_disk = cached_key_statistics(wb, layers, texts, sources, n_tokens=hp.mom2_n_tokens,
+                                                     progress=progress)
     moments = {layer: stats[layer].second_moment.to(wb.device, torch.float64) for layer in layers}
     meta = {"languages": languages, "source": hp.mom2_source, "tokens": {str(l): stats[l].tokens for l in layers},
             "folder": str(folder), "from_disk": bool(from_disk)}
@@ -623,7 +617,7 @@ def nullspace_projection(c: torch.Tensor, threshold: float, relative: bool = Fal
 
 def rome_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor | None,
                 notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """ROME Eq. 2 for n pairs: Δ = R (Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹ (C = I without mom2 adjustment)."""
+    """rome Eq. 2 for n pairs: Δ = R (Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹ (C = I without mom2 adjustment)."""
     cinv_k = keys if c is None else _solve(c, keys, notes, "C")                      # C⁻¹ K  [d_ff, n]
     gram = keys.T @ cinv_k                                                           # Kᵀ C⁻¹ K  [n, n]
     v = _solve(gram, cinv_k.T, notes, "KᵀC⁻¹K")                                       # (KᵀC⁻¹K)⁻¹ Kᵀ C⁻¹
@@ -632,14 +626,14 @@ def rome_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor | None,
 
 def memit_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor, weight: float,
                  notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """MEMIT Eq. 14: ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹."""
+    """memit Eq. 14: ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹."""
     a = weight * c + keys @ keys.T
     return resid, _solve(a, keys, notes, "λC + KKᵀ").T                              # a symmetric
 
 
 def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, p: torch.Tensor, l2: float,
                      notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """AlphaEdit: ΔW = R Kᵀ P (K Kᵀ P + λ I)⁻¹ (solved as the code: (P K Kᵀ + λI)⁻¹ P K, transposed)."""
+    """alphaedit Eq. 8: ΔW = R Kᵀ P (K Kᵀ P + λ I)⁻¹, solved as the code: ((P K Kᵀ + λI)⁻¹ P K)ᵀ."""
     eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
     x = _solve(p @ keys @ keys.T + l2 * eye, p @ keys, notes, "PKKᵀ + λI")           # [d_ff, n]
     return resid, x.T

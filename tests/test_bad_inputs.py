@@ -390,7 +390,7 @@ def test_a_bad_input_prints_no_traceback_from_the_installed_command(f):
 def test_the_python_api_raises_our_own_errors(f, tmp_path):
     from analysis.model import load_model
     from data import load_corpus
-    from editors.base import Edit
+    from editors.edit import Edit
 
     for bad in (None, "", 3):
         with pytest.raises(NeuroglotError, match="saved edit"):

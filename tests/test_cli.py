@@ -200,7 +200,7 @@ def test_edit_a_typed_fact_prints_before_and_after_and_saves(tiny_folder, tmp_pa
     assert result.exit_code == 0, result.output
     assert "[en]" in result.output and "[de]" in result.output
     assert "answer before" in result.output and "answer after" in result.output and "locality" in result.output
-    from editors.base import Edit
+    from editors.edit import Edit
 
     saved = Edit.load(tmp_path / "edit")
     assert saved.method == "lu-lafns" and saved.patches

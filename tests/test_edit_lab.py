@@ -232,7 +232,8 @@ def test_the_page_scores_probes_as_the_evaluation_does_and_keeps_no_tensor_in_se
     question comes early, the chart's legend colours are its bars' colours, and the session keeps its edits as
     saved folders (ids in session_state), removed on revert."""
     from app.state import workbench
-    from editors.base import Edit, EditRequest
+    from editors.edit import Edit
+    from editors.requests import EditRequest
     from editors.evaluate import before_after
 
     at = new_page(tiny_spec, tmp_path)

@@ -19,20 +19,11 @@ from analysis.errors import InputError, NeuroglotError
 from analysis.model import EMBEDDED_NAME, Workbench
 from analysis.tokens import encode
 from data.edit_records import EditRecord
-from editors.base import (
-    ActivationPatch,
-    Edit,
-    Editor,
-    EditRequest,
-    HParams,
-    LanguageFact,
-    SubjectMatcher,
-    WeightDelta,
-    available_editors,
-    get_editor,
-    register,
-    subject_token_variants,
-)
+from editors.base import Editor, available_editors, get_editor, register
+from editors.edit import ActivationPatch, Edit, WeightDelta
+from editors.hparams import HParams
+from editors.requests import EditRequest, LanguageFact
+from editors.subjects import SubjectMatcher, subject_token_variants
 from tests.tiny import assert_bit_identical, hook_count, lock_is_free, snapshot, tiny_model_and_tokenizer, tiny_workbench
 
 FAMILIES = ("llama", "gpt2", "gemma3_text", "bloom")
@@ -198,6 +189,42 @@ def test_hparams_plain_data_and_field_checks():
         DummyHParams(layers=[1.5])
     with pytest.raises(InputError, match="rank must be 1 or more"):
         DummyEditor(DummyHParams(rank=0))
+
+
+def test_declared_bounds_are_checked_in_one_place_and_merge_over_subclasses():
+    from numbers import Integral, Real
+
+    from editors.hparams import Interval, Options
+
+    @dataclass
+    class Base(HParams):
+        rate: float = 0.5
+        steps: int = 3
+        mode: str = "a"
+
+        BOUNDS: ClassVar[dict] = {"rate": Interval(Real, 0, 1, closed="left"),
+                                  "steps": Interval(Integral, 1, None, closed="left"),
+                                  "mode": Options("mode", ("a", "b"))}
+
+    @dataclass
+    class Child(Base):
+        BOUNDS: ClassVar[dict] = {"rate": Interval(Real, 0, None, closed="neither")}
+
+    Base().validate()
+    for kwargs, message in [(dict(rate=1.0), r"rate must be a number in \[0, 1\), got 1.0"),
+                            (dict(rate=True), "rate must be a number in"),
+                            (dict(rate=float("nan")), "rate must be a number in"),
+                            (dict(steps=0), "steps must be a whole number >= 1, got 0"),
+                            (dict(steps=2.0), "steps must be a whole number >= 1, got 2.0"),
+                            (dict(mode="c"), "Unknown mode 'c'; use one of: a, b")]:
+        with pytest.raises(InputError, match=message):
+            Base(**kwargs).validate()
+    Child(rate=5.0).validate()  # the subclass's bound replaces its parent's
+    with pytest.raises(InputError, match="rate must be a number > 0, got 0"):
+        Child(rate=0).validate()
+    with pytest.raises(InputError, match="steps must be a whole number >= 1"):
+        Child(steps=-1).validate()  # the parent's other bounds still hold
+    assert set(Child.bounds()) == {"rate", "steps", "mode"}
 
 
 # ============================================================= apply / revert

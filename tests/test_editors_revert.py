@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from editors.base import Edit, EditRequest, LanguageFact, available_editors, get_editor
+from editors.base import available_editors, get_editor
+from editors.edit import Edit
+from editors.requests import EditRequest, LanguageFact
 from tests.tiny import assert_bit_identical, hook_count, lock_is_free, snapshot, tiny_workbench
 
 #: Small, fast hyper-parameters per editor for the tiny models (3 layers).

@@ -13,7 +13,7 @@ import torch
 from analysis.errors import InputError
 from analysis.tokens import answer_ids
 from editors.answers import answer_scores, greedy_answers, greedy_decode
-from editors.base import EditRequest, LanguageFact, get_editor
+from editors.base import get_editor
 from editors.evaluate import (
     EvalConfig,
     Probe,
@@ -27,6 +27,7 @@ from editors.evaluate import (
     unedited_answers,
 )
 from editors.metrics import answer_tokens, exact_match, normalize_answer, token_f1
+from editors.requests import EditRequest, LanguageFact
 from tests.tiny import TINY_FAMILIES, assert_bit_identical, fake_run, snapshot, tiny_workbench, write_dataset
 
 # ==================================================================== metrics

@@ -11,8 +11,10 @@ import torch
 
 import editors.lora_ft as lora_ft
 from analysis.errors import InputError
-from editors.base import Edit, EditRequest, LanguageFact, available_editors, get_editor
+from editors.base import available_editors, get_editor
+from editors.edit import Edit
 from editors.lora_ft import LoRAFTEditor, LoRAFTHParams, target_paths
+from editors.requests import EditRequest, LanguageFact
 from tests.tiny import MZSRE_DEV, assert_bit_identical, snapshot, target_nll, tiny_workbench
 
 FAMILIES = ("llama", "gpt2", "gemma3_text")

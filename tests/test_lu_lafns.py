@@ -11,16 +11,11 @@ import torch
 
 from analysis.errors import InputError
 from analysis.model import Workbench
-from editors.base import ActivationPatch, Edit, EditRequest, LanguageFact, available_editors, get_editor
-from editors.lu_lafns import (
-    KL_TEMPLATES,
-    LULAFNsEditor,
-    LULAFNsHParams,
-    generate_prefixes,
-    kl_prompt,
-    locate,
-    paraphrase_set,
-)
+from editors.base import available_editors, get_editor
+from editors.contexts import KL_TEMPLATES, generate_prefixes, kl_prompt
+from editors.edit import ActivationPatch, Edit
+from editors.lu_lafns import LULAFNsEditor, LULAFNsHParams, locate, paraphrase_set
+from editors.requests import EditRequest, LanguageFact
 from tests.tiny import MZSRE_DEV, assert_bit_identical, hook_count, snapshot, target_nll, tiny_workbench
 
 FAMILIES = ("llama", "gpt2", "gemma3_text")

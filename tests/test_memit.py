@@ -15,7 +15,9 @@ import editors.memit as memit
 from analysis.errors import InputError
 from analysis.model import Workbench
 from analysis.stats import cached_key_statistics
-from editors.base import Edit, EditRequest, LanguageFact, available_editors, get_editor
+from data.flores import statistics_texts
+from editors.base import available_editors, get_editor
+from editors.edit import Edit
 from editors.memit import (
     AlphaEditEditor,
     AlphaEditHParams,
@@ -27,6 +29,7 @@ from editors.memit import (
     fact_keys,
     nullspace_projection,
 )
+from editors.requests import EditRequest, LanguageFact
 from tests.tiny import MZSRE_DEV, assert_bit_identical, hook_count, snapshot, target_nll, tiny_workbench
 
 FAMILIES = ("llama", "gpt2", "gemma3_text")
@@ -277,7 +280,8 @@ def test_alphaedit_leaves_the_preserved_subspace_unchanged():
     request = berlin_request()
     hp = tiny_hparams("alphaedit", v_num_grad_steps=5)
     edit = AlphaEditEditor(hp).compute(wb, request)
-    stats, _, _ = cached_key_statistics(wb, [0, 1], ["en", "zh"], n_tokens=hp.mom2_n_tokens, source="flores")
+    texts, sources = statistics_texts(["en", "zh"], "flores")
+    stats, _, _ = cached_key_statistics(wb, [0, 1], texts, sources, n_tokens=hp.mom2_n_tokens)
     for layer in (0, 1):
         c = stats[layer].second_moment.double()
         evals, evecs = torch.linalg.eigh(c)

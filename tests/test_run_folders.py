@@ -133,7 +133,7 @@ def test_the_python_api_refuses_foreign_folders_and_overwrites_on_purpose(tmp_pa
     from analysis.attribution import attribution_run, fact_prompts
     from analysis.causal_trace import trace_run
     from analysis.neurons import atlas_counts
-    from editors.base import Edit
+    from editors.edit import Edit
     from editors.evaluate import EvalConfig, merge_runs, run_evaluation
 
     wb = tiny_workbench("gpt2")
@@ -318,7 +318,7 @@ def test_ctrl_c_from_the_terminal_prints_one_line_and_exits_130(tiny, tmp_path, 
 
 
 def two_edits():
-    from editors.base import Edit
+    from editors.edit import Edit
 
     return [Edit({DOWN: torch.full((32, 80), float(i))}, meta={"method": "test", "i": i}) for i in (1, 2)]
 
@@ -368,7 +368,7 @@ def save_killed_at(edit, folder: Path, point: str) -> None:
     ("fallback-after-rename-2", "new"),
 ])
 def test_kill_9_during_a_save_leaves_a_loadable_edit_and_no_hidden_folders(tmp_path, point, survivor):
-    from editors.base import Edit
+    from editors.edit import Edit
 
     earlier, new = two_edits()
     expected = {"earlier": digest(earlier.save(tmp_path / "a")), "new": digest(new.save(tmp_path / "b"))}
@@ -390,7 +390,7 @@ def test_a_killed_writer_is_recovered_by_the_next_save_too(tmp_path):
     earlier.save(folder)
     save_killed_at(new, folder, "fallback-after-rename-1")
     assert not folder.exists() and len(leftovers(folder)) == 2   # the swap was cut between its two renames
-    from editors.base import check_save_folder
+    from editors.edit import check_save_folder
 
     check_save_folder(folder)                                    # what `edit --save` checks first
     assert digest(folder) == digest(earlier.save(tmp_path / "a")) and leftovers(folder) == []
@@ -398,7 +398,7 @@ def test_a_killed_writer_is_recovered_by_the_next_save_too(tmp_path):
 
 LOOP = r"""
 import sys, torch
-from editors.base import Edit
+from editors.edit import Edit
 edits = [Edit({"%s": torch.full((256, 256), float(i))}, meta={"method": "test", "i": i}) for i in (1, 2)]
 print("SAVING", flush=True)
 i = 0
@@ -409,7 +409,7 @@ while True:
 
 
 def test_kill_9_at_random_moments_of_repeated_saves(tmp_path):
-    from editors.base import Edit
+    from editors.edit import Edit
 
     folder = tmp_path / "D"
     ours = [Edit({DOWN: torch.full((256, 256), float(i))}, meta={"method": "test", "i": i}) for i in (1, 2)]
@@ -430,7 +430,7 @@ def test_kill_9_at_random_moments_of_repeated_saves(tmp_path):
 
 
 def test_load_of_nothing_is_our_error():
-    from editors.base import Edit
+    from editors.edit import Edit
 
     with pytest.raises(NeuroglotError):
         Edit.load(None)

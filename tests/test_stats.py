@@ -20,14 +20,22 @@ import torch
 from analysis import stats
 from analysis.errors import InputError, NeuroglotError
 from analysis.model import Workbench
-from analysis.stats import KeyStats, cached_key_statistics, fair_token_shares, flores_sentences, key_statistics
+from analysis.stats import KeyStats, fair_token_shares, key_statistics
+from data import flores
 from data.corpus import Corpus
+from data.flores import flores_sentences
 from tests import tiny
 from tests.tiny import tiny_model_and_tokenizer
 
 FAMILIES = ("gpt2", "llama", "bloom", "gemma3_text", "xglm")
 TEXTS = {lang: [s.strip() for s in tiny._FREE[lang].splitlines() if s.strip()] for lang in ("en", "de")}
 SHARED_FLORES = Path(__file__).resolve().parents[2] / "shared" / "data" / "flores200_devtest"
+
+
+def cached_key_statistics(wb, layers, languages, folder, corpus=None, **kwargs):
+    """analysis.stats.cached_key_statistics of the languages' texts as data.flores reads them (as the editors do)."""
+    texts, sources = flores.statistics_texts(languages, folder=folder, corpus=corpus)
+    return stats.cached_key_statistics(wb, layers, texts, sources, **kwargs)
 
 
 @lru_cache(maxsize=None)
@@ -316,7 +324,7 @@ def test_cache_key_follows_request_and_model(flores_dir):
 @pytest.mark.skipif(not SHARED_FLORES.is_dir(), reason="needs ../shared/data/flores200_devtest")
 def test_flores_sentences_from_shared_files(monkeypatch):
     monkeypatch.delenv("NEUROGLOT_FLORES", raising=False)
-    assert stats.default_flores_folder() == SHARED_FLORES
+    assert flores.default_flores_folder() == SHARED_FLORES
     got = flores_sentences(["en", "deu_Latn", "en"], max_sentences=3)
     assert list(got) == ["en", "de"] and all(len(v) == 3 for v in got.values())
     first = (SHARED_FLORES / "eng_Latn.devtest").read_text(encoding="utf-8").splitlines()[0]
@@ -333,7 +341,7 @@ def test_flores_sentences_from_shared_files(monkeypatch):
 def test_flores_folder_from_environment_and_missing(flores_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("NEUROGLOT_FLORES", str(flores_dir))
     assert flores_sentences(["en"])["en"] == TEXTS["en"]
-    assert stats.flores_languages() == {"de": "deu_Latn", "en": "eng_Latn"}
+    assert flores.flores_languages() == {"de": "deu_Latn", "en": "eng_Latn"}
     with pytest.raises(InputError, match=r"No FLORES-200 sentences for 'zh'.*de \(deu_Latn\), en \(eng_Latn\)"):
         flores_sentences(["zh"])
     monkeypatch.setenv("NEUROGLOT_FLORES", str(tmp_path / "nowhere"))
@@ -351,16 +359,16 @@ def tiny_fact_corpus() -> Corpus:
 
 def test_corpus_fallback_for_language_without_flores(flores_dir):
     corpus = tiny_fact_corpus()
-    texts, sources = stats.statistics_texts(["en", "zh"], folder=flores_dir, corpus=corpus)
+    texts, sources = flores.statistics_texts(["en", "zh"], folder=flores_dir, corpus=corpus)
     assert sources == {"en": "flores", "zh": "corpus:facts"}
     assert texts["en"] == TEXTS["en"]
     assert sorted(texts["zh"]) == sorted(f"{c}的首都是{k}。" for c, k, _ in tiny._COUNTRIES["zh"])
     with pytest.raises(InputError, match="Give a corpus"):
-        stats.statistics_texts(["en", "zh"], folder=flores_dir)
-    texts, sources = stats.statistics_texts(["en"], source=corpus, folder=flores_dir)
+        flores.statistics_texts(["en", "zh"], folder=flores_dir)
+    texts, sources = flores.statistics_texts(["en"], source=corpus, folder=flores_dir)
     assert sources == {"en": "corpus:facts"} and len(texts["en"]) == len(tiny._COUNTRIES["en"])
     # no FLORES folder at all: every language from the corpus
-    _, sources = stats.statistics_texts(["en", "zh"], folder=flores_dir / "absent", corpus=corpus)
+    _, sources = flores.statistics_texts(["en", "zh"], folder=flores_dir / "absent", corpus=corpus)
     assert set(sources.values()) == {"corpus:facts"}
     wb = tiny_wb("llama")
     result, _, _ = cached_key_statistics(wb, [0], ["zh", "en"], n_tokens=60, folder=flores_dir, corpus=corpus)
@@ -393,7 +401,14 @@ def test_bad_input_is_an_input_error(kwargs, message):
     texts = args.pop("texts")
     layers = args.pop("layers")
     with pytest.raises(InputError, match=message):
+        if isinstance(texts, list):  # languages: data.flores reads their texts
+            texts, args["source"] = flores.statistics_texts(texts, args.pop("source", flores.FLORES))
         key_statistics(wb, layers, texts, **args)
+
+
+def test_statistics_take_texts_not_languages():
+    with pytest.raises(InputError, match=r"texts per language.*data\.flores\.statistics_texts"):
+        key_statistics(tiny_wb("llama"), [0], ["en"])
 
 
 def test_cached_bad_input_is_an_input_error(flores_dir):

@@ -37,7 +37,9 @@ from analysis.errors import InputError, NeuroglotError
 from app.state import (ERROR_ICON, corpus_rows, current_corpus_spec, current_model_spec, progress_bar,
                        user_errors, workbench)
 from app.widgets import downloads
-from editors.base import Edit, EditRequest, LanguageFact, available_editors, get_editor
+from editors.base import available_editors, get_editor
+from editors.edit import Edit
+from editors.requests import EditRequest, LanguageFact
 from editors.evaluate import probes as request_probes
 from editors.evaluate import score_probes, unedited_answers
 

@@ -1,0 +1,281 @@
+"""Applying an edit and restoring the model bit-exactly (Design Decision 3).
+
+Editors compute; this module applies. ``with edit.applied(wb):`` creates an
+:class:`AppliedEdit`, the only code that ever changes a model's parameters or
+hooks, and undoes everything it did on the way out.
+
+Weights
+    * Entering holds ``wb.lock`` (an ``RLock``), keeps a bit-exact copy of every
+      parameter the edit touches (only those), adds the deltas in place and
+      registers the patch hooks; on exit, also on an exception, it copies the
+      saved values back and removes the hooks.
+    * A delta is added to its parameter in place: ``p.add_(delta)``, computed in
+      the wider of the two dtypes and rounded once to the parameter's dtype.
+    * Applications stack: ``with e1.applied(wb), e2.applied(wb):`` adds e1's
+      deltas, then e2's, and unwinds in reverse. Leaving an application also ends
+      every application entered after it on the same model (a manual
+      ``revert()`` out of order still leaves the model exactly as before).
+    * The same Edit object cannot be applied to one model twice at a time
+      (:class:`~analysis.errors.InputError`): that is almost always a mistake;
+      ``edit + edit`` applies its change twice on purpose.
+    * A mismatching model (unknown parameter, other shape, layer or neuron out of
+      range, subjects without tokens) is an InputError before anything changes.
+
+Activation patches (lu-lafns Eq. 11)
+    A patch adds ``delta`` to the FFN neurons ``neurons`` of ``layer`` (the
+    ``"neuron"`` site: ``act_fn(h W1)``, lu-lafns Eq. 2-3) at the last token of
+    every occurrence of one of its subjects in the model's input, and nowhere
+    else (which token sequences count as an occurrence: :mod:`editors.subjects`).
+
+    * A forward pre-hook on the token-embedding module reads the ``input_ids``
+      of every forward call and finds every occurrence of every token variant
+      of the subjects (:class:`~editors.subjects.SubjectMatcher`); the neuron
+      hooks add ``delta`` (cast to the activation's dtype) at the last token of
+      each occurrence only. Rows and positions without an occurrence are left
+      untouched, so padded batches (left or right padding) and rows without a
+      subject compute exactly what the unedited model computes.
+    * Matching is done within the ``input_ids`` of each forward call. With a
+      key/value cache (``model.generate``) the prompt's occurrences are patched at
+      the prefill step (their keys and values carry the change on); a later step
+      is patched only if its own new tokens contain a whole occurrence (e.g. a
+      one-token subject the model writes itself). Steps without a subject add
+      nothing.
+    * A forward call without ``input_ids`` (``inputs_embeds`` only) cannot be
+      matched: the patch hooks raise InputError rather than silently not editing
+      (embeddings made by the model's own embedding module just before the call
+      are matched on the ids it read).
+    * A patch's subjects are matched together, whatever their language: the
+      patch applies wherever any subject of S_G occurs.
+
+Threads
+    ``wb.lock`` is held from entering an application to leaving it, so other
+    sessions wait and never see the edit (Design Decision 4); the thread that
+    applied an edit is the one that reverts it.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from analysis.errors import InputError, NeuroglotError
+from editors.edit import ActivationPatch, Edit, WeightDelta
+from editors.subjects import SubjectMatcher
+
+if TYPE_CHECKING:
+    from analysis.model import Workbench
+
+#: Applications in force per model, oldest first (guarded by _ACTIVE_LOCK).
+_ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, list[AppliedEdit]]" = weakref.WeakKeyDictionary()
+_ACTIVE_LOCK = threading.Lock()
+
+
+class _TokenState:
+    """Where the subjects occur in the forward call in progress: ``{group: (rows, cols)}`` and the ids' shape."""
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, ...] | None = None
+        self.positions: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def clear(self) -> None:
+        self.shape, self.positions = None, None
+
+
+class AppliedEdit:
+    """One application of an :class:`Edit` to a Workbench's model; a context manager.
+
+    Entering validates everything, takes ``wb.lock``, keeps a bit-exact copy of
+    the touched parameters, adds the deltas and registers the patch hooks.
+    :meth:`revert` (or leaving the ``with`` block) restores them; it also ends
+    every application entered after this one on the same model.
+    """
+
+    def __init__(self, edit: Edit, wb: Workbench):
+        if not isinstance(edit, Edit):
+            raise InputError(f"Expected an Edit, got {type(edit).__name__}.")
+        self.edit, self.wb = edit, wb
+        self.model: torch.nn.Module = wb.model
+        self.active = False
+        self._holds_lock = False
+        self._entered = False
+        self._saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> Workbench:
+        if self._entered:
+            raise InputError("This application was already used; call edit.applied(wb) again for a new one.")
+        self._entered = True
+        self.wb.lock.acquire()
+        self._holds_lock = True
+        try:
+            self._apply()
+        except BaseException:
+            self._holds_lock = False
+            self.wb.lock.release()
+            raise
+        return self.wb
+
+    def __exit__(self, *exc: Any) -> None:
+        self.revert()
+
+    def revert(self) -> None:
+        """Restore the model as it was before this application (and before any later one)."""
+        try:
+            if self.active:
+                with _ACTIVE_LOCK:
+                    stack = _ACTIVE.get(self.model, [])
+                    later = stack[stack.index(self):] if self in stack else [self]
+                    del stack[len(stack) - len(later):]
+                for application in reversed(later):
+                    application._undo()
+        finally:
+            if self._holds_lock:
+                self._holds_lock = False
+                self.wb.lock.release()
+
+    # --- internals -----------------------------------------------------------
+    def _apply(self) -> None:
+        with _ACTIVE_LOCK:
+            if any(a.edit is self.edit for a in _ACTIVE.get(self.model, [])):
+                raise InputError("This edit is already applied to this model. To apply its change twice, "
+                                 "apply `edit + edit`.")
+        targets = self._weight_targets()
+        plan = _PatchPlan(self.edit.patches, self.wb)
+        unique: dict[int, torch.nn.Parameter] = {}
+        for _, param, _ in targets:
+            unique.setdefault(id(param), param)
+        with torch.no_grad():
+            self._saved = [(param, param.detach().clone()) for param in unique.values()]
+            self.active = True
+            try:
+                for _, param, terms in targets:
+                    for term in terms:
+                        param.add_(term.materialize(param.device))
+                self._handles = plan.register()
+            except BaseException:
+                self._undo()
+                raise
+        with _ACTIVE_LOCK:
+            _ACTIVE.setdefault(self.model, []).append(self)
+
+    def _weight_targets(self) -> list[tuple[str, torch.nn.Parameter, list[WeightDelta]]]:
+        made_for = _computed_for(self.edit)
+        hint = f" (the edit was computed for {made_for})" if made_for else ""
+        targets = []
+        for name, terms in self.edit.weights.items():
+            try:
+                param = self.model.get_parameter(name)
+            except AttributeError:
+                raise InputError(f"This edit changes the parameter {name!r}, which {self.wb.name} does not "
+                                 f"have{hint}.") from None
+            for term in terms:
+                if tuple(term.shape) != tuple(param.shape):
+                    raise InputError(f"This edit's delta for {name!r} has shape {tuple(term.shape)}, but the "
+                                     f"parameter of {self.wb.name} has shape {tuple(param.shape)}{hint}.")
+            if not param.is_floating_point():
+                raise InputError(f"The parameter {name!r} is not floating point; it cannot be edited.")
+            targets.append((name, param, terms))
+        return targets
+
+    def _undo(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        with torch.no_grad():
+            for param, saved in self._saved:
+                param.copy_(saved)
+        self._saved = []
+        self.active = False
+
+
+def _computed_for(edit: Edit) -> str | None:
+    model = edit.meta.get("model")
+    return model.get("name") if isinstance(model, dict) else None
+
+
+class _PatchPlan:
+    """The hooks of an edit's activation patches on one model (validated on construction).
+
+    lu-lafns Eq. 11: the patched model is used where a subject of S_G occurs, the unedited one elsewhere.
+    """
+
+    def __init__(self, patches: Sequence[ActivationPatch], wb: Workbench):
+        self.wb, self.patches = wb, list(patches)
+        self.group_of: list[int] = []
+        self.state = _TokenState()
+        if not self.patches:
+            return
+        n_layers = int(wb.n_layers)
+        group_by_key: dict[Any, int] = {}
+        groups: list[list[tuple[int, ...]]] = []
+        for patch in self.patches:
+            if patch.layer >= n_layers:
+                raise InputError(f"This edit patches layer {patch.layer}, but {wb.name} has {n_layers} layers "
+                                 f"(0-{n_layers - 1}).")
+            d_ff = int(wb.arch.d_ff(wb.model, patch.layer))
+            if patch.neurons.numel() and int(patch.neurons.max()) >= d_ff:
+                raise InputError(f"This edit patches neuron {int(patch.neurons.max())} of layer {patch.layer}, but "
+                                 f"{wb.name} has {d_ff} neurons per layer (0-{d_ff - 1}).")
+            key = (tuple((k, tuple(v)) for k, v in patch.subjects.items()),
+                   tuple((k, tuple(v)) for k, v in patch.contexts.items()), patch.match)
+            if key not in group_by_key:
+                variants = patch.token_variants(wb.tokenizer)
+                if not variants:
+                    raise InputError(f"The subjects {patch.subjects} have no tokens with this tokenizer.")
+                group_by_key[key] = len(groups)
+                groups.append(variants)
+            self.group_of.append(group_by_key[key])
+        self.matcher = SubjectMatcher(groups)
+
+    def register(self) -> list[Any]:
+        if not self.patches:
+            return []
+        model, arch = self.wb.model, self.wb.arch
+        handles = []
+        try:
+            handles.append(arch.embedding(model).register_forward_pre_hook(self._read_token_ids, with_kwargs=True))
+            handles.append(self.wb.base_model()[0].register_forward_hook(self._forget_token_ids, always_call=True))
+            for i, patch in enumerate(self.patches):
+                site = arch.site(model, patch.layer, "neuron")
+                handles.append(site.register_forward_hook(self._patch_hook(i)))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        return handles
+
+    def _read_token_ids(self, module: Any, args: tuple, kwargs: dict) -> None:
+        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("input"))
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
+            self.state.clear()
+            return None
+        ids = ids if ids.ndim == 2 else ids.reshape(1, -1)
+        self.state.shape, self.state.positions = tuple(ids.shape), self.matcher.positions(ids)
+        return None
+
+    def _forget_token_ids(self, *args: Any) -> None:
+        self.state.clear()
+        return None
+
+    def _patch_hook(self, i: int) -> Callable:
+        patch, group = self.patches[i], self.group_of[i]
+
+        def add_delta(module: Any, args: tuple, output: Any) -> Any:
+            if self.state.positions is None:
+                raise InputError("This edit patches FFN activations where its subjects occur, so the model must "
+                                 "be called with input_ids (not inputs_embeds alone).")
+            hits = self.state.positions.get(group)
+            if hits is None:
+                return None
+            if not isinstance(output, torch.Tensor) or tuple(output.shape[:-1]) != self.state.shape:
+                shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                raise NeuroglotError(f"The neurons of layer {patch.layer} have shape {shape}, which does not line "
+                                     f"up with the token ids {self.state.shape}; the patch cannot be placed.")
+            rows, cols = (t.to(output.device) for t in hits)
+            neurons = patch.neurons.to(output.device)
+            values = patch.delta.to(device=output.device, dtype=output.dtype).expand(rows.numel(), -1)
+            return output.index_put((rows[:, None], cols[:, None], neurons[None, :]), values, accumulate=True)
+
+        return add_delta

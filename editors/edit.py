@@ -1,0 +1,444 @@
+"""Edits: what an editor computes (weight deltas, activation patches), composed, saved and loaded.
+
+Design Decision 3: *editors compute; the infrastructure applies.* An :class:`Edit`
+holds weight deltas (:class:`WeightDelta`: full tensors, or low-rank factors
+``(u, v)`` with ``delta = u @ v``) and/or activation patches
+(:class:`ActivationPatch`, the LU-LAFNs cache of lu-lafns Eq. 11).
+Only :meth:`Edit.applied` ever changes a model (:mod:`editors.apply`).
+
+* ``Edit.compose(e1, e2)`` (or ``e1 + e2``) keeps, per parameter, the list of
+  terms in order and the union (concatenation) of the patches, so applying the
+  composition is bit-identical to applying e1 and then e2 (nested). The total
+  change of a parameter is :meth:`Edit.delta`. Low-rank terms stay low-rank.
+* Deltas are in the parameter's own layout (GPT-2's ``Conv1D`` weights are
+  ``[in, out]``; see ``ArchAdapter.down_orientation``).
+* ``save(folder)`` writes ``edit.safetensors`` (all tensors) and ``edit.json``
+  (everything else, with the SHA-256 of the tensor file) into a temporary
+  folder swapped into place crash-safely (:func:`analysis.runs.replace_folder`);
+  :meth:`Edit.load` checks the pair.
+* Which tokens a patch changes: :mod:`editors.subjects`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import torch
+
+from analysis import runs
+from analysis.errors import InputError, NeuroglotError
+from editors.hparams import json_default, plain
+from editors.requests import EditRequest, language_code
+from editors.subjects import check_match, subject_token_variants
+
+if TYPE_CHECKING:
+    from analysis.model import Workbench
+    from editors.apply import AppliedEdit
+
+EDIT_FORMAT = "neuroglot-edit"
+EDIT_FORMAT_VERSION = 1
+TENSOR_FILE = "edit.safetensors"
+JSON_FILE = "edit.json"
+
+
+@dataclass(eq=False)
+class WeightDelta:
+    """One additive change of one parameter: ``full`` (the parameter's shape) or ``u @ v``.
+
+    Low-rank factors keep large edits small: ``u`` is ``[rows, r]``, ``v`` is
+    ``[r, cols]`` for a ``[rows, cols]`` parameter.
+    """
+
+    full: torch.Tensor | None = None
+    u: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.full is None) == (self.u is None and self.v is None) or ((self.u is None) != (self.v is None)):
+            raise InputError("A weight delta is either a full tensor or a pair of low-rank factors (u, v).")
+        for name in ("full", "u", "v"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise InputError(f"A weight delta's {name} must be a torch.Tensor, got {type(t).__name__}.")
+            if not t.is_floating_point():
+                raise InputError(f"A weight delta's {name} must be floating point, got {t.dtype}.")
+            setattr(self, name, t.detach())
+        if self.u is not None:
+            if self.u.ndim != 2 or self.v.ndim != 2 or self.u.shape[1] != self.v.shape[0]:
+                raise InputError(f"Low-rank factors must be u [rows, r] and v [r, cols]; got "
+                                 f"{tuple(self.u.shape)} and {tuple(self.v.shape)}.")
+
+    @classmethod
+    def of(cls, value: Any) -> "WeightDelta":
+        """A WeightDelta from a tensor (full), a pair ``(u, v)`` (low rank) or a WeightDelta."""
+        if isinstance(value, WeightDelta):
+            return value
+        if isinstance(value, torch.Tensor):
+            return cls(full=value)
+        if isinstance(value, tuple) and len(value) == 2:
+            return cls(u=value[0], v=value[1])
+        raise InputError(f"A weight delta must be a tensor or a (u, v) pair of tensors, got {type(value).__name__}.")
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.full is not None else "low_rank"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.full is not None:
+            return tuple(self.full.shape)
+        return (int(self.u.shape[0]), int(self.v.shape[1]))
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.u is None else int(self.u.shape[1])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"full": self.full} if self.full is not None else {"u": self.u, "v": self.v}
+
+    def stored_values(self) -> int:
+        return sum(t.numel() for t in self.tensors().values())
+
+    def materialize(self, device: Any = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The delta as a full tensor (``u @ v`` computed in the factors' dtype on ``device``)."""
+        if self.full is not None:
+            return self.full.to(device=device or self.full.device, dtype=dtype or self.full.dtype)
+        u = self.u.to(device=device or self.u.device)
+        v = self.v.to(device=u.device)
+        product = u @ v
+        return product if dtype is None else product.to(dtype)
+
+
+@dataclass(eq=False)
+class ActivationPatch:
+    """Add ``delta`` to FFN neurons ``neurons`` of ``layer`` at the last token of each subject occurrence.
+
+    The cache entry ``{S_G: ΔV_{D_G}}`` of lu-lafns Eq. 11, applied by :mod:`editors.apply`.
+
+    ``subjects`` is the aligned multilingual subject set S_G, ``{language:
+    [subject, ...]}``; ``contexts`` (same keys) are texts containing the
+    subjects, used only to collect how the tokenizer writes them in context;
+    ``match`` is ``"exact"`` or ``"normalized"`` (see :mod:`editors.subjects`).
+    Build one from requests with :meth:`for_requests`.
+    """
+
+    layer: int
+    neurons: torch.Tensor
+    delta: torch.Tensor
+    subjects: dict[str, list[str]]
+    match: str = "exact"
+    contexts: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            self.layer = operator.index(self.layer)
+        except TypeError:
+            raise InputError(f"A patch's layer must be a whole number, got {self.layer!r}.") from None
+        if self.layer < 0:
+            raise InputError(f"A patch's layer must be 0 or more, got {self.layer}.")
+        neurons = torch.as_tensor(self.neurons).detach()
+        if neurons.ndim != 1 or neurons.is_floating_point() or neurons.is_complex() or neurons.dtype == torch.bool:
+            raise InputError("A patch's neurons must be a 1-D tensor of neuron indices.")
+        neurons = neurons.to(torch.long)
+        if neurons.numel() and int(neurons.min()) < 0:
+            raise InputError("A patch's neuron indices must be 0 or more.")
+        if neurons.unique().numel() != neurons.numel():
+            raise InputError("A patch lists a neuron twice; give each neuron once with its summed delta.")
+        delta = torch.as_tensor(self.delta).detach()
+        if not delta.is_floating_point():
+            delta = delta.to(torch.float32)
+        if delta.shape != neurons.shape:
+            raise InputError(f"A patch needs one delta per neuron: {neurons.numel()} neurons, "
+                             f"delta of shape {tuple(delta.shape)}.")
+        self.neurons, self.delta = neurons, delta
+        check_match(self.match)
+        self.subjects = _texts_by_language(self.subjects, "subjects")
+        if not any(self.subjects.values()):
+            raise InputError("A patch needs at least one subject: it is used only where a subject occurs.")
+        self.contexts = _texts_by_language(self.contexts or {}, "contexts")
+
+    @classmethod
+    def for_requests(cls, layer: int, neurons: Any, delta: Any, requests: EditRequest | Sequence[EditRequest],
+                     match: str = "exact") -> "ActivationPatch":
+        """A patch keyed by the subjects of ``requests`` (S_G), with their prompts as contexts."""
+        if isinstance(requests, EditRequest):
+            requests = [requests]
+        subjects: dict[str, list[str]] = {}
+        contexts: dict[str, list[str]] = {}
+        for request in requests:
+            for lang, fact in request.facts.items():
+                subjects.setdefault(lang, []).append(fact.subject)
+                contexts.setdefault(lang, []).extend(fact.contexts())
+        return cls(layer, neurons, delta, subjects, match, contexts)
+
+    def token_variants(self, tokenizer: Any) -> list[tuple[int, ...]]:
+        """The token-id sequences whose last token this patch changes (:mod:`editors.subjects`)."""
+        subjects = [s for texts in self.subjects.values() for s in texts]
+        contexts = [c for texts in self.contexts.values() for c in texts]
+        return subject_token_variants(tokenizer, subjects, contexts, self.match)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layer": self.layer, "subjects": self.subjects, "contexts": self.contexts, "match": self.match,
+                "n_neurons": int(self.neurons.numel())}
+
+
+def _texts_by_language(value: Any, what: str) -> dict[str, list[str]]:
+    if not isinstance(value, Mapping):
+        raise InputError(f"A patch's {what} must be a dict {{language: [text, ...]}}.")
+    out: dict[str, list[str]] = {}
+    for raw, texts in value.items():
+        code = language_code(raw, f"A patch's {what}")
+        if isinstance(texts, str):
+            texts = [texts]
+        bucket = out.setdefault(code, [])
+        for text in list(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise InputError(f"A patch's {what} for {code!r} must be non-empty texts, got {text!r}.")
+            if text not in bucket:
+                bucket.append(text)
+    return out
+
+
+class Edit:
+    """Weight deltas and/or activation patches computed by an editor; applied only inside :meth:`applied`.
+
+    ``weights`` maps a parameter name (as ``model.named_parameters()`` /
+    ``state_dict()`` spell it; tied names work) to a delta: a tensor of the
+    parameter's shape, a pair ``(u, v)`` of low-rank factors, or a list of such
+    terms added in order. ``patches`` are :class:`ActivationPatch` es (applied in
+    order). ``meta`` is plain data (method, hyper-parameters, requests, model,
+    created, versions) filled by :meth:`Editor.compute`.
+    """
+
+    def __init__(self, weights: Mapping[str, Any] | None = None, patches: Iterable[ActivationPatch] = (),
+                 meta: Mapping[str, Any] | None = None):
+        self.weights: dict[str, list[WeightDelta]] = {}
+        for name, value in (weights or {}).items():
+            terms = value if isinstance(value, list) else [value]
+            if not terms:
+                continue
+            self.weights[str(name)] = [WeightDelta.of(term) for term in terms]
+        self.patches: list[ActivationPatch] = list(patches)
+        for patch in self.patches:
+            if not isinstance(patch, ActivationPatch):
+                raise InputError(f"An edit's patches must be ActivationPatch objects, got {type(patch).__name__}.")
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    # --- views ------------------------------------------------------------------
+    @property
+    def param_names(self) -> list[str]:
+        return list(self.weights)
+
+    @property
+    def method(self) -> str:
+        return str(self.meta.get("method", ""))
+
+    def is_empty(self) -> bool:
+        return not self.weights and not self.patches
+
+    def delta(self, name: str, dtype: torch.dtype = torch.float32, device: Any = "cpu") -> torch.Tensor:
+        """The total change of parameter ``name`` (its terms summed in ``dtype``), for inspection."""
+        if name not in self.weights:
+            raise InputError(f"This edit does not change {name!r}; it changes: {', '.join(self.weights) or 'nothing'}.")
+        terms = self.weights[name]
+        total = terms[0].materialize(device, dtype).clone()
+        for term in terms[1:]:
+            total += term.materialize(device, dtype)
+        return total
+
+    def summary(self) -> dict[str, Any]:
+        """Plain data: what the edit changes and how much it stores."""
+        terms = [t for ts in self.weights.values() for t in ts]
+        return {
+            "method": self.method,
+            "parameters": len(self.weights),
+            "full_deltas": sum(t.kind == "full" for t in terms),
+            "low_rank_deltas": sum(t.kind == "low_rank" for t in terms),
+            "patches": len(self.patches),
+            "patch_layers": sorted({p.layer for p in self.patches}),
+            "patched_neurons": sum(int(p.neurons.numel()) for p in self.patches),
+            "stored_values": (sum(t.stored_values() for t in terms)
+                              + sum(2 * int(p.neurons.numel()) for p in self.patches)),
+        }
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        return (f"Edit(method={s['method']!r}, parameters={s['parameters']} "
+                f"({s['low_rank_deltas']} low-rank terms), patches={s['patches']}, stored_values={s['stored_values']})")
+
+    # --- composition ------------------------------------------------------------
+    @classmethod
+    def compose(cls, *edits: "Edit") -> "Edit":
+        """One edit that does what ``edits`` do one after the other.
+
+        Per parameter the terms are kept in order (so applying the composition is
+        bit-identical to nesting the applications); patches are concatenated.
+        """
+        weights: dict[str, list[WeightDelta]] = {}
+        patches: list[ActivationPatch] = []
+        for edit in edits:
+            if not isinstance(edit, Edit):
+                raise InputError(f"Only edits can be composed, got {type(edit).__name__}.")
+            for name, terms in edit.weights.items():
+                weights.setdefault(name, []).extend(terms)
+            patches.extend(edit.patches)
+        meta = {"method": "compose", "parts": [dict(e.meta) for e in edits]}
+        return cls(weights, patches, meta)
+
+    def __add__(self, other: "Edit") -> "Edit":
+        if not isinstance(other, Edit):
+            return NotImplemented
+        return Edit.compose(self, other)
+
+    # --- application -----------------------------------------------------------
+    def applied(self, wb: Workbench) -> AppliedEdit:
+        """Context manager: the model carries this edit inside the ``with`` block only (:mod:`editors.apply`).
+
+        ``with edit.applied(wb): ...`` holds ``wb.lock``; on exit (also on an
+        exception) every touched parameter is restored bit-exactly and the hooks
+        are removed. A mismatching model (unknown parameter, other shape, layer
+        or neuron out of range) is an InputError before anything is changed.
+        ``with edit.applied(wb) as wb:`` gives the Workbench back.
+        """
+        from editors.apply import AppliedEdit
+
+        return AppliedEdit(self, wb)
+
+    def apply(self, wb: Workbench) -> AppliedEdit:
+        """Apply now; call ``.revert()`` on the result (in the same thread) to undo. Prefer :meth:`applied`."""
+        application = self.applied(wb)
+        application.__enter__()
+        return application
+
+    # --- files -------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the folder ``path`` with ``edit.safetensors`` + ``edit.json``, atomically.
+
+        Both files are written into a temporary folder beside ``path`` that is then
+        renamed to ``path``; an earlier saved edit at ``path`` is replaced only
+        after the new one is complete. A folder holding anything else is refused.
+        """
+        from safetensors.torch import save_file
+
+        target = check_save_folder(path)
+        tensors, layout = self._tensors_and_layout()
+        with runs.staging(target) as tmp:  # crash-safe swap; see analysis.runs.replace_folder
+            save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": EDIT_FORMAT})
+            layout["tensors_sha256"] = _sha256(tmp / TENSOR_FILE)
+            text = json.dumps(layout, indent=2, ensure_ascii=False, default=json_default)
+            (tmp / JSON_FILE).write_text(text, encoding="utf-8")
+            runs.replace_folder(tmp, target)
+        return target
+
+    def _tensors_and_layout(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+
+        def put(key: str, t: torch.Tensor) -> None:
+            t = t.detach().to("cpu").contiguous()
+            storage = t.untyped_storage()
+            if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
+                t = t.clone()  # safetensors refuses tensors that share memory
+                storage = t.untyped_storage()
+            seen.add(storage.data_ptr())
+            tensors[key] = t
+
+        weights_layout: dict[str, list[dict[str, Any]]] = {}
+        for name, terms in self.weights.items():
+            weights_layout[name] = []
+            for j, term in enumerate(terms):
+                for part, t in term.tensors().items():
+                    put(f"weights/{name}/{j}/{part}", t)
+                weights_layout[name].append({"kind": term.kind, "shape": list(term.shape)})
+        for i, patch in enumerate(self.patches):
+            put(f"patches/{i}/neurons", patch.neurons)
+            put(f"patches/{i}/delta", patch.delta)
+        try:
+            meta = plain(self.meta)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"The edit's meta must be plain data (JSON) to be saved: {exc}") from None
+        layout = {"format": EDIT_FORMAT, "version": EDIT_FORMAT_VERSION, "weights": weights_layout,
+                  "patches": [p.to_json() for p in self.patches], "meta": meta}
+        return tensors, layout
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Edit":
+        """Read an edit written by :meth:`save` (its folder, or a file in it); NeuroglotError for a missing,
+        damaged or mismatched pair."""
+        from safetensors.torch import load_file
+
+        if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+            raise InputError(f"Edit.load needs the folder of a saved edit, got {path!r}.")
+        folder = Path(path).expanduser()
+        if folder.name in (JSON_FILE, TENSOR_FILE) and folder.is_file():
+            folder = folder.parent
+        runs.recover(folder)  # a save killed half-way: put the earlier edit back, drop its temporary folders
+        json_path, tensor_path = folder / JSON_FILE, folder / TENSOR_FILE
+        if not json_path.is_file() or not tensor_path.is_file():
+            raise NeuroglotError(f"No saved edit at {folder}: expected a folder with {JSON_FILE} and {TENSOR_FILE}.")
+        try:
+            layout = json.loads(json_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise NeuroglotError(f"{json_path} is damaged: {exc}") from None
+        if not isinstance(layout, dict) or layout.get("format") != EDIT_FORMAT:
+            raise NeuroglotError(f"{json_path} is not a Neuroglot edit file.")
+        if layout.get("version") != EDIT_FORMAT_VERSION:
+            raise NeuroglotError(f"{json_path} has edit format version {layout.get('version')!r}; this Neuroglot "
+                                 f"reads version {EDIT_FORMAT_VERSION}.")
+        if _sha256(tensor_path) != layout.get("tensors_sha256"):
+            raise NeuroglotError(f"{tensor_path} does not match {json_path} (damaged, or from another save).")
+        try:
+            tensors = load_file(str(tensor_path))
+            weights = {name: [_weight_term(tensors, name, j, entry) for j, entry in enumerate(entries)]
+                       for name, entries in layout["weights"].items()}
+            patches = [ActivationPatch(p["layer"], tensors[f"patches/{i}/neurons"], tensors[f"patches/{i}/delta"],
+                                       p["subjects"], p["match"], p.get("contexts") or {})
+                       for i, p in enumerate(layout["patches"])]
+            return cls(weights, patches, layout.get("meta") or {})
+        except NeuroglotError as exc:
+            raise NeuroglotError(f"{folder} holds a damaged edit: {exc}") from None
+        except Exception as exc:  # safetensors errors, missing keys, wrong types in a hand-edited JSON
+            raise NeuroglotError(f"{folder} holds a damaged edit: {type(exc).__name__}: {exc}") from None
+
+
+def _weight_term(tensors: Mapping[str, torch.Tensor], name: str, j: int, entry: Mapping[str, Any]) -> WeightDelta:
+    prefix = f"weights/{name}/{j}/"
+    if entry["kind"] == "full":
+        term = WeightDelta(full=tensors[prefix + "full"])
+    elif entry["kind"] == "low_rank":
+        term = WeightDelta(u=tensors[prefix + "u"], v=tensors[prefix + "v"])
+    else:
+        raise NeuroglotError(f"unknown delta kind {entry['kind']!r} for {name}")
+    if list(term.shape) != list(entry["shape"]):
+        raise NeuroglotError(f"the delta of {name} has shape {term.shape}, the JSON says {entry['shape']}")
+    return term
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_edit_folder(path: Path) -> bool:
+    return path.is_dir() and {p.name for p in path.iterdir()} <= {JSON_FILE, TENSOR_FILE}
+
+
+def check_save_folder(path: str | Path, what: str = "") -> Path:
+    """The folder an edit is saved to, checked before any work: writable, and new, empty or a saved edit."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise InputError(f"An edit is saved to a folder; got {path!r}.")
+    target = runs.check_writable(path, what)
+    runs.recover(target)
+    if target.exists() and not _is_edit_folder(target):
+        raise InputError(f"{target} exists and is not a saved edit; choose another folder.")
+    return target
