@@ -101,7 +101,8 @@ def shown(page, *texts: str, timeout: int = 60_000) -> str:
     Streamlit draws a script run's elements one after another, so a text that comes later in the script
     may not be there yet when an earlier one appears: wait for each text instead of reading the body once."""
     for text in texts:
-        page.get_by_text(text, exact=False).first.wait_for(timeout=timeout)
+        # only a visible copy counts: plotly keeps hidden copies of some texts (e.g. legend entries)
+        page.get_by_text(text, exact=False).locator("visible=true").first.wait_for(timeout=timeout)
     return page.inner_text("body")
 
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.browser import shot, shown
+from tests.browser import select_first_row, settled, shot, shown
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -42,7 +42,7 @@ def test_neuron_atlas_page_runs_and_drills_down(app_url, browser):
     facts.fill("1")
     facts.press("Enter")
     page.get_by_role("button", name="Run", exact=True).click()
-    page.get_by_text("LAFNs at β = 0.1").wait_for(timeout=300_000)
+    page.get_by_text("LAFNs at β = 0.8").wait_for(timeout=300_000)  # the default β is 0.8 (issue 11)
     body = shown(page, "Counted en:")
     assert "Traceback" not in body
     # a deep link runs through main.py's st.navigation (not Streamlit's legacy pages/ mode)
@@ -55,12 +55,9 @@ def test_neuron_atlas_page_runs_and_drills_down(app_url, browser):
     shot(page, "atlas.png")
     # drill-down: select the first neuron of the table
     page.get_by_role("tab", name="Neuron drill-down").click()
-    table = page.locator("[data-testid='stDataFrame']").first
-    table.wait_for(timeout=60_000)
-    box = table.bounding_box()
-    # the row-selection checkbox column sits at the left edge of the first data row
-    page.mouse.click(box["x"] + 15, box["y"] + 55)
-    page.get_by_text("promoted").first.wait_for(timeout=120_000)
+    settled(page)
+    select_first_row(page, page.get_by_role("tabpanel", name="Neuron drill-down").locator("[data-testid='stDataFrame']").first)
+    shown(page, "promoted", timeout=120_000)
     assert "Traceback" not in page.inner_text("body")
     page.close()
 
@@ -85,13 +82,10 @@ def test_attribution_page_typed_fact_and_drilldown(app_url, browser):
     shot(page, "attribution.png")
     page.get_by_role("tab", name="Top neurons").click()
     panel = page.get_by_role("tabpanel", name="Top neurons")
-    table = panel.locator("[data-testid='stDataFrame']").first
-    table.wait_for(timeout=60_000)
-    page.wait_for_timeout(1000)
-    box = table.bounding_box()
-    page.mouse.click(box["x"] + 15, box["y"] + 55)
+    settled(page)
+    select_first_row(page, panel.locator("[data-testid='stDataFrame']").first)
     try:
-        page.get_by_text("promoted").first.wait_for(timeout=120_000)
+        shown(page, "promoted", timeout=120_000)
     finally:
         shot(page, "attribution_drill.png")
     assert "Traceback" not in page.inner_text("body")
@@ -117,16 +111,20 @@ def test_causal_tracing_page_heatmaps_and_bad_subject(app_url, browser):
     assert "Eiffel" in titles
     shot(page, "tracing.png")
     for lang in ("zh", "de"):
+        settled(page)
         page.get_by_role("tab", name=lang, exact=True).click()
     # bad input: the English subject is not in the English prompt
     subject = page.get_by_role("textbox", name="Subject (en)")
     subject.fill("Louvre")
     page.get_by_role("button", name="Trace", exact=True).click()
+    settled(page)
     page.get_by_role("tab", name="en", exact=True).click()
     page.get_by_text("does not occur in the prompt").wait_for(timeout=120_000)
     body = page.inner_text("body")
     assert "Traceback" not in body
     page.get_by_role("tab", name="zh", exact=True).click()
+    settled(page)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
     assert page.locator(".js-plotly-plot").count() >= 1   # the other languages' traces are still shown
     page.close()
 

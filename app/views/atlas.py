@@ -104,7 +104,8 @@ with user_errors():
     st.markdown(f"**LAFNs at β = {beta:g}:** {int(wide[nr.LAFN].sum()):,} neurons in all; the most in layer "
                 f"**{peak}** ({int(wide[nr.LAFN].max()):,} of {counts.n_neurons:,}).")
 
-    tabs = st.tabs(["Neurons per layer", "Overlap", "β sweep", "LAPE", "Neuron drill-down"])
+    tabs = st.tabs(["Neurons per layer", "Overlap", "β sweep", "LAPE", "Neuron drill-down"], key="atlas-tabs",
+                   on_change="rerun")  # keyed: the open tab stays open when a row selection reruns the page
     with tabs[0]:
         fig = figures.neurons_per_layer(table, counts.n_neurons)
         st.plotly_chart(fig, width="stretch", key="per-layer")

@@ -147,7 +147,8 @@ with user_errors():
     st.caption("Mean answer probability: " + ", ".join(f"{k} {v:.3f}" for k, v in low.items()) +
                f" · largest completeness gap |Σ attributions − (P(w̄) − P(0))| = {gap:.3g}")
 
-    tabs = st.tabs(["Knowledge neurons per layer", "Per fact", "Top neurons"])
+    tabs = st.tabs(["Knowledge neurons per layer", "Per fact", "Top neurons"], key="ig-tabs",
+                   on_change="rerun")  # keyed: the open tab stays open when a row selection reruns the page
     with tabs[0]:
         fig = figures.knowledge_neurons_by_layer(per_layer, shown_langs)
         st.plotly_chart(fig, width="stretch", key="kn-layer")

@@ -190,7 +190,7 @@ with user_errors():
                 except NeuroglotError as exc:
                     done.pop(lang, None)
                     failed[lang] = str(exc)
-        tabs = st.tabs(list(facts_by_lang))
+        tabs = st.tabs(list(facts_by_lang), key=f"tr-tabs-{'-'.join(facts_by_lang)}", on_change="rerun")  # stays open
         for tab, lang in zip(tabs, facts_by_lang):
             with tab, user_errors():
                 if lang in failed:
