@@ -163,3 +163,35 @@ def select_first_row(page, table) -> None:
 def go_to(page, title: str) -> None:
     """Leave for another page through the sidebar navigation, as a user does."""
     page.locator("[data-testid='stSidebarNav']").get_by_text(title, exact=True).click()
+
+
+# The first request of each analysis page, as a user makes it (small, so that a test runs in minutes).
+def run_small_atlas(page, url: str) -> None:
+    page.goto(url + "/atlas")
+    page.get_by_role("button", name="Run", exact=True).wait_for(timeout=180_000)
+    facts = page.get_by_role("spinbutton", name="Facts per relation")
+    facts.fill("1")
+    facts.press("Enter")
+    page.get_by_role("button", name="Run", exact=True).click()
+
+
+def run_typed_attribution(page, url: str) -> None:
+    page.goto(url + "/attribution")
+    page.get_by_text("Type a fact").wait_for(timeout=180_000)
+    page.get_by_text("Type a fact").click()
+    page.get_by_role("textbox", name="Answer (zh)").wait_for(timeout=60_000)
+    steps = page.get_by_role("spinbutton", name="Steps m")
+    steps.fill("4")
+    steps.press("Enter")
+    page.get_by_role("button", name="Compute", exact=True).click()
+
+
+def run_typed_trace(page, url: str) -> None:
+    page.goto(url + "/tracing")
+    page.get_by_text("Type a fact").wait_for(timeout=180_000)
+    page.get_by_text("Type a fact").click()
+    page.get_by_role("textbox", name="Subject (de)").wait_for(timeout=60_000)
+    samples = page.get_by_role("spinbutton", name="Noise samples")
+    samples.fill("2")
+    samples.press("Enter")
+    page.get_by_role("button", name="Trace", exact=True).click()

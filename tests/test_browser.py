@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.browser import select_first_row, settled, shot, shown
+from tests.browser import run_typed_attribution, select_first_row, settled, shot, shown
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -65,14 +65,7 @@ def test_neuron_atlas_page_runs_and_drills_down(app_url, browser):
 def test_attribution_page_typed_fact_and_drilldown(app_url, browser):
     """Integrated gradients of a typed fact in en and zh: the per-language figure, then a neuron's drill-down."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(app_url + "/attribution")
-    page.get_by_text("Type a fact").wait_for(timeout=120_000)
-    page.get_by_text("Type a fact").click()
-    page.get_by_role("textbox", name="Answer (zh)").wait_for(timeout=60_000)
-    steps = page.get_by_role("spinbutton", name="Steps m")
-    steps.fill("4")
-    steps.press("Enter")
-    page.get_by_role("button", name="Compute", exact=True).click()
+    run_typed_attribution(page, app_url)
     page.get_by_text("language-independent", exact=False).first.wait_for(timeout=300_000)
     body = shown(page, "Attributed 4 prompts", "Mean answer probability: en")
     assert "Traceback" not in body

@@ -7,20 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.browser import assert_clean, download, go_to, move_slider, select_first_row, settled, shot, shown
+from tests.browser import (assert_clean, download, go_to, move_slider, run_small_atlas, run_typed_attribution,
+                           run_typed_trace, select_first_row, settled, shot, shown)
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 WIDE = {"width": 1400, "height": 1100}
-
-
-def run_small_atlas(page, url: str) -> None:
-    page.goto(url + "/atlas")
-    page.get_by_role("button", name="Run", exact=True).wait_for(timeout=180_000)
-    facts = page.get_by_role("spinbutton", name="Facts per relation")
-    facts.fill("1")
-    facts.press("Enter")
-    page.get_by_role("button", name="Run", exact=True).click()
 
 
 def test_atlas_page_survives_every_interaction(app_url, browser):
@@ -87,17 +79,6 @@ def test_atlas_page_survives_every_interaction(app_url, browser):
     page.close()
 
 
-def run_typed_attribution(page, url: str) -> None:
-    page.goto(url + "/attribution")
-    page.get_by_text("Type a fact").wait_for(timeout=180_000)
-    page.get_by_text("Type a fact").click()
-    page.get_by_role("textbox", name="Answer (zh)").wait_for(timeout=60_000)
-    steps = page.get_by_role("spinbutton", name="Steps m")
-    steps.fill("4")
-    steps.press("Enter")
-    page.get_by_role("button", name="Compute", exact=True).click()
-
-
 def test_attribution_page_survives_every_interaction(app_url, browser):
     page = browser.new_page(viewport=WIDE)
     run_typed_attribution(page, app_url)
@@ -148,17 +129,6 @@ def test_attribution_page_survives_every_interaction(app_url, browser):
     assert_clean(second, "the same request in a second session")
     other.close()
     page.close()
-
-
-def run_typed_trace(page, url: str) -> None:
-    page.goto(url + "/tracing")
-    page.get_by_text("Type a fact").wait_for(timeout=180_000)
-    page.get_by_text("Type a fact").click()
-    page.get_by_role("textbox", name="Subject (de)").wait_for(timeout=60_000)
-    samples = page.get_by_role("spinbutton", name="Noise samples")
-    samples.fill("2")
-    samples.press("Enter")
-    page.get_by_role("button", name="Trace", exact=True).click()
 
 
 def test_tracing_page_survives_every_interaction(app_url, browser):
