@@ -75,6 +75,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -191,7 +192,7 @@ class ArchAdapter:
         Negative ``layer`` counts from the end only when ``n_layers`` is given.
         """
         if n_layers is not None:
-            layer = _check_layer(layer, n_layers)
+            layer = check_layer(layer, n_layers)
         elif layer < 0:
             raise InputError(f"Layer {layer} is negative; pass n_layers to count from the end.")
         rel = self.site_relpath(name)
@@ -199,7 +200,7 @@ class ArchAdapter:
 
     def layer_module(self, model: nn.Module, layer: int) -> nn.Module:
         layers = self.layer_modules(model)
-        return layers[_check_layer(layer, len(layers))]
+        return layers[check_layer(layer, len(layers))]
 
     def site(self, model: nn.Module, layer: int, name: str) -> nn.Module:
         """The module of site ``name`` in ``layer``; read its side given by ``SITE_READS[name]``."""
@@ -354,10 +355,19 @@ def resolve(root: Any, path: str) -> Any:
     return obj
 
 
-def _check_layer(layer: int, n_layers: int) -> int:
-    if not -n_layers <= layer < n_layers:
-        raise InputError(f"Layer {layer} is out of range: the model has {n_layers} layers (0-{n_layers - 1}).")
-    return layer % n_layers
+def check_layer(layer: Any, n_layers: int, name: str = "the model", *, from_end: bool = True) -> int:
+    """``layer`` as an index in ``0..n_layers-1``; InputError (naming ``name``'s layers) for anything else.
+
+    ``from_end``: negative numbers count from the last layer (-1 is the last). The one
+    layer check of the backend (:meth:`analysis.model.Workbench.check_layer` calls it).
+    """
+    integral = isinstance(layer, (int, np.integer)) and not isinstance(layer, (bool, np.bool_))
+    low = -n_layers if from_end else 0
+    if not integral or not low <= int(layer) < n_layers:
+        shown = int(layer) if integral else repr(layer)
+        raise InputError(f"Layer {shown} is out of range: {name} has {n_layers} layers "
+                         f"(0-{n_layers - 1}{'; -1 is the last' if from_end else ''}).")
+    return int(layer) % n_layers
 
 
 def _config_of(model_or_config: Any) -> Any:

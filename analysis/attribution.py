@@ -53,15 +53,20 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
+from analysis import runs
 from analysis.errors import InputError, NeuroglotError
-from analysis.neurons import atomic_write, forward_parameters
+from analysis.hooks import Hooks
+from analysis.runs import Params
 from analysis.tokens import answer_ids
+
+if TYPE_CHECKING:
+    from analysis.model import Workbench
 
 Progress = Callable[[float, str], None]
 
@@ -69,6 +74,20 @@ ATTRIBUTION_VERSION = 1
 METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 TARGET_TOKENS = ("first", "mean")
 INDEPENDENT = "independent"
+
+
+@dataclass(frozen=True)
+class AttributionParams(Params):
+    """Parameters of integrated-gradient attribution and of the knowledge-neuron sets read from it;
+    the defaults of ``neuroglot attribute`` and the Attribution page."""
+
+    steps: int = 20                    # integration steps m (memla Eq. 2)
+    method: str = "riemann_right"      # captum's quadrature (METHODS); riemann_right is Dai et al.'s sum
+    target_tokens: str = "first"       # first or mean (TARGET_TOKENS)
+    max_rows: int = 512                # rows (layers × steps) per forward
+    threshold: float = 0.2             # t: per prompt, ≥ t × the prompt's maximum attribution
+    share: float = 0.5                 # p: per fact, in ≥ p of its prompts
+    max_facts: int = 20                # facts of a corpus request (round-robin over relations)
 
 
 # ---------------------------------------------------------------- one prompt
@@ -108,20 +127,7 @@ def _check_method(method: str, steps: int, target_tokens: str) -> None:
 check_method = _check_method  # public: the CLI checks before it loads a model
 
 
-def _check_layers(wb, layers: Sequence[int] | None) -> list[int]:
-    if layers is None:
-        return list(range(wb.n_layers))
-    out = []
-    for layer in layers:
-        if not isinstance(layer, (int, np.integer)) or not 0 <= int(layer) < wb.n_layers:
-            raise InputError(f"Layer {layer!r} is out of range: the model has layers 0..{wb.n_layers - 1}.")
-        out.append(int(layer))
-    if not out:
-        raise InputError("Choose at least one layer.")
-    return sorted(set(out))
-
-
-def _prompt_ids(wb, prompt: str) -> torch.Tensor:
+def _prompt_ids(wb: Workbench, prompt: str) -> torch.Tensor:
     if not prompt or not prompt.strip():
         raise InputError("The prompt is empty.")
     ids = wb.tokenizer(prompt, return_tensors="pt")["input_ids"]
@@ -139,7 +145,7 @@ class _LastTokenRunner:
     the last prompt token are replaced by ``values`` (differentiably).
     """
 
-    def __init__(self, wb, prompt_ids: torch.Tensor, target: list[int], target_tokens: str):
+    def __init__(self, wb: Workbench, prompt_ids: torch.Tensor, target: list[int], target_tokens: str):
         self.wb = wb
         self.base, _ = wb.base_model()
         self.target = torch.tensor(target if target_tokens == "mean" else target[:1], device=wb.device)
@@ -147,15 +153,14 @@ class _LastTokenRunner:
         # new tokens: the last prompt token, then (teacher forcing) all answer tokens but the last
         self.new = torch.cat([prompt_ids[0, -1:], self.target[:-1]])
         self.n_prefix = n - 1
-        accepted = forward_parameters(type(self.base))
-        self.takes_positions = "position_ids" in accepted
+        self.takes_positions = wb.accepts("position_ids")
         self.cache = None
         if self.n_prefix:
             with torch.no_grad():
                 kwargs: dict[str, Any] = {"input_ids": prompt_ids[:, :-1], "use_cache": True}
-                if "attention_mask" in accepted:
+                if wb.accepts("attention_mask"):
                     kwargs["attention_mask"] = torch.ones_like(prompt_ids[:, :-1])
-                self.cache = self.base(**kwargs).past_key_values
+                self.cache = wb.returned_cache(self.base(**kwargs))
             if self.cache is None:  # pragma: no cover - every supported family returns a cache
                 raise NeuroglotError("This model returned no key/value cache; attribution needs one.")
 
@@ -171,23 +176,18 @@ class _LastTokenRunner:
             cache = copy.deepcopy(self.cache)
             if rows > 1:
                 cache.batch_repeat_interleave(rows)
-            kwargs["past_key_values"] = cache
-            kwargs["use_cache"] = True
+            wb.with_cache(kwargs, cache)
         else:
             kwargs["use_cache"] = False
         if self.takes_positions:
             kwargs["position_ids"] = torch.arange(self.n_prefix, self.n_prefix + t,
                                                   device=wb.device).expand(rows, t)
-        handles = []
-        try:
+        with Hooks() as hooks:
             for layer, module in _neuron_modules(wb).items():
                 if (replace and layer in replace) or (record is not None):
-                    handles.append(module.register_forward_hook(_neuron_hook(layer, replace, record)))
-            hidden = self.base(**kwargs).last_hidden_state      # [rows, t, d_model]
-        finally:
-            for h in handles:
-                h.remove()
-        logp = torch.log_softmax(wb.logits(hidden).float(), dim=-1)  # LM head at these t positions only
+                    hooks.forward(module, _neuron_hook(layer, replace, record))
+            logits = wb.logits_at(kwargs, slice(None))            # [rows, t, vocab]: these t positions only
+        logp = torch.log_softmax(logits.float(), dim=-1)
         picked = logp.gather(-1, self.target.expand(rows, -1).unsqueeze(-1)).squeeze(-1).exp()  # [rows, t]
         return picked.mean(dim=1)
 
@@ -204,24 +204,28 @@ def _neuron_hook(layer: int, replace, record):
     return hook
 
 
-def _neuron_modules(wb) -> dict[int, torch.nn.Module]:
+def _neuron_modules(wb: Workbench) -> dict[int, torch.nn.Module]:
     return {layer: wb.arch.site(wb.model, layer, "neuron") for layer in range(wb.n_layers)}
 
 
-def neuron_attributions(wb, prompt: str, target: str, layers: Sequence[int] | None = None, steps: int = 20,
-                        method: str = "riemann_right", target_tokens: str = "first", max_rows: int = 512,
-                        target_ids: Sequence[int] | None = None) -> PromptAttribution:
+def neuron_attributions(wb: Workbench, prompt: str, target: str, layers: Sequence[int] | None = None,
+                        params: AttributionParams | None = None, *, target_ids: Sequence[int] | None = None,
+                        **changes: Any) -> PromptAttribution:
     """memla Eq. 2 for every neuron of ``layers`` (default: all) at the last token of ``prompt``.
 
-    ``target`` is the answer's text; its tokens are those the model would write
-    after the prompt (:func:`analysis.tokens.answer_ids`) unless ``target_ids``
-    gives them. ``max_rows`` bounds one forward's rows (layers × steps): lower
-    it when memory is short, raise it on a large GPU.
+    ``params``: :class:`AttributionParams`, or its fields as keywords (``steps``,
+    ``method``, ``target_tokens``, ``max_rows``). ``target`` is the answer's text;
+    its tokens are those the model would write after the prompt
+    (:func:`analysis.tokens.answer_ids`) unless ``target_ids`` gives them.
+    ``max_rows`` bounds one forward's rows (layers × steps): lower it when memory
+    is short, raise it on a large GPU.
     """
     from captum.attr import IntegratedGradients
 
+    params = AttributionParams.of(params, **changes)
+    steps, method, target_tokens, max_rows = params.steps, params.method, params.target_tokens, params.max_rows
     _check_method(method, steps, target_tokens)
-    chosen = _check_layers(wb, layers)
+    chosen = wb.check_layers(layers)
     ids = _prompt_ids(wb, prompt)
     tgt = list(target_ids) if target_ids is not None else answer_ids(wb.tokenizer, prompt, target)
     if not tgt:
@@ -259,64 +263,6 @@ def neuron_attributions(wb, prompt: str, target: str, layers: Sequence[int] | No
         scores=torch.cat(scores).cpu().numpy(), activations=acts.float().cpu().numpy(), prob=prob,
         baseline_probs=torch.cat(zero_probs).cpu().numpy(), steps=int(steps), method=method,
         target_tokens=target_tokens)
-
-
-def neuron_attributions_reference(wb, prompt: str, target: str, layers: Sequence[int] | None = None,
-                                  steps: int = 20, method: str = "riemann_right",
-                                  target_tokens: str = "first") -> np.ndarray:
-    """The same scores computed as a captum user would: layer by layer, whole model, whole prompt.
-
-    For each layer one ``IntegratedGradients`` call over a function that runs
-    ``wb.model`` on the full prompt (plus teacher-forced answer tokens) for all
-    steps, replaces that layer's neurons at the last prompt token through a
-    hook, and reads the full logits. Used by the tests and ``bench/attribution.py``
-    to check :func:`neuron_attributions`; returns ``[len(layers), d_ff]``.
-    """
-    from captum.attr import IntegratedGradients
-
-    _check_method(method, steps, target_tokens)
-    chosen = _check_layers(wb, layers)
-    ids = _prompt_ids(wb, prompt)
-    tgt = torch.tensor(answer_ids(wb.tokenizer, prompt, target), device=wb.device)
-    tgt = tgt if target_tokens == "mean" else tgt[:1]
-    full = torch.cat([ids[0], tgt[:-1]]).unsqueeze(0)
-    last = ids.shape[1] - 1
-    modules = _neuron_modules(wb)
-    out = []
-    with wb.lock:
-        for layer in chosen:
-            clean: dict[str, torch.Tensor] = {}
-
-            def read(module, args, output):
-                clean["w"] = output[0, last].detach()
-
-            handle = modules[layer].register_forward_hook(read)
-            try:
-                with torch.no_grad():
-                    wb.model(input_ids=full)
-            finally:
-                handle.remove()
-
-            def probability(x: torch.Tensor, layer=layer) -> torch.Tensor:
-                def put(module, args, output):
-                    output = output.clone()
-                    output[:, last] = x.to(output.dtype)
-                    return output
-
-                h = modules[layer].register_forward_hook(put)
-                try:
-                    logits = wb.model(input_ids=full.expand(x.shape[0], -1)).logits.float()
-                finally:
-                    h.remove()
-                probs = torch.softmax(logits[:, last:last + len(tgt)], dim=-1)
-                return probs.gather(-1, tgt.expand(x.shape[0], -1).unsqueeze(-1)).squeeze(-1).mean(1)
-
-            inputs = clean["w"].unsqueeze(0)
-            attr = IntegratedGradients(probability).attribute(
-                inputs, baselines=torch.zeros_like(inputs), n_steps=steps, method=method,
-                internal_batch_size=steps)
-            out.append(attr[0].detach().float().cpu().numpy())
-    return np.stack(out)
 
 
 # ---------------------------------------------------------------- neuron sets
@@ -404,6 +350,23 @@ class AttributionRun:
     def n_neurons(self) -> int:
         return int(self.scores.shape[2])
 
+    def summary(self) -> str:
+        """What was attributed, as the CLI and the Attribution page print it: ``4 prompts, 2 facts, en, zh``."""
+        return f"{len(self.prompts)} prompts, {len(self.fact_ids)} facts, {', '.join(self.languages)}"
+
+    def neuron_summary(self, threshold: float = 0.2, share: float = 0.5, counts: pd.DataFrame | None = None) -> str:
+        """The knowledge neurons over all facts (memla Eq. 3-4) in one line; ``counts``: :meth:`set_counts`'s."""
+        counts = self.set_counts(threshold, share) if counts is None else counts
+        total = {c: int(counts[c].sum()) for c in counts.columns if c.startswith(("N_", "S_")) or c == INDEPENDENT}
+        return (f"{total.get(INDEPENDENT, 0):,} language-independent knowledge neurons · " + " · ".join(
+            f"{lang}: {total.get(f'N_{lang}', 0):,} in all, {total.get(f'S_{lang}', 0):,} specific"
+            for lang in self.languages) + f" (t = {threshold:g}, p = {share:g}, over {len(counts)} fact(s))")
+
+    def completeness_summary(self) -> str:
+        """How far the integrated gradients are from completeness (Σ attributions = P(w̄) − P(0))."""
+        gap = float(self.prompts["completeness_gap"].max())
+        return f"largest completeness gap |Σ attributions − (P(w̄) − P(0))| over layers and prompts = {gap:.3g}"
+
     def fact_sets(self, fact_id: str, threshold: float = 0.2, share: float = 0.5) -> dict[str, np.ndarray]:
         """``N_x^k`` of one fact for each language it has prompts in: bool [n_layers, d_ff]."""
         rows = self.prompts[self.prompts["fact_id"] == fact_id]
@@ -486,22 +449,17 @@ class AttributionRun:
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / "scores.npz", lambda f: np.savez_compressed(f, scores=self.scores.astype(np.float32),
-                                                                       layers=np.asarray(self.layers)))
-        atomic_write(folder / "prompts.parquet", lambda f: self.prompts.to_parquet(f, index=False))
-        # the manifest last: a folder without it (an interrupted save) is never read back
-        atomic_write(folder / "manifest.json",
-                lambda f: f.write(json.dumps(self.meta, indent=2, ensure_ascii=False, default=str).encode()))
+        runs.write_arrays(folder / "scores.npz", scores=self.scores.astype(np.float32), layers=np.asarray(self.layers))
+        runs.atomic_write(folder / "prompts.parquet", lambda f: self.prompts.to_parquet(f, index=False))
+        runs.write_json(folder / "manifest.json", self.meta)  # last: a folder without it is never read back
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> "AttributionRun":
-        folder = Path(folder)
         try:
-            meta = json.loads((folder / "manifest.json").read_text())
-            with np.load(folder / "scores.npz") as data:
-                scores, layers = data["scores"], [int(x) for x in data["layers"]]
-            prompts = pd.read_parquet(folder / "prompts.parquet")
+            meta, arrays = runs.read_manifest(folder, "scores.npz")
+            scores, layers = arrays["scores"], [int(x) for x in arrays["layers"]]
+            prompts = pd.read_parquet(Path(folder) / "prompts.parquet")
         except Exception as exc:  # noqa: BLE001 - numpy, zipfile and pyarrow each raise their own errors
             raise NeuroglotError(f"{folder} is not a readable attribution run folder: {exc}") from None
         if not isinstance(meta, dict):
@@ -509,17 +467,20 @@ class AttributionRun:
         return cls(prompts=prompts, scores=scores, layers=layers, meta=meta)
 
 
-def attribute_prompts(wb, prompts: pd.DataFrame, layers: Sequence[int] | None = None, steps: int = 20,
-                      method: str = "riemann_right", target_tokens: str = "first", max_rows: int = 512,
-                      progress: Progress | None = None) -> AttributionRun:
-    """memla Eq. 2 for every row of ``prompts`` (columns PROMPT_COLUMNS; ``object`` is the answer)."""
+def attribute_prompts(wb: Workbench, prompts: pd.DataFrame, layers: Sequence[int] | None = None,
+                      params: AttributionParams | None = None, *, progress: Progress | None = None,
+                      **changes: Any) -> AttributionRun:
+    """memla Eq. 2 for every row of ``prompts`` (columns PROMPT_COLUMNS; ``object`` is the answer);
+    ``params``: :class:`AttributionParams`, or its fields as keywords."""
+    params = AttributionParams.of(params, **changes)
+    steps, method, target_tokens = params.steps, params.method, params.target_tokens
     missing = [c for c in ("fact_id", "language", "prompt", "object") if c not in prompts.columns]
     if missing:
         raise InputError(f"The prompts table lacks the column(s) {', '.join(missing)}.")
     if prompts.empty:
         raise InputError("There is no prompt to attribute.")
     _check_method(method, steps, target_tokens)
-    chosen = _check_layers(wb, layers)
+    chosen = wb.check_layers(layers)
     table = prompts.reset_index(drop=True).copy()
     for col in PROMPT_COLUMNS:
         if col not in table.columns:
@@ -529,8 +490,7 @@ def attribute_prompts(wb, prompts: pd.DataFrame, layers: Sequence[int] | None = 
     for i, row in enumerate(table.itertuples(index=False)):
         if progress:
             progress(i / len(table), f"prompt {i + 1}/{len(table)} ({row.language}): {row.prompt}")
-        res = neuron_attributions(wb, row.prompt, row.object, layers=chosen, steps=steps, method=method,
-                                  target_tokens=target_tokens, max_rows=max_rows)
+        res = neuron_attributions(wb, row.prompt, row.object, layers=chosen, params=params)
         scores.append(res.scores.astype(np.float32))
         probs.append(res.prob)
         gaps.append(float(np.abs(res.completeness_gap).max()))
@@ -547,7 +507,8 @@ def attribute_prompts(wb, prompts: pd.DataFrame, layers: Sequence[int] | None = 
     return AttributionRun(prompts=table, scores=np.stack(scores), layers=chosen, meta=meta)
 
 
-def fact_prompts(corpus, languages: Sequence[str], max_facts: int = 20, prompts_per_fact: int | None = None,
+def fact_prompts(corpus, languages: Sequence[str], max_facts: int = AttributionParams.max_facts,
+                 prompts_per_fact: int | None = None,
                  fact_ids: Sequence[str] | None = None) -> pd.DataFrame:
     """The prompts of facts present in every language: ``fact_ids`` or ``max_facts`` facts.
 
@@ -588,7 +549,8 @@ def _natural(fact_id: str) -> tuple:
     return (head, int(tail)) if tail.isdigit() else (str(fact_id), -1)
 
 
-def request_key(wb, prompts: pd.DataFrame, layers: list[int], steps: int, method: str, target_tokens: str) -> str:
+def request_key(wb: Workbench, prompts: pd.DataFrame, layers: list[int], steps: int, method: str,
+                target_tokens: str) -> str:
     """Identifies an attribution request: model, the exact prompts and answers, and the parameters."""
     payload = json.dumps({"model": wb.spec, "name": wb.name, "params": wb.n_params, "dtype": str(wb.dtype),
                           "prompts": prompts[list(PROMPT_COLUMNS)].astype(str).values.tolist(),
@@ -605,25 +567,27 @@ def attribution_request(model: str, prompts: pd.DataFrame, steps: int, method: s
             "steps": int(steps), "method": method, "target_tokens": target_tokens}
 
 
-def attribution_run(wb, prompts: pd.DataFrame, layers: Sequence[int] | None = None, steps: int = 20,
-                    method: str = "riemann_right", target_tokens: str = "first", max_rows: int = 512,
-                    folder: str | Path | None = None, progress: Progress | None = None,
-                    extra_meta: dict | None = None, overwrite: bool = False) -> tuple[AttributionRun, Path, bool]:
-    """:func:`attribute_prompts`, read back from its run folder when the same request ran before.
+def attribution_run(wb: Workbench, prompts: pd.DataFrame, layers: Sequence[int] | None = None,
+                    params: AttributionParams | None = None, *, folder: str | Path | None = None,
+                    progress: Progress | None = None, extra_meta: dict | None = None, overwrite: bool = False,
+                    **changes: Any) -> tuple[AttributionRun, Path, bool]:
+    """:func:`attribute_prompts` (``params``: :class:`AttributionParams`, or its fields as keywords), read
+    back from its run folder when the same request ran before.
 
     ``folder`` defaults to ``<cache>/runs/attribution-<key>``. Returns ``(run, folder, reused)``.
     A folder holding another request's or another command's results is refused before any
     work unless ``overwrite``; damaged files of the same request are recomputed.
     """
     from analysis.model import cache_root
-    from analysis.runs import claim, versions, write_run
 
+    params = AttributionParams.of(params, **changes)
+    steps, method, target_tokens = params.steps, params.method, params.target_tokens
     _check_method(method, steps, target_tokens)
-    chosen = _check_layers(wb, layers)
+    chosen = wb.check_layers(layers)
     key = request_key(wb, prompts, chosen, int(steps), method, target_tokens)
     folder = Path(folder) if folder is not None else cache_root() / "runs" / f"attribution-{key}"
     request = dict(attribution_request(wb.spec, prompts, steps, method, target_tokens), layers=chosen)
-    info = claim(folder, "attribute", key, request, overwrite)
+    info = runs.claim(folder, "attribute", key, request, overwrite)
     if info.state == "run" and info.key == key:
         try:
             run = AttributionRun.load(folder)
@@ -631,9 +595,8 @@ def attribution_run(wb, prompts: pd.DataFrame, layers: Sequence[int] | None = No
                 return run, folder, True
         except (NeuroglotError, ValueError, OSError):
             pass  # damaged folder: recompute and replace
-    run = attribute_prompts(wb, prompts, layers=chosen, steps=steps, method=method, target_tokens=target_tokens,
-                            max_rows=max_rows, progress=progress)
-    run.meta.update(key=key, created=time.strftime("%Y-%m-%dT%H:%M:%S"), versions=versions(),
+    run = attribute_prompts(wb, prompts, layers=chosen, params=params, progress=progress)
+    run.meta.update(key=key, created=time.strftime("%Y-%m-%dT%H:%M:%S"), versions=runs.versions(),
                     **(extra_meta or {}))
-    write_run(folder, "attribute", key, request, run.save)
+    runs.write_run(folder, "attribute", key, request, run.save)
     return run, folder, False

@@ -17,7 +17,7 @@ Three runs of the model on one prompt:
 
 Every cell sees the same ``samples`` noise tensors (ROME re-seeds its generator
 for every cell); both :func:`causal_trace` and the reference
-:func:`causal_trace_per_cell` draw them with :func:`subject_noise`.
+:func:`analysis.reference.causal_trace_per_cell` draw them with :func:`analysis.trace_setup.subject_noise`.
 
 How the batched :func:`causal_trace` saves work (all exact up to float rounding;
 ``tests/test_causal_trace.py`` checks it against the reference to 1e-5):
@@ -40,39 +40,38 @@ How the batched :func:`causal_trace` saves work (all exact up to float rounding;
   computes full logits at every position of every row, as ROME does, which for
   the embedded model's 262k-row head costs more than all its layers.
 
-Interventions are plain PyTorch forward hooks (registered for one call and
-removed in a ``finally`` block), not nnsight. Why: one set of hooks serves every
+Interventions are plain PyTorch forward hooks (:class:`analysis.hooks.Hooks`,
+removed whatever happens), not nnsight. Why: one set of hooks serves every
 forward of a trace (the clean/corrupted run that records, the prefix runs, the
 restored chunks) and reads from a small mutable plan which rows to restore at
 which layer, so a chunk costs no graph building; the restored runs hand a
-``past_key_values`` cache to the base model and read nothing back but the last
+key/value cache to the base model and read nothing back but the last
 hidden state, where nnsight would add a traced call per forward for no gain;
-and the reference :func:`causal_trace_per_cell` uses hooks too, as ROME's
-``nethook.TraceDict`` does, so both paths patch the same module outputs the
-same way. Outputs that are tuples are patched in place through
+and the reference :func:`analysis.reference.causal_trace_per_cell` uses hooks too,
+as ROME's ``nethook.TraceDict`` does, so both paths patch the same module outputs
+the same way. Outputs that are tuples are patched in place through
 :func:`analysis.arch.first_tensor`.
 
 σ deviates from ROME: ROME uses 3 × the standard deviation of the embeddings of
 the subjects of its fact set; we use ``noise`` (3 by default) × the standard
 deviation of the embedding module's output over the whole vocabulary
-(:func:`embedding_noise_std`), which needs no fact set and is the same for every
+(:func:`analysis.trace_setup.embedding_noise_std`), which needs no fact set and is the same for every
 prompt and language. ``sigma=`` sets an absolute σ instead.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
-import math
 import time
-import weakref
 import zipfile
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -81,12 +80,16 @@ import torch
 from analysis.arch import first_tensor
 from analysis import runs
 from analysis.errors import InputError, NeuroglotError
-from analysis.neurons import atomic_write, check_languages, forward_inputs, versions
-from analysis.tokens import answer_ids, encode
+from analysis.hooks import Hooks
+from analysis.neurons import check_languages
+from analysis.runs import Params
+from analysis.trace_setup import KINDS, check_parameters, is_number, kind_module, noise_sigma, prepare, restored_layers
+
+if TYPE_CHECKING:
+    from analysis.model import Workbench
 
 log = logging.getLogger(__name__)
 
-KINDS: tuple[str, ...] = ("hidden", "mlp", "attn")
 #: ROME's token categories for average indirect effects (Fig. 1/2 of ROME; langedit Fig. 5).
 CATEGORIES: tuple[str, ...] = (
     "First subject token", "Middle subject tokens", "Last subject token",
@@ -97,6 +100,20 @@ ANSWERS = ("object", "model")
 CAUSAL_TRACE_VERSION = 1
 
 Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class TraceParams(Params):
+    """Parameters of a causal trace; the defaults of ``neuroglot trace`` and the Causal-tracing page."""
+
+    kinds: tuple[str, ...] | str = KINDS   # states restored: any of hidden, mlp, attn
+    samples: int = 10                       # noise draws per cell
+    noise: float = 3.0                      # σ = noise × the std of the token embeddings
+    sigma: float | None = None              # an absolute σ instead
+    window: int = 10                        # layers restored together for mlp and attn (ROME's window)
+    seed: int = 0                           # of the noise (and of the facts' order)
+    max_rows: int = 256                     # rows per forward
+    max_facts: int = 20                     # facts of a corpus request
 
 
 # --------------------------------------------------------------------- result
@@ -133,6 +150,19 @@ class TraceResult:
             raise InputError(f"This trace has no {kind!r} scores; it has: {', '.join(self.scores)}.")
         return self.scores[kind] - self.p_corrupted
 
+    def strongest(self, kind: str) -> tuple[int, int]:
+        """(token index, layer) of the state of ``kind`` whose restoration brings the answer back most."""
+        t, layer = np.unravel_index(np.argmax(self.indirect_effect(kind)), self.scores[kind].shape)
+        return int(t), int(layer)
+
+    def summary(self) -> str:
+        """The trace in one line, as the CLI and the Causal-tracing page print it: the answer's probability
+        clean and corrupted, and per kind the state that restores it most."""
+        best = {k: self.strongest(k) for k in self.scores}
+        return (f"clean p = {self.p_clean:.4f}, corrupted p = {self.p_corrupted:.4f}; strongest restoration " +
+                ", ".join(f"{k} at token {self.tokens[t]!r} layer {layer} (p = {self.scores[k][t, layer]:.4f})"
+                          for k, (t, layer) in best.items()))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-able data (floats are exact under ``json`` round trips)."""
         return {"tokens": list(self.tokens), "subject_range": list(self.subject_range), "answer": self.answer,
@@ -147,156 +177,6 @@ class TraceResult:
                    p_corrupted=float(data["p_corrupted"]),
                    scores={k: np.asarray(v, dtype=np.float64) for k, v in data["scores"].items()},
                    meta=dict(data.get("meta", {})))
-
-
-# ---------------------------------------------------------------------- noise
-
-_STD_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[Any, float]]" = weakref.WeakKeyDictionary()
-
-
-def embedding_noise_std(wb, chunk: int = 16384) -> float:
-    """Standard deviation of the token-embedding module's output over the whole vocabulary.
-
-    The module output is what the noise is added to (for gemma it includes the
-    sqrt(d_model) scale). Computed in chunks of ``chunk`` ids in float64 and
-    cached per embedding module until its weight changes. ROME instead takes the
-    std of the embeddings of its facts' subjects (see the module docstring).
-    """
-    module = wb.arch.embedding(wb.model)
-    weight = module.weight
-    stamp = (weight.data_ptr(), weight._version, tuple(weight.shape), str(weight.dtype))
-    cached = _STD_CACHE.get(module)
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
-    n_vocab = int(weight.shape[0])
-    total = total_sq = 0.0
-    count = 0
-    with wb.lock, torch.no_grad():
-        for start in range(0, n_vocab, chunk):
-            ids = torch.arange(start, min(start + chunk, n_vocab), device=weight.device).unsqueeze(0)
-            x = first_tensor(module(ids)).double()
-            total += float(x.sum())
-            total_sq += float((x * x).sum())
-            count += x.numel()
-    mean = total / count
-    std = math.sqrt(max(total_sq - count * mean * mean, 0.0) / max(count - 1, 1))
-    _STD_CACHE[module] = (stamp, std)
-    return std
-
-
-def noise_sigma(wb, noise: float = 3.0, sigma: float | None = None) -> float:
-    """σ of the subject noise: ``sigma`` when given, else ``noise ×`` :func:`embedding_noise_std`."""
-    if sigma is not None:
-        if not _is_number(sigma) or not float(sigma) >= 0 or not math.isfinite(float(sigma)):
-            raise InputError(f"sigma must be a finite number >= 0; got {sigma!r}.")
-        return float(sigma)
-    if not _is_number(noise) or not float(noise) >= 0 or not math.isfinite(float(noise)):
-        raise InputError(f"noise must be a finite number >= 0 (a multiple of the embedding std); got {noise!r}.")
-    return float(noise) * embedding_noise_std(wb)
-
-
-def subject_noise(samples: int, n_tokens: int, d_model: int, sigma: float, seed: int) -> torch.Tensor:
-    """``samples`` noise tensors [n_tokens, d_model] ~ N(0, 1) × σ from one generator seeded with ``seed``.
-
-    Returned stacked, [samples, n_tokens, d_model], float32 on the CPU.
-    """
-    gen = torch.Generator().manual_seed(int(seed))
-    return torch.stack([torch.randn((n_tokens, d_model), generator=gen) for _ in range(samples)]) * sigma
-
-
-def _is_number(x: Any) -> bool:
-    return not isinstance(x, bool) and isinstance(x, (int, float, np.integer, np.floating))
-
-
-# --------------------------------------------------------------- preparation
-
-
-@dataclass
-class _Prepared:
-    input_ids: torch.Tensor       # [1, T] on the model's device
-    tokens: list[str]
-    subject: tuple[int, int]      # [start, end)
-    answer_id: int | None         # None: the model's own prediction
-    sigma: float
-    noise: torch.Tensor           # [samples, end - start, d_model], model dtype and device
-    kinds: tuple[str, ...]
-    meta: dict[str, Any]
-
-
-def check_parameters(kinds: Sequence[str], samples: int, window: int, max_rows: int, seed: int,
-                     noise: float | None = None) -> tuple[str, ...]:
-    """Refuse bad tracing parameters (before a model is loaded, and before any fact is traced)."""
-    if isinstance(kinds, str):
-        kinds = (kinds,)
-    kinds = tuple(dict.fromkeys(kinds))
-    unknown = [k for k in kinds if k not in KINDS]
-    if not kinds or unknown:
-        raise InputError(f"Unknown kind(s) {', '.join(map(repr, unknown)) or '(none given)'}: "
-                         f"choose from {', '.join(KINDS)}.")
-    for name, value, least in (("samples", samples, 1), ("window", window, 1), ("max_rows", max_rows, 1)):
-        if not _is_number(value) or int(value) != value or int(value) < least:
-            raise InputError(f"{name} must be a whole number >= {least}; got {value!r}.")
-    if not _is_number(seed) or int(seed) != seed:
-        raise InputError(f"seed must be a whole number; got {seed!r}.")
-    if noise is not None and (not _is_number(noise) or not float(noise) >= 0 or not math.isfinite(float(noise))):
-        raise InputError(f"noise must be a finite number >= 0 (a multiple of the embedding std); got {noise!r}.")
-    return kinds
-
-
-def _prepare(wb, prompt: str, subject: str, answer: str | None, kinds: Sequence[str], samples: int,
-             noise: float, sigma: float | None, window: int, seed: int, max_rows: int,
-             language: str | None) -> _Prepared:
-    """Validate the parameters, tokenise, locate the subject, draw the noise."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("The prompt is empty.")
-    if not isinstance(subject, str) or not subject.strip():
-        raise InputError("The subject is empty.")
-    kinds = check_parameters(kinds, samples, window, max_rows, seed)
-    ids, (start, end) = locate_subject(wb.tokenizer, prompt, subject)
-    tokens = [wb.tokenizer.decode([int(i)]) for i in ids[0]]
-    answer_id = None
-    if answer is not None:
-        answer_id = int(answer_ids(wb.tokenizer, prompt, answer)[0])
-    s = noise_sigma(wb, noise, sigma)
-    drawn = subject_noise(int(samples), end - start, wb.d_model, s, int(seed))
-    meta = {"prompt": prompt, "subject": subject, "language": language, "samples": int(samples),
-            "noise": float(noise), "sigma": s, "sigma_given": sigma is not None, "window": int(window),
-            "seed": int(seed), "model": wb.name, "model_spec": wb.spec}
-    return _Prepared(ids.to(wb.device), tokens, (start, end), answer_id, s,
-                     drawn.to(device=wb.device, dtype=wb.dtype), kinds, meta)
-
-
-def locate_subject(tokenizer, prompt: str, subject: str) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Input ids [1, T] of ``prompt`` and the subject's token range ``[start, end)``.
-
-    The subject's tokens are those whose characters overlap its last occurrence
-    in the prompt (:func:`analysis.tokens.encode`: leading-space tokens and
-    scripts without spaces alike); a range with gaps is taken from its first to
-    its last token. A subject not in the prompt raises :class:`InputError`.
-    """
-    batch = encode(tokenizer, [prompt], subjects=[subject])
-    where = batch.subject[0].nonzero().squeeze(1)
-    return batch.input_ids, (int(where.min()), int(where.max()) + 1)
-
-
-def window_layers(layer: int, window: int, n_layers: int) -> range:
-    """ROME's window of layers around ``layer``: ``[max(0, l - w//2), min(L, l - (-w//2)))``."""
-    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
-
-
-def restored_layers(kind: str, layer: int, window: int, n_layers: int) -> tuple[int, ...]:
-    """The layers whose ``kind`` state cell (t, ``layer``) restores: the layer itself for
-    "hidden", the window around it for "mlp" and "attn"."""
-    return (layer,) if kind == "hidden" else tuple(window_layers(layer, window, n_layers))
-
-
-def kind_module(wb, kind: str, layer: int) -> torch.nn.Module:
-    """The module whose output is the ``kind`` state of ``layer``."""
-    if kind == "hidden":
-        return wb.arch.layer_module(wb.model, layer)
-    if kind == "mlp":
-        return wb.arch.ffn_output_module(wb.model, layer)
-    return wb.arch.site(wb.model, layer, "attn")
 
 
 def _probability(logits: torch.Tensor, answer_id: int) -> torch.Tensor:
@@ -320,7 +200,7 @@ class _Plan:
 
 
 @contextmanager
-def _hooks(wb, kinds: Sequence[str], plan: _Plan) -> Iterator[None]:
+def _hooks(wb: Workbench, kinds: Sequence[str], plan: _Plan) -> Iterator[None]:
     """Forward hooks on the embedding and on every ``kind`` module of every layer, driven by ``plan``."""
 
     def add_noise(module, args, output):
@@ -345,40 +225,32 @@ def _hooks(wb, kinds: Sequence[str], plan: _Plan) -> Iterator[None]:
 
         return hook
 
-    handles = [wb.arch.embedding(wb.model).register_forward_hook(add_noise)]
-    try:
+    with Hooks() as hooks:
+        hooks.forward(wb.arch.embedding(wb.model), add_noise)
         for layer in range(wb.n_layers):
             for kind in kinds:
-                handles.append(kind_module(wb, kind, layer).register_forward_hook(state_hook(kind, layer)))
+                hooks.forward(kind_module(wb, kind, layer), state_hook(kind, layer))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
-def _last_logits(wb, inputs: dict[str, Any]) -> torch.Tensor:
-    """Base model forward, then the LM head at the last position only: [rows, vocab]."""
-    base, _ = wb.base_model()
-    return wb.logits(first_tensor(base(**inputs))[:, -1])
-
-
-def causal_trace(wb, prompt: str, subject: str, answer: str | None = None, kinds: Sequence[str] = KINDS,
-                 samples: int = 10, noise: float = 3.0, sigma: float | None = None, window: int = 10,
-                 seed: int = 0, max_rows: int = 256, progress: Progress | None = None,
-                 language: str | None = None) -> TraceResult:
+def causal_trace(wb: Workbench, prompt: str, subject: str, answer: str | None = None,
+                 params: TraceParams | None = None, *, progress: Progress | None = None,
+                 language: str | None = None, **changes: Any) -> TraceResult:
     """Causal trace of ``prompt`` with noise on ``subject``'s tokens (batched; see the module docstring).
 
     ``answer=None`` traces the model's own greedy next token (as ROME does);
-    else the first token of ``answer`` as written after the prompt. ``kinds``:
-    any of "hidden", "mlp", "attn". Every cell's score is P(answer) averaged
-    over ``samples`` corrupted runs, all cells seeing the same noise (σ =
-    ``sigma``, or ``noise`` × :func:`embedding_noise_std`). At most ``max_rows``
-    rows go through one forward. ``progress(frac, message)`` is called after
-    each forward.
+    else the first token of ``answer`` as written after the prompt. ``params``:
+    :class:`TraceParams`, or its fields as keywords. ``kinds``: any of "hidden",
+    "mlp", "attn". Every cell's score is P(answer) averaged over ``samples``
+    corrupted runs, all cells seeing the same noise (σ = ``sigma``, or ``noise`` ×
+    :func:`analysis.trace_setup.embedding_noise_std`). At most ``max_rows`` rows go through one
+    forward. ``progress(frac, message)`` is called after each forward.
     """
     started = time.perf_counter()
-    prep = _prepare(wb, prompt, subject, answer, kinds, samples, noise, sigma, window, seed, max_rows, language)
-    ids, (s0, s1), S = prep.input_ids, prep.subject, int(samples)
+    params = TraceParams.of(params, **changes)
+    window, max_rows = params.window, params.max_rows
+    prep = prepare(wb, prompt, subject, answer, params, language)
+    ids, (s0, s1), S = prep.input_ids, prep.subject, int(params.samples)
     T, L, device = ids.shape[1], wb.n_layers, wb.device
     report = progress or (lambda frac, message: None)
     plan = _Plan()
@@ -387,7 +259,7 @@ def causal_trace(wb, prompt: str, subject: str, answer: str | None = None, kinds
         # clean (row 0, recorded) and corrupted (rows 1..S) runs in one forward
         rows = ids.expand(1 + S, T)
         plan.record, plan.noise, plan.noise_from_row = {}, (s0, s1, prep.noise), 1
-        logits = _last_logits(wb, forward_inputs(wb, rows, torch.ones_like(rows)))
+        logits = wb.logits_at(wb.forward_inputs(rows, torch.ones_like(rows)))
         clean, plan.record, plan.noise_from_row = plan.record, None, 0
         answer_id = prep.answer_id if prep.answer_id is not None else int(logits[0].argmax())
         p = _probability(logits, answer_id)
@@ -451,7 +323,8 @@ def _restorations(specs: list, row_spec: torch.Tensor, clean: dict, t: int,
     return {key: (torch.tensor(rows, device=device), clean[key][t]) for key, rows in rows_of.items()}
 
 
-def _corrupted_prefix(wb, ids: torch.Tensor, t: int, noise: torch.Tensor, subject: tuple[int, int], plan: _Plan):
+def _corrupted_prefix(wb: Workbench, ids: torch.Tensor, t: int, noise: torch.Tensor, subject: tuple[int, int],
+                      plan: _Plan):
     """Key/value cache of the corrupted run over tokens ``0..t-1``, one row per sample (None for t = 0)."""
     if t == 0:
         return None
@@ -460,108 +333,32 @@ def _corrupted_prefix(wb, ids: torch.Tensor, t: int, noise: torch.Tensor, subjec
     rows = ids[:, :t].expand(S, t)
     b = min(s1, t)
     plan.restore, plan.noise = {}, ((s0, b, noise[:, : b - s0]) if s0 < b else None)
-    inputs = forward_inputs(wb, rows, torch.ones_like(rows))
+    inputs = wb.forward_inputs(rows, torch.ones_like(rows))
     inputs["use_cache"] = True
     base, _ = wb.base_model()
-    cache = base(**inputs).past_key_values
+    cache = wb.returned_cache(base(**inputs))
     plan.noise = None
     if cache is None:  # pragma: no cover - every supported family returns a cache
         raise NeuroglotError(f"{wb.name} returned no key/value cache; causal_trace needs one.")
     return cache
 
 
-def _group_logits(wb, ids: torch.Tensor, t: int, n_rows: int, prefix, row_sample: torch.Tensor) -> torch.Tensor:
+def _group_logits(wb: Workbench, ids: torch.Tensor, t: int, n_rows: int, prefix,
+                  row_sample: torch.Tensor) -> torch.Tensor:
     """Last-position logits of ``n_rows`` rows run on tokens ``t..T-1`` after the corrupted prefix."""
     T = ids.shape[1]
     rows = ids[:, t:].expand(n_rows, T - t)
-    inputs = forward_inputs(wb, rows, torch.ones((n_rows, T), dtype=ids.dtype, device=ids.device))
+    inputs = wb.forward_inputs(rows, torch.ones((n_rows, T), dtype=ids.dtype, device=ids.device))
     inputs["input_ids"] = rows
     if "position_ids" in inputs:
         inputs["position_ids"] = torch.arange(t, T, device=ids.device).expand(n_rows, T - t)
     if prefix is not None:
         cache = copy.deepcopy(prefix)
         cache.batch_select_indices(row_sample.to(ids.device))
-        inputs["past_key_values"] = cache
-        inputs["use_cache"] = True
+        wb.with_cache(inputs, cache)
     else:
         inputs["attention_mask"] = inputs["attention_mask"][:, t:]
-    return _last_logits(wb, inputs)
-
-
-# ------------------------------------------------------- reference (per cell)
-
-
-def causal_trace_per_cell(wb, prompt: str, subject: str, answer: str | None = None, kinds: Sequence[str] = KINDS,
-                          samples: int = 10, noise: float = 3.0, sigma: float | None = None, window: int = 10,
-                          seed: int = 0, max_rows: int = 256, progress: Progress | None = None,
-                          language: str | None = None) -> TraceResult:
-    """Reference causal trace written as ROME's ``trace_with_patch`` loop.
-
-    For every cell one forward of the full ``wb.model`` (logits at every
-    position) on ``1 + samples`` rows: row 0 clean, rows 1.. with the same
-    noise as :func:`causal_trace` on the subject's embeddings, the cell's states
-    of rows 1.. overwritten with row 0's inside that forward. The clean run is
-    recomputed in every forward and no cell is skipped. ``max_rows`` is
-    accepted for a common signature and unused.
-    """
-    started = time.perf_counter()
-    prep = _prepare(wb, prompt, subject, answer, kinds, samples, noise, sigma, window, seed, max_rows, language)
-    ids = prep.input_ids
-    T, L = ids.shape[1], wb.n_layers
-    report = progress or (lambda frac, message: None)
-    with wb.lock, torch.no_grad():
-        logits = _trace_with_patch(wb, ids, prep.subject, prep.noise, [])
-        answer_id = prep.answer_id if prep.answer_id is not None else int(logits[0, -1].argmax())
-        probs = torch.softmax(logits[:, -1].float(), dim=-1)[:, answer_id]
-        p_clean, p_corrupted = float(probs[0]), float(probs[1:].mean())
-        scores = {}
-        n_cells, done = len(prep.kinds) * T * L, 0
-        for kind in prep.kinds:
-            table = np.zeros((T, L), dtype=np.float64)
-            for t in range(T):
-                for layer in range(L):
-                    states = [(t, kind, other) for other in restored_layers(kind, layer, int(window), L)]
-                    logits = _trace_with_patch(wb, ids, prep.subject, prep.noise, states)
-                    # ROME: softmax(logits[1:, -1, :]).mean(dim=0)[answer]
-                    table[t, layer] = float(torch.softmax(logits[1:, -1].float(), dim=1).mean(dim=0)[answer_id])
-                    done += 1
-                    report(done / n_cells, f"{kind}: cell {done}/{n_cells}")
-            scores[kind] = table
-    meta = dict(prep.meta, seconds=round(time.perf_counter() - started, 3), method="per-cell")
-    return TraceResult(prep.tokens, prep.subject, wb.tokenizer.decode([answer_id]), answer_id, p_clean,
-                       p_corrupted, scores, meta)
-
-
-def _trace_with_patch(wb, ids: torch.Tensor, subject: tuple[int, int], noise: torch.Tensor,
-                      states: list[tuple[int, str, int]]) -> torch.Tensor:
-    """ROME's ``trace_with_patch``: full logits [1 + samples, T, vocab]; noise on rows 1..'s
-    subject embeddings; each (token, kind, layer) state of rows 1.. restored from row 0."""
-    s0, s1 = subject
-    rows = ids.expand(1 + noise.shape[0], ids.shape[1])
-
-    def corrupt(module, args, output):
-        first_tensor(output)[1:, s0:s1] += noise
-        return None
-
-    def restore(tokens: list[int]):
-        def hook(module, args, output):
-            h = first_tensor(output)
-            for t in tokens:
-                h[1:, t] = h[0, t]
-            return None
-        return hook
-
-    patch_spec: dict[tuple[str, int], list[int]] = {}
-    for t, kind, layer in states:
-        patch_spec.setdefault((kind, layer), []).append(t)
-    handles = [wb.arch.embedding(wb.model).register_forward_hook(corrupt)]
-    try:
-        for (kind, layer), tokens in patch_spec.items():
-            handles.append(kind_module(wb, kind, layer).register_forward_hook(restore(tokens)))
-        return wb.model(input_ids=rows, attention_mask=torch.ones_like(rows), use_cache=False).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    return wb.logits_at(inputs)
 
 
 # ---------------------------------------------------------------- averages
@@ -650,6 +447,10 @@ class FactTraces(dict):
         self.skipped: list[dict] = list(skipped or [])
         self.meta: dict[str, Any] = dict(meta or {})
 
+    def summary(self) -> str:
+        """What was traced, as the CLI and the Causal-tracing page print it: ``en: 10 facts, zh: 10 facts``."""
+        return ", ".join(f"{lang}: {len(results)} facts" for lang, results in self.items())
+
 
 def _fact_prompts(rows: pd.DataFrame) -> dict[str, tuple[str, str, str, str]] | str:
     """For one fact: language -> (prompt, subject, object, template_id) of the first template whose
@@ -678,11 +479,10 @@ def fact_prompt(rows: pd.DataFrame, fact_id: str, languages: Sequence[str]) -> d
     return {lang: found[lang][:3] for lang in languages}
 
 
-def trace_facts(wb, corpus, languages: Sequence[str], max_facts: int = 20, kinds: Sequence[str] = KINDS,
-                samples: int = 10, noise: float = 3.0, window: int = 10, seed: int = 0, answer: str = "object",
-                progress: Progress | None = None, sigma: float | None = None,
-                max_rows: int = 256) -> FactTraces:
-    """Causal traces of up to ``max_facts`` facts present in every one of ``languages``.
+def trace_facts(wb: Workbench, corpus, languages: Sequence[str], params: TraceParams | None = None, *,
+                answer: str = "object", progress: Progress | None = None, **changes: Any) -> FactTraces:
+    """Causal traces of up to ``max_facts`` facts present in every one of ``languages``
+    (``params``: :class:`TraceParams`, or its fields as keywords).
 
     Facts (``(relation, fact_id)`` of ``corpus.aligned(languages)``) are taken in a
     fixed order, a permutation of the sorted ids drawn from ``seed``, until
@@ -692,15 +492,17 @@ def trace_facts(wb, corpus, languages: Sequence[str], max_facts: int = 20, kinds
     languages and listed in ``result.skipped``. ``answer="object"`` traces the
     first token of the corpus object, ``"model"`` the model's own prediction.
     """
+    params = TraceParams.of(params, **changes)
+    max_facts, noise, seed = params.max_facts, params.noise, params.seed
     languages = check_languages(languages)
     if answer not in ANSWERS:
         raise InputError(f"Unknown answer {answer!r}: use 'object' (the corpus object) or 'model' (the prediction).")
-    if not _is_number(max_facts) or int(max_facts) < 1:
+    if not is_number(max_facts) or int(max_facts) < 1:
         raise InputError(f"max_facts must be a whole number >= 1; got {max_facts!r}.")
-    check_parameters(kinds, samples, window, max_rows, seed)  # not per fact: a bad value is no skipped fact
+    check_parameters(params.kinds, params.samples, params.window, params.max_rows, seed)  # not per fact
     aligned = corpus.aligned(languages)
-    sigma_given = sigma is not None
-    sigma = noise_sigma(wb, noise, sigma)  # once for all facts
+    sigma_given = params.sigma is not None
+    per_fact = dataclasses.replace(params, sigma=noise_sigma(wb, noise, params.sigma))  # σ once for all facts
     rows = aligned.rows
     keys = sorted(rows[["relation", "fact_id"]].drop_duplicates().itertuples(index=False, name=None))
     order = np.random.default_rng(int(seed)).permutation(len(keys))
@@ -727,9 +529,8 @@ def trace_facts(wb, corpus, languages: Sequence[str], max_facts: int = 20, kinds
                     report((done + (_li + frac) / len(languages)) / wanted,
                            f"Fact {done + 1}/{wanted} ({fact_id}, {lang}): {message}")
 
-                result = causal_trace(wb, prompt, subject, answer=obj if answer == "object" else None, kinds=kinds,
-                                      samples=samples, sigma=sigma, window=window, seed=seed, max_rows=max_rows,
-                                      progress=step, language=lang)
+                result = causal_trace(wb, prompt, subject, answer=obj if answer == "object" else None,
+                                      params=per_fact, progress=step, language=lang)
                 result.meta.update(noise=float(noise), sigma_given=sigma_given, relation=relation, fact_id=fact_id, object=obj,
                                    template_id=template_id)
                 traced[lang] = result
@@ -767,10 +568,8 @@ def save_traces(folder: str | Path, traces: dict[str, list[TraceResult]], meta: 
                 arrays[name] = np.asarray(table, dtype=np.float64)
                 record["scores"][kind] = name
             entries[lang].append(record)
-    atomic_write(folder / "scores.npz", lambda f: np.savez_compressed(f, **arrays))
-    manifest = dict(_manifest_head(traces, meta), traces=entries)
-    atomic_write(folder / "manifest.json",
-                  lambda f: f.write(json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8")))
+    runs.write_arrays(folder / "scores.npz", **arrays)
+    runs.write_json(folder / "manifest.json", dict(_manifest_head(traces, meta), traces=entries))
     return folder
 
 
@@ -785,15 +584,14 @@ def load_traces(folder: str | Path) -> FactTraces:
     """Read a folder written by :func:`save_traces`; ``.meta`` is its manifest without the traces."""
     folder = Path(folder)
     try:
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        with np.load(folder / "scores.npz") as z:
-            out = FactTraces()
-            for lang in manifest["languages"]:
-                results = []
-                for record in manifest["traces"][lang]:
-                    record = dict(record, scores={kind: z[name] for kind, name in record["scores"].items()})
-                    results.append(TraceResult.from_dict(record))
-                out[lang] = results
+        manifest, z = runs.read_manifest(folder, "scores.npz")
+        out = FactTraces()
+        for lang in manifest["languages"]:
+            results = []
+            for record in manifest["traces"][lang]:
+                record = dict(record, scores={kind: z[name] for kind, name in record["scores"].items()})
+                results.append(TraceResult.from_dict(record))
+            out[lang] = results
         out.skipped = list(manifest.get("skipped", []))
         out.meta = {k: v for k, v in manifest.items() if k != "traces"}
         return out
@@ -804,27 +602,29 @@ def load_traces(folder: str | Path) -> FactTraces:
         raise NeuroglotError(f"{folder} holds a damaged causal-tracing run: {exc}") from exc
 
 
-def trace_request(wb, corpus, languages: Sequence[str], max_facts: int, kinds: Sequence[str], samples: int,
-                  noise: float, sigma: float | None, window: int, seed: int, answer: str) -> dict[str, Any]:
+def trace_request(wb: Workbench, corpus, languages: Sequence[str], params: TraceParams,
+                  answer: str) -> dict[str, Any]:
     """Everything that determines a :func:`trace_facts` result, as plain data (with its hash as ``key``)."""
+    kinds, sigma = params.kinds, params.sigma
     rows = corpus.rows[corpus.rows["language"].isin(languages)]
     corpus_hash = hashlib.sha1(pd.util.hash_pandas_object(
         rows[["relation", "fact_id", "language", "subject", "object", "prompt", "template_id"]], index=False
     ).values.tobytes()).hexdigest()
     request = {"model": wb.spec, "model_name": wb.name, "parameters": wb.n_params, "dtype": str(wb.dtype),
                "corpus": corpus.name, "corpus_hash": corpus_hash, "languages": list(languages),
-               "max_facts": int(max_facts), "kinds": list(kinds if not isinstance(kinds, str) else [kinds]),
-               "samples": int(samples), "noise": float(noise), "sigma": None if sigma is None else float(sigma),
-               "window": int(window), "seed": int(seed), "answer": answer, "version": CAUSAL_TRACE_VERSION}
+               "max_facts": int(params.max_facts), "kinds": list(kinds if not isinstance(kinds, str) else [kinds]),
+               "samples": int(params.samples), "noise": float(params.noise),
+               "sigma": None if sigma is None else float(sigma), "window": int(params.window),
+               "seed": int(params.seed), "answer": answer, "version": CAUSAL_TRACE_VERSION}
     request["key"] = hashlib.sha1(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
     return request
 
 
-def trace_run(wb, corpus, languages: Sequence[str], max_facts: int = 20, kinds: Sequence[str] = KINDS,
-              samples: int = 10, noise: float = 3.0, sigma: float | None = None, window: int = 10, seed: int = 0,
-              answer: str = "object", folder: str | Path | None = None, max_rows: int = 256,
-              progress: Progress | None = None, overwrite: bool = False) -> tuple[FactTraces, Path, bool]:
-    """:func:`trace_facts` through a run folder: reused when its manifest matches the request.
+def trace_run(wb: Workbench, corpus, languages: Sequence[str], params: TraceParams | None = None, *,
+              answer: str = "object", folder: str | Path | None = None, progress: Progress | None = None,
+              overwrite: bool = False, **changes: Any) -> tuple[FactTraces, Path, bool]:
+    """:func:`trace_facts` (``params``: :class:`TraceParams`, or its fields as keywords) through a run
+    folder: reused when its manifest matches the request.
 
     ``folder`` defaults to ``<cache>/runs/trace-<key>``. A folder holding another
     request or another command's results is refused before any work unless
@@ -833,8 +633,9 @@ def trace_run(wb, corpus, languages: Sequence[str], max_facts: int = 20, kinds: 
     """
     from analysis.model import cache_root
 
+    params = TraceParams.of(params, **changes)
     languages = check_languages(languages)
-    request = trace_request(wb, corpus, languages, max_facts, kinds, samples, noise, sigma, window, seed, answer)
+    request = trace_request(wb, corpus, languages, params, answer)
     folder = Path(folder) if folder is not None else cache_root() / "runs" / f"trace-{request['key']}"
     info = runs.claim(folder, "trace", request["key"], request, overwrite)
     if info.state == "run" and info.key == request["key"]:
@@ -845,24 +646,25 @@ def trace_run(wb, corpus, languages: Sequence[str], max_facts: int = 20, kinds: 
         except NeuroglotError:
             pass  # damaged folder: recompute and replace
     started = time.perf_counter()
-    traces = trace_facts(wb, corpus, languages, max_facts=max_facts, kinds=kinds, samples=samples, noise=noise,
-                         window=window, seed=seed, answer=answer, progress=progress, sigma=sigma, max_rows=max_rows)
-    meta = {"request": request, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(),
+    traces = trace_facts(wb, corpus, languages, params, answer=answer, progress=progress)
+    meta = {"request": request, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": runs.versions(),
             "seconds": round(time.perf_counter() - started, 2)}
     runs.write_run(folder, "trace", request["key"], request, lambda tmp: save_traces(tmp, traces, meta))
     traces.meta = _manifest_head(traces, meta)
     return traces, folder, False
 
 
-def prompt_trace_run(wb, prompt: str, subject: str, answer: str | None = None, kinds: Sequence[str] = KINDS,
-                     samples: int = 10, noise: float = 3.0, window: int = 10, seed: int = 0,
-                     language: str | None = None, folder: str | Path | None = None, max_rows: int = 256,
-                     progress: Progress | None = None) -> tuple[TraceResult, Path, bool]:
+def prompt_trace_run(wb: Workbench, prompt: str, subject: str, answer: str | None = None,
+                     params: TraceParams | None = None, *, language: str | None = None,
+                     folder: str | Path | None = None, progress: Progress | None = None,
+                     **changes: Any) -> tuple[TraceResult, Path, bool]:
     """:func:`causal_trace` of one prompt through a run folder, reused when the same request comes again (the
     app's page reads it back on every rerun, page switch and in other sessions). ``folder`` defaults to
     ``<cache>/runs/trace1-<key>``. Returns ``(result, folder, reused)``."""
     from analysis.model import cache_root
 
+    params = TraceParams.of(params, **changes)
+    kinds, samples, noise, window, seed = params.kinds, params.samples, params.noise, params.window, params.seed
     request = {"model": wb.spec, "model_name": wb.name, "parameters": wb.n_params, "dtype": str(wb.dtype),
                "prompt": prompt, "subject": subject, "answer": answer, "language": language,
                "kinds": list(kinds), "samples": int(samples), "noise": float(noise), "window": int(window),
@@ -875,8 +677,7 @@ def prompt_trace_run(wb, prompt: str, subject: str, answer: str | None = None, k
             return load_traces(folder)[language or "?"][0], folder, True
         except (NeuroglotError, KeyError, IndexError):
             pass  # damaged folder: recompute and replace
-    result = causal_trace(wb, prompt, subject, answer, kinds=kinds, samples=samples, noise=noise, window=window,
-                          seed=seed, max_rows=max_rows, progress=progress, language=language)
+    result = causal_trace(wb, prompt, subject, answer, params, progress=progress, language=language)
     traces = FactTraces()
     traces[language or "?"] = [result]
     runs.write_run(folder, "trace", key, request,

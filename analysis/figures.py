@@ -9,6 +9,9 @@ Colours are fixed per language code (``language_colour``) so that "en" has the s
 colour in every figure of a session; the language-agnostic factual neurons (LAFNs,
 lu-lafns Eq. 6) are always drawn in ``LAFN_COLOUR``.
 
+The figures of single facts (knowledge neurons by integrated gradients, causal
+traces, edit results) are in :mod:`analysis.fact_figures`.
+
 ``save_figure`` writes a self-contained HTML file (plotly.js embedded, so it opens
 offline) and a PNG through kaleido, which drives a headless Chrome/Chromium.
 """
@@ -32,11 +35,6 @@ __all__ = [
     "LAFN",
     "LAFN_COLOUR",
     "LANGUAGE_COLOURS",
-    "TRACE_KINDS",
-    "attribution_strength",
-    "average_effect_heatmaps",
-    "causal_trace_heatmaps",
-    "knowledge_neurons_by_layer",
     "SPECIFIC_PREFIX",
     "TEMPLATE",
     "figure_to_png_bytes",
@@ -648,172 +646,3 @@ def save_figure(fig: go.Figure, path_without_suffix: str | os.PathLike, formats:
         target.write_bytes(data)
         written.append(target)
     return written
-
-
-# --------------------------------------------------------------------------- attribution (IG)
-
-INDEPENDENT = "independent"
-
-
-def knowledge_neurons_by_layer(per_layer: pd.DataFrame, languages: Sequence[str], title: str | None = None) -> go.Figure:
-    """Integrated-gradient knowledge neurons per layer, one panel per language side by side.
-
-    ``per_layer`` is indexed by layer with a column per language (``N^k``),
-    ``"independent"`` (memla Eq. 3) and ``"specific <k>"`` (memla Eq. 4), as
-    :meth:`analysis.attribution.AttributionRun.per_layer` returns (summed over facts).
-    Each panel stacks the language-independent neurons (the same bars in every
-    panel) under that language's specific ones.
-    """
-    if not isinstance(per_layer, pd.DataFrame) or per_layer.empty:
-        raise InputError("The knowledge-neuron table is empty: attribute at least one fact first.")
-    languages = [str(lang) for lang in languages]
-    if not languages:
-        raise InputError("Choose at least one language.")
-    missing = [lang for lang in languages if lang not in per_layer.columns]
-    if missing:
-        raise InputError(f"The knowledge-neuron table has no column for {', '.join(missing)}.")
-    layers = np.asarray(per_layer.index, dtype=int)
-    shared = per_layer[INDEPENDENT].to_numpy() if INDEPENDENT in per_layer.columns else np.zeros(len(layers), int)
-    fig = make_subplots(rows=1, cols=len(languages), shared_yaxes=True, horizontal_spacing=0.03,
-                        subplot_titles=[f"{lang}" for lang in languages])
-    for col, lang in enumerate(languages, start=1):
-        specific_col = f"specific {lang}"
-        specific = (per_layer[specific_col].to_numpy() if specific_col in per_layer.columns
-                    else per_layer[lang].to_numpy() - shared)
-        fig.add_trace(go.Bar(
-            x=layers, y=shared, name="language-independent (Eq. 3)", legendgroup=INDEPENDENT,
-            showlegend=col == 1, marker=dict(color=LAFN_COLOUR), opacity=0.85,
-            hovertemplate="layer %{x}<br>%{y:,d} language-independent<extra></extra>"), row=1, col=col)
-        fig.add_trace(go.Bar(
-            x=layers, y=specific, name=f"{lang}-specific (Eq. 4)", legendgroup=lang,
-            marker=dict(color=language_colour(lang)),
-            hovertemplate=f"layer %{{x}}<br>%{{y:,d}} {_escape(lang)}-specific<extra></extra>"), row=1, col=col)
-        fig.update_xaxes(title_text="layer", dtick=1 if len(layers) < 25 else None, row=1, col=col)
-    default = "Knowledge neurons (integrated gradients) per layer: language-independent and language-specific"
-    _layout(fig, title or default, barmode="stack", legend=dict(title="set"), bargap=0.1)
-    fig.update_yaxes(title_text="knowledge neurons (summed over facts)", row=1, col=1, rangemode="tozero")
-    return fig
-
-
-def attribution_strength(mean_scores: dict[str, np.ndarray], layers: Sequence[int], title: str | None = None) -> go.Figure:
-    """The largest mean attribution in each layer, one line per language (units: probability)."""
-    if not mean_scores:
-        raise InputError("No attribution scores to draw.")
-    layers = [int(x) for x in layers]
-    fig = go.Figure()
-    for lang, scores in mean_scores.items():
-        scores = np.asarray(scores, dtype=float)
-        if scores.ndim != 2 or scores.shape[0] != len(layers):
-            raise InputError(f"The scores of {lang!r} must be [layers, neurons] with {len(layers)} layers.")
-        top = scores.max(axis=1)
-        arg = scores.argmax(axis=1)
-        fig.add_trace(go.Scatter(
-            x=layers, y=top, name=lang, mode="lines+markers", customdata=arg,
-            line=dict(color=language_colour(lang), width=2),
-            hovertemplate=f"<b>{_escape(lang)}</b><br>layer %{{x}}<br>max attribution %{{y:.4f}}"
-                          f"<br>neuron %{{customdata}}<extra></extra>"))
-    _layout(fig, title or "Largest attribution per layer",
-            xaxis=_layer_axis(pd.Series(layers)), yaxis=dict(title="attribution (Δ probability)"),
-            legend=dict(title="language"))
-    return fig
-
-
-# --------------------------------------------------------------------------- causal tracing
-
-TRACE_KINDS = ("hidden", "mlp", "attn")
-TRACE_TITLES = {"hidden": "single restored hidden state", "mlp": "restored MLP (window)",
-                "attn": "restored attention (window)"}
-TRACE_SCALES = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}  # ROME's colours
-
-
-def _token_labels(tokens: Sequence[str], subject_range: Sequence[int]) -> list[str]:
-    start, end = int(subject_range[0]), int(subject_range[1])
-    labels = [_show_token(t) + (" *" if start <= i < end else "") for i, t in enumerate(tokens)]
-    return _unique_labels(labels)
-
-
-def causal_trace_heatmaps(tokens: Sequence[str], subject_range: Sequence[int], scores: dict[str, np.ndarray],
-                          p_clean: float, p_corrupted: float, answer: str, title: str | None = None) -> go.Figure:
-    """ROME's three heatmaps side by side: rows = prompt tokens (subject marked *), columns = layers,
-    colour = probability of ``answer`` when that state is restored in the corrupted run."""
-    kinds = [k for k in TRACE_KINDS if k in scores]
-    if not kinds:
-        raise InputError("No causal-tracing scores to draw.")
-    tokens = [str(t) for t in tokens]
-    if len(subject_range) != 2 or not 0 <= int(subject_range[0]) < int(subject_range[1]) <= len(tokens):
-        raise InputError(f"The subject range {tuple(subject_range)} does not fit the {len(tokens)} tokens.")
-    labels = _token_labels(tokens, subject_range)
-    fig = make_subplots(rows=1, cols=len(kinds), shared_yaxes=True, horizontal_spacing=0.06,
-                        subplot_titles=[TRACE_TITLES[k] for k in kinds])
-    for col, kind in enumerate(kinds, start=1):
-        grid = np.asarray(scores[kind], dtype=float)
-        if grid.ndim != 2 or grid.shape[0] != len(tokens):
-            raise InputError(f"The {kind} scores must be [tokens, layers] with {len(tokens)} token rows.")
-        x = np.arange(grid.shape[1])
-        fig.add_trace(go.Heatmap(
-            z=grid, x=x, y=labels, colorscale=TRACE_SCALES[kind], zmin=min(float(p_corrupted), float(grid.min())),
-            zmax=max(float(grid.max()), float(p_corrupted)),
-            colorbar=dict(title=dict(text="p", side="top"), x=col / len(kinds) - 0.01, len=0.9, thickness=10),
-            hovertemplate=f"token %{{y}}<br>layer %{{x}}<br>p({_escape(_show_token(answer))}) = %{{z:.4f}}"
-                          f"<extra>{kind}</extra>"), row=1, col=col)
-        fig.update_xaxes(title_text="layer", row=1, col=col)
-    fig.update_yaxes(autorange="reversed")
-    default = (f"Causal tracing → {_show_token(answer)}: clean p = {p_clean:.3f}, "
-               f"corrupted p = {p_corrupted:.3f} (* = subject)")
-    # Tall enough that every token label is readable: 34 px a row plus the titles and the layer axis.
-    _layout(fig, title or default, height=max(460, 170 + 34 * len(tokens)))
-    return fig
-
-
-def average_effect_heatmaps(effects: dict[str, dict[str, pd.DataFrame]], title: str | None = None) -> go.Figure:
-    """Average indirect effects per language (rows of panels) and kind (columns), as papers/langedit.md Fig. 5.
-
-    ``effects[language][kind]`` is a DataFrame: rows = ROME's token categories, columns = layers.
-    """
-    if not effects:
-        raise InputError("No average effects to draw: trace at least one fact.")
-    languages = list(effects)
-    kinds = [k for k in TRACE_KINDS if any(k in effects[lang] for lang in languages)]
-    if not kinds:
-        raise InputError("No causal-tracing kind to draw.")
-    fig = make_subplots(rows=len(languages), cols=len(kinds), shared_yaxes=True, shared_xaxes=True,
-                        horizontal_spacing=0.05, vertical_spacing=0.06,
-                        subplot_titles=[f"{lang} · {TRACE_TITLES[k]}" for lang in languages for k in kinds])
-    for col, kind in enumerate(kinds, start=1):
-        frames = [effects[lang][kind] for lang in languages if kind in effects[lang]]
-        hi = max(float(np.nanmax(f.to_numpy(dtype=float))) for f in frames) if frames else 1.0
-        lo = min(0.0, min(float(np.nanmin(f.to_numpy(dtype=float))) for f in frames)) if frames else 0.0
-        for row, lang in enumerate(languages, start=1):
-            if kind not in effects[lang]:
-                continue
-            frame = effects[lang][kind]
-            fig.add_trace(go.Heatmap(
-                z=frame.to_numpy(dtype=float), x=[int(c) for c in frame.columns], y=list(frame.index),
-                colorscale=TRACE_SCALES[kind], zmin=lo, zmax=hi, showscale=row == 1,
-                colorbar=dict(title=dict(text="AIE", side="top"), x=col / len(kinds) - 0.01, len=0.3,
-                              y=1.0, yanchor="top", thickness=10),
-                hovertemplate=f"{_escape(lang)}<br>%{{y}}<br>layer %{{x}}<br>AIE %{{z:.4f}}<extra>{kind}</extra>"),
-                row=row, col=col)
-    fig.update_yaxes(autorange="reversed")
-    for col in range(1, len(kinds) + 1):
-        fig.update_xaxes(title_text="layer", row=len(languages), col=col)
-    _layout(fig, title or "Average indirect effect of restoring each state, per language",
-            height=max(360, 230 * len(languages)))
-    return fig
-
-
-def edit_probability_bars(table: pd.DataFrame, title: str) -> go.Figure:
-    """P(new target) on the edit prompt, before vs after, per language (the Edit lab's comparison table:
-    columns language, probe ("edit" rows are drawn), "P(target) before", "P(target) after")."""
-    table = _check_table(table, ["language", "probe", "P(target) before", "P(target) after"], "The comparison table",
-                         numeric=["P(target) before", "P(target) after"])
-    edit_rows = table[table["probe"] == "edit"]
-    fig = go.Figure()
-    # one colour per series (the languages are on the x axis), so the legend's swatches are the bars' colours
-    for column, name, colour in (("P(target) before", "before", "#9e9e9e"), ("P(target) after", "after", "#1f77b4")):
-        fig.add_bar(x=edit_rows["language"], y=edit_rows[column], name=name, marker_color=colour,
-                    text=[f"{v:.3f}" for v in edit_rows[column]], textposition="outside",
-                    hovertemplate="%{x}: P(new target) " + name + " = %{y:.4f}<extra></extra>")
-    fig.update_layout(barmode="group", title=title, yaxis_title="P(new target | edit prompt)",
-                      xaxis_title="language", yaxis_range=[0, 1.08], height=380, margin=dict(t=60, b=40))
-    return fig

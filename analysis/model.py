@@ -16,7 +16,9 @@ lock that serialises every trace (nnsight is not thread-safe), and the device.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -26,12 +28,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 
-from analysis.arch import ArchAdapter, SUPPORTED_FAMILIES, adapter_for, resolve
-from analysis.errors import ModelSpecError, UnsupportedArchitectureError
+from analysis.arch import ArchAdapter, SUPPORTED_FAMILIES, adapter_for, check_layer, first_tensor, resolve
+from analysis.errors import InputError, ModelSpecError, UnsupportedArchitectureError
+from analysis.tokens import position_ids
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "Gemma 3 270M (Q4_K_M, de-quantized)"
@@ -127,6 +131,90 @@ class Workbench:
             z = torch.tanh(z / cap) * cap
         return z
 
+    # ------------------------------------------------------------- forward passes
+
+    def accepts(self, name: str) -> bool:
+        """Whether the base model's ``forward`` takes the keyword argument ``name``."""
+        return name in forward_parameters(type(self.base_model()[0]))
+
+    def forward_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+        """Keyword inputs of the base model for a padded batch.
+
+        Adds ``position_ids`` counted over the real tokens where the base model takes
+        them, so a left-padded row computes exactly what its text computes alone
+        (gpt2 and xglm add absolute positions; bloom's ALiBi already follows the mask),
+        and ``use_cache=False``: a trace never generates, so no key/value cache is kept.
+        """
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.accepts("position_ids"):
+            inputs["position_ids"] = position_ids(attention_mask)
+        if self.accepts("use_cache"):
+            inputs["use_cache"] = False
+        return inputs
+
+    def cache_keyword(self) -> str:
+        """The name under which the base model takes (and returns) a key/value cache: ``cache`` in
+        transformers releases that renamed it, ``past_key_values`` before (the old name now warns)."""
+        return "cache" if self.accepts("cache") else "past_key_values"
+
+    def with_cache(self, inputs: dict[str, Any], cache: Any) -> dict[str, Any]:
+        """``inputs`` that continue from ``cache`` (and keep the cache growing): ``use_cache=True``."""
+        inputs[self.cache_keyword()] = cache
+        inputs["use_cache"] = True
+        return inputs
+
+    def returned_cache(self, output: Any) -> Any:
+        """The key/value cache in a base model's output (None if it returned none), read without the
+        deprecated ``past_key_values`` attribute where the cache has its new name."""
+        name = self.cache_keyword()
+        if isinstance(output, Mapping):
+            return output.get(name)
+        return getattr(output, name, None)
+
+    def logits_at(self, inputs: dict[str, Any], positions: Any = -1) -> torch.Tensor:
+        """Run the base model on ``inputs`` and apply the LM head at ``positions`` only (DESIGN Decision 2).
+
+        ``positions`` indexes the hidden states' [rows, tokens] dimensions: an int
+        (that token of every row, -1 the last: [rows, vocab]), a tensor of one
+        column per row ([rows, vocab]), a ``(rows, columns)`` pair of index tensors
+        ([n, vocab]) or a slice of tokens ([rows, t, vocab]).
+        """
+        hidden = first_tensor(self.base_model()[0](**inputs))
+        if isinstance(positions, tuple):
+            picked = hidden[positions]
+        elif isinstance(positions, torch.Tensor):
+            picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
+        else:
+            picked = hidden[:, positions]
+        return self.logits(picked)
+
+    # ------------------------------------------------------------- layer indices
+
+    def check_layer(self, layer: Any, *, from_end: bool = False) -> int:
+        """``layer`` as an index in 0..n_layers-1, or an InputError for a layer the model lacks.
+
+        ``from_end``: negative numbers count from the last layer (-1 is the last).
+        """
+        return check_layer(layer, self.n_layers, self.name, from_end=from_end)
+
+    def check_layers(self, layers: Any, *, from_end: bool = False, sort: bool = True,
+                     what: str = "") -> list[int]:
+        """Layer indices (a number or a list) checked by :meth:`check_layer`: sorted without repeats
+        (``sort``), else in the order given. None means every layer; an empty list is refused
+        (``what`` names what the layers are for in that message)."""
+        if layers is None:
+            return list(range(self.n_layers))
+        if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
+            layers = [layers]
+        try:
+            layers = list(layers)
+        except TypeError:
+            raise InputError(f"layers must be a layer number or a list of them; got {layers!r}.") from None
+        if not layers:
+            raise InputError(f"Choose at least one layer{f' for {what}' if what else ''}.")
+        out = [self.check_layer(layer, from_end=from_end) for layer in layers]
+        return sorted(set(out)) if sort else out
+
     def summary(self) -> dict[str, Any]:
         """Plain-data description (safe to cache, print or show)."""
         return {
@@ -154,6 +242,12 @@ class Workbench:
         device = next(model.parameters()).device
         return cls(model=model, tokenizer=tokenizer, arch=arch, device=device, spec=spec,
                    name=name or getattr(model.config, "_name_or_path", None) or spec)
+
+
+@functools.lru_cache(maxsize=None)
+def forward_parameters(module_type: type) -> frozenset[str]:
+    """Names of the keyword arguments ``module_type.forward`` accepts (cached per type)."""
+    return frozenset(inspect.signature(module_type.forward).parameters)
 
 
 # --------------------------------------------------------------------------- spec

@@ -21,16 +21,14 @@ tokens; or only the last token.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import json
 import time
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -39,8 +37,11 @@ import torch
 from analysis.arch import resolve
 from analysis.errors import InputError, NeuroglotError
 from analysis import runs
-from analysis.runs import atomic_write, versions  # noqa: F401  (used by the other run folders)
-from analysis.tokens import encode, position_ids
+from analysis.runs import Params, versions
+from analysis.tokens import encode
+
+if TYPE_CHECKING:
+    from analysis.model import Workbench
 
 POSITIONS = ("all", "subject", "last")
 TEXTS = ("statement", "prompt")
@@ -50,6 +51,15 @@ LAFN = "LAFN"
 COUNTING_VERSION = 2
 
 Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class CountParams(Params):
+    """What lu-lafns Eq. 4 counts and how; the defaults of ``neuroglot neurons`` and the Atlas page."""
+
+    positions: str = "all"       # tokens counted: all, subject or last (POSITIONS)
+    text: str = "statement"      # statement (the full sentence, as the paper) or prompt (TEXTS)
+    batch_size: int = 32         # texts per forward
 
 
 # --------------------------------------------------------------------- counts
@@ -83,6 +93,10 @@ class NeuronCounts:
     def n_neurons(self) -> int:
         return self.counts.shape[2]
 
+    def summary(self) -> str:
+        """What was counted, as the CLI and the Atlas page print it: ``en: 1,234 tokens, zh: 987 tokens``."""
+        return ", ".join(f"{lang}: {int(n):,} tokens" for lang, n in zip(self.languages, self.tokens))
+
     def of(self, language: str) -> np.ndarray:
         """Counts of one language, [n_layers, n_neurons]."""
         return self.counts[self._index(language)]
@@ -107,21 +121,18 @@ class NeuronCounts:
         """Write ``counts.npz`` + ``manifest.json`` atomically into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / "counts.npz", lambda f: np.savez_compressed(
-            f, counts=self.counts, tokens=self.tokens, texts=self.texts))
-        manifest = dict(self.meta, languages=self.languages, positions=self.positions,
-                        shape=list(self.counts.shape), tokens=dict(zip(self.languages, self.tokens.tolist())),
-                        texts=dict(zip(self.languages, self.texts.tolist())))
-        atomic_write(folder / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        runs.write_arrays(folder / "counts.npz", counts=self.counts, tokens=self.tokens, texts=self.texts)
+        per_language = lambda values: dict(zip(self.languages, values.tolist()))  # noqa: E731
+        runs.write_json(folder / "manifest.json", dict(
+            self.meta, languages=self.languages, positions=self.positions, shape=list(self.counts.shape),
+            tokens=per_language(self.tokens), texts=per_language(self.texts)))
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> "NeuronCounts":
-        folder = Path(folder)
         try:
-            manifest = json.loads((folder / "manifest.json").read_text())
-            with np.load(folder / "counts.npz") as z:
-                counts, tokens, texts = z["counts"], z["tokens"], z["texts"]
+            manifest, arrays = runs.read_manifest(folder, "counts.npz")
+            counts, tokens, texts = arrays["counts"], arrays["tokens"], arrays["texts"]
             meta = {k: v for k, v in manifest.items()
                     if k not in ("languages", "positions", "shape", "tokens", "texts")}
             return cls(list(manifest["languages"]), counts, tokens, texts, str(manifest["positions"]), meta)
@@ -160,16 +171,19 @@ def _texts_with_subjects(corpus, language: str, text: str) -> tuple[list[str], l
     return statements, subjects, ends
 
 
-def count_activations(wb, corpus, languages: Sequence[str], positions: str = "all", text: str = "statement",
-                      batch_size: int = 32, progress: Progress | None = None) -> NeuronCounts:
+def count_activations(wb: Workbench, corpus, languages: Sequence[str], params: CountParams | None = None, *,
+                      progress: Progress | None = None, **changes: Any) -> NeuronCounts:
     """lu-lafns Eq. 4: per language, how often each neuron of each layer is activated (> 0).
 
-    Traces the neuron site (``act_fn(h W1)``) of every layer with nnsight, on
-    the decoder stack only (no LM head). Texts are sorted by length and
-    batched; counts accumulate as int64 on the CPU, so a corpus of any size
-    streams through in constant memory. ``progress(done, total)`` is called
-    after each batch.
+    ``params`` (:class:`CountParams`, or its fields as keywords: ``positions``,
+    ``text``, ``batch_size``) say what is counted. Traces the neuron site
+    (``act_fn(h W1)``) of every layer with nnsight, on the decoder stack only (no
+    LM head). Texts are sorted by length and batched; counts accumulate as int64
+    on the CPU, so a corpus of any size streams through in constant memory.
+    ``progress(done, total)`` is called after each batch.
     """
+    params = CountParams.of(params, **changes)
+    positions, text, batch_size = params.positions, params.text, params.batch_size
     languages = check_languages(languages)
     if positions not in POSITIONS:
         raise InputError(f"Unknown positions {positions!r}: use {', '.join(POSITIONS)}.")
@@ -209,7 +223,7 @@ def count_activations(wb, corpus, languages: Sequence[str], positions: str = "al
     return NeuronCounts(languages, counts, tokens, texts_done, positions, meta)
 
 
-def count_batch(wb, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+def count_batch(wb: Workbench, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     """lu-lafns Eq. 4 for one batch: counts [n_layers, n_neurons] of activated neurons at the ``mask`` positions."""
     _, layers = wb.base_model()
     neuron = wb.arch.neuron
@@ -217,36 +231,13 @@ def count_batch(wb, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask:
     per_layer: list[torch.Tensor] = []
     with wb.lock, torch.no_grad():
         nn_model = wb.tracer()
-        with nn_model.trace(**forward_inputs(wb, input_ids, attention_mask)):
+        with nn_model.trace(**wb.forward_inputs(input_ids, attention_mask)):
             for i in range(wb.n_layers):  # layer order, as the forward pass
                 act = resolve(nn_model, f"{layers}.{i}.{neuron}").output
                 # lu-lafns Eq. 4 on the counted positions only (no full-size mask product); an int32 sum
                 # is exact, a batch has far fewer than 2**31 positions
                 per_layer.append(act.flatten(0, 1).index_select(0, counted).gt(0).sum(0, dtype=torch.int32).save())
     return torch.stack(per_layer).cpu().numpy().astype(np.int64)
-
-
-def forward_inputs(wb, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
-    """Keyword inputs of the base model for a padded batch.
-
-    Adds ``position_ids`` counted over the real tokens where the base model takes
-    them, so a left-padded row computes exactly what its text computes alone
-    (gpt2 and xglm add absolute positions; bloom's ALiBi already follows the mask),
-    and ``use_cache=False``: a trace never generates, so no key/value cache is kept.
-    """
-    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    accepted = forward_parameters(type(wb.base_model()[0]))
-    if "position_ids" in accepted:
-        inputs["position_ids"] = position_ids(attention_mask)
-    if "use_cache" in accepted:
-        inputs["use_cache"] = False
-    return inputs
-
-
-@functools.lru_cache(maxsize=None)
-def forward_parameters(module_type: type) -> frozenset[str]:
-    """Names of the keyword arguments ``module_type.forward`` accepts (cached per type)."""
-    return frozenset(inspect.signature(module_type.forward).parameters)
 
 
 # ---------------------------------------------------------------- neuron sets
@@ -409,7 +400,7 @@ def beta_sweep(counts: NeuronCounts, betas: Iterable[float] = (0.0, 0.1, 0.2, 0.
 # ---------------------------------------------------------------- run folders
 
 
-def request_key(wb, corpus, languages: Sequence[str], positions: str, text: str) -> str:
+def request_key(wb: Workbench, corpus, languages: Sequence[str], positions: str, text: str) -> str:
     """A stable hash of everything that determines the counts."""
     rows = corpus.rows[corpus.rows["language"].isin(languages)]
     corpus_hash = hashlib.sha1(pd.util.hash_pandas_object(
@@ -427,10 +418,11 @@ def atlas_request(model: str, corpus, languages: Sequence[str], positions: str, 
             "positions": positions, "text": text}
 
 
-def atlas_counts(wb, corpus, languages: Sequence[str], positions: str = "all", text: str = "statement",
-                 folder: str | Path | None = None, batch_size: int = 32,
-                 progress: Progress | None = None, overwrite: bool = False) -> tuple[NeuronCounts, Path, bool]:
-    """Counts for a request, read from its run folder when the same request ran before.
+def atlas_counts(wb: Workbench, corpus, languages: Sequence[str], params: CountParams | None = None, *,
+                 folder: str | Path | None = None, progress: Progress | None = None, overwrite: bool = False,
+                 **changes: Any) -> tuple[NeuronCounts, Path, bool]:
+    """Counts for a request (:class:`CountParams`, or its fields as keywords), read from its run folder
+    when the same request ran before.
 
     ``folder`` defaults to ``<cache>/runs/neurons-<key>``. Returns
     ``(counts, folder, reused)``. A folder holding another request's counts or
@@ -440,6 +432,8 @@ def atlas_counts(wb, corpus, languages: Sequence[str], positions: str = "all", t
     """
     from analysis.model import cache_root
 
+    params = CountParams.of(params, **changes)
+    positions, text = params.positions, params.text
     languages = check_languages(languages)
     key = request_key(wb, corpus, languages, positions, text)
     folder = Path(folder) if folder is not None else cache_root() / "runs" / f"neurons-{key}"
@@ -450,8 +444,7 @@ def atlas_counts(wb, corpus, languages: Sequence[str], positions: str = "all", t
             return NeuronCounts.load(folder), folder, True
         except NeuroglotError:
             pass  # damaged folder: recompute and replace
-    counts = count_activations(wb, corpus, languages, positions=positions, text=text, batch_size=batch_size,
-                               progress=progress)
+    counts = count_activations(wb, corpus, languages, params, progress=progress)
     counts.meta.update(key=key, created=time.strftime("%Y-%m-%dT%H:%M:%S"), versions=versions(),
                        relations=list(corpus.relations), facts=int(corpus.rows["fact_id"].nunique()))
     runs.write_run(folder, "neurons", key, request, counts.save)
@@ -461,7 +454,7 @@ def atlas_counts(wb, corpus, languages: Sequence[str], positions: str = "all", t
 # ---------------------------------------------------------------- drill-down
 
 
-def neuron_top_tokens(wb, layer: int, neuron: int, k: int = 15) -> pd.DataFrame:
+def neuron_top_tokens(wb: Workbench, layer: int, neuron: int, k: int = 15) -> pd.DataFrame:
     """The neuron's value vector (its column of the down-projection) read through the
     unembedding, LM-Debugger style: the k most promoted and k most suppressed tokens."""
     _check_neuron(wb, layer, neuron)
@@ -476,7 +469,7 @@ def neuron_top_tokens(wb, layer: int, neuron: int, k: int = 15) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["token", "logit", "direction"])
 
 
-def top_activating_texts(wb, corpus, layer: int, neuron: int, languages: Sequence[str], k: int = 5,
+def top_activating_texts(wb: Workbench, corpus, layer: int, neuron: int, languages: Sequence[str], k: int = 5,
                          text: str = "statement", max_texts: int = 400, batch_size: int = 32,
                          seed: int = 0) -> pd.DataFrame:
     """The texts of each language on which the neuron's activation peaks highest.
@@ -501,7 +494,7 @@ def top_activating_texts(wb, corpus, layer: int, neuron: int, languages: Sequenc
             batch = encode(wb.tokenizer, chunk).to(wb.device)
             with wb.lock, torch.no_grad():
                 nn_model = wb.tracer()
-                with nn_model.trace(**forward_inputs(wb, batch.input_ids, batch.attention_mask)) as tracer:
+                with nn_model.trace(**wb.forward_inputs(batch.input_ids, batch.attention_mask)) as tracer:
                     act = resolve(nn_model, path).output[..., neuron].save()
                     tracer.stop()  # later layers are not needed
             act = act.float().masked_fill(~batch.real, float("-inf")).cpu()
@@ -514,7 +507,7 @@ def top_activating_texts(wb, corpus, layer: int, neuron: int, languages: Sequenc
             .sort_values(["language", "activation"], ascending=[True, False]).reset_index(drop=True))
 
 
-def neuron_contributions(wb, text: str, layer: int, position: int, k: int = 20) -> pd.DataFrame:
+def neuron_contributions(wb: Workbench, text: str, layer: int, position: int, k: int = 20) -> pd.DataFrame:
     """The neurons of ``layer`` that write the most into the FFN output at token ``position`` of ``text``.
 
     A neuron's contribution is its key (the down-projection input, DESIGN
@@ -535,7 +528,7 @@ def neuron_contributions(wb, text: str, layer: int, position: int, k: int = 20) 
     key_path = f"{layers}.{layer}.{wb.arch.down_proj}"
     with wb.lock, torch.no_grad():
         nn_model = wb.tracer()
-        with nn_model.trace(**forward_inputs(wb, batch.input_ids, batch.attention_mask)) as tracer:
+        with nn_model.trace(**wb.forward_inputs(batch.input_ids, batch.attention_mask)) as tracer:
             act = resolve(nn_model, neuron_path).output[0, int(position)].save()
             key = resolve(nn_model, key_path).inputs[0][0][0, int(position)].save()
             tracer.stop()
@@ -548,8 +541,7 @@ def neuron_contributions(wb, text: str, layer: int, position: int, k: int = 20) 
                          "key": key[idx].numpy(), "contribution": top.values.numpy()})
 
 
-def _check_neuron(wb, layer: int, neuron: int) -> None:
-    if not 0 <= int(layer) < wb.n_layers:
-        raise InputError(f"Layer {layer} is out of range: the model has layers 0–{wb.n_layers - 1}.")
+def _check_neuron(wb: Workbench, layer: int, neuron: int) -> None:
+    wb.check_layer(layer)
     if not 0 <= int(neuron) < wb.n_neurons:
         raise InputError(f"Neuron {neuron} is out of range: layers have neurons 0–{wb.n_neurons - 1}.")

@@ -25,6 +25,7 @@ Folders written before ``run.json`` existed are recognised by their files.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import json
@@ -49,7 +50,10 @@ KINDS = {
     "attribute": "knowledge-neuron attributions (neuroglot attribute)",
     "trace": "causal traces (neuroglot trace)",
     "evaluate": "an evaluation run (neuroglot evaluate)",
+    "stats": "FFN key statistics (cached for the ROME-family editors)",
 }
+#: The record's file name for kinds that do not use ``run.json`` (the key statistics cache keeps its ``key.json``).
+RECORD_FILES = {"stats": "key.json"}
 OVERWRITE_HINT = "choose another folder, or replace it on purpose with --overwrite"
 
 
@@ -81,6 +85,25 @@ def versions() -> dict[str, str]:
 def _plain(value: Any) -> Any:
     """``value`` as JSON would give it back (tuples become lists), for comparisons."""
     return json.loads(json.dumps(value, ensure_ascii=False, default=str))
+
+
+# ----------------------------------------------------------------- parameters
+
+
+class Params:
+    """Base of the frozen parameter dataclasses of the long computations (``CountParams``,
+    ``AttributionParams``, ``TraceParams``): their defaults are the CLI's and the pages' defaults."""
+
+    @classmethod
+    def of(cls, params: Any = None, **changes: Any) -> Any:
+        """``params`` (default: the defaults) with ``changes`` applied."""
+        base = cls() if params is None else params
+        if not isinstance(base, cls):
+            raise InputError(f"Expected {cls.__name__}, got {type(base).__name__}.")
+        return dataclasses.replace(base, **changes) if changes else base
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
 
 
 # ----------------------------------------------------------------- writable paths
@@ -130,8 +153,15 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def record_file(kind: str) -> str:
+    """The name of the record (manifest) file of a ``kind`` run folder."""
+    return RECORD_FILES.get(kind, RUN_FILE)
+
+
 def _legacy(folder: Path, names: set[str]) -> RunInfo:
     """A run folder written before ``run.json``: recognised by its files."""
+    if "key.json" in names and any(n.startswith("layer_") and n.endswith(".safetensors") for n in names):
+        return RunInfo(folder, "damaged", "stats", problem="its key.json is not a run record")
     if "rows.jsonl" in names or "config.json" in names and "manifest.json" not in names:
         try:
             config = _read_json(folder / "config.json")
@@ -175,13 +205,16 @@ def inspect(folder: str | Path) -> RunInfo:
     names = {p.name for p in folder.iterdir()}
     if not names:
         return RunInfo(folder, "empty")
-    if RUN_FILE not in names:
+    name = RUN_FILE if RUN_FILE in names else next((n for n in RECORD_FILES.values() if n in names), None)
+    if name is None:
         return _legacy(folder, names)
     try:
-        record = _read_json(folder / RUN_FILE)
-        if not isinstance(record, dict) or record.get("kind") not in KINDS:
+        record = _read_json(folder / name)
+        if not isinstance(record, dict) or record.get("kind") not in KINDS or record_file(record["kind"]) != name:
             raise ValueError("not a run record")
     except (OSError, ValueError) as exc:
+        if name != RUN_FILE:  # another kind's record name, in a folder that may not be ours
+            return _legacy(folder, names)
         guess = _legacy(folder, names - {RUN_FILE})
         return RunInfo(folder, "damaged", guess.kind, problem=f"{RUN_FILE} cannot be read ({exc})")
     request = record.get("request")
@@ -255,10 +288,25 @@ def write_run(folder: str | Path, kind: str, key: str, request: dict[str, Any],
     return folder
 
 
+def add_to_run(folder: str | Path, kind: str, key: str, request: dict[str, Any],
+               write: Callable[[Path], Any]) -> Path:
+    """Add files to the run folder of this request in place: ``write(folder)`` writes each file atomically
+    (:func:`atomic_write`, :func:`atomic_save`), then the record is rewritten.
+
+    For caches that grow a piece at a time (the key statistics, one file per layer), where
+    :func:`write_run` would copy what is already there. An interruption leaves every file whole.
+    """
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    write(folder)
+    write_record(folder, kind, key, request)
+    return folder
+
+
 def write_record(folder: Path, kind: str, key: str, request: dict[str, Any]) -> None:
-    """``run.json`` of ``folder`` (atomically)."""
+    """The record (``run.json``, or the kind's :data:`RECORD_FILES` name) of ``folder``, atomically."""
     text = json.dumps(run_record(kind, key, request), indent=2, ensure_ascii=False)
-    atomic_write(folder / RUN_FILE, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(folder / record_file(kind), lambda f: f.write(text.encode("utf-8")))
 
 
 # ----------------------------------------------------------------- atomic files and folders
@@ -278,8 +326,52 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
             os.unlink(tmp)
 
 
+def atomic_save(path: Path, save: Callable[[str], Any]) -> None:
+    """``save(temporary file name)`` beside ``path``, then rename it over ``path`` (for writers that take a
+    file name, as safetensors does)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_text(path: Path, text: str) -> None:
     atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as indented JSON (UTF-8), written atomically (a manifest)."""
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def read_json(path: Path) -> Any:
+    """What :func:`write_json` wrote."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_arrays(path: Path, **arrays: Any) -> None:
+    """The numpy ``arrays`` as one compressed ``.npz`` file, written atomically."""
+    import numpy as np
+
+    atomic_write(Path(path), lambda f: np.savez_compressed(f, **arrays))
+
+
+def read_arrays(path: Path) -> dict[str, Any]:
+    """Every array of an ``.npz`` file written by :func:`write_arrays`."""
+    import numpy as np
+
+    with np.load(path) as z:
+        return {name: z[name] for name in z.files}
+
+
+def read_manifest(folder: str | Path, arrays: str) -> tuple[Any, dict[str, Any]]:
+    """A result folder's ``manifest.json`` and the arrays of its ``.npz`` file ``arrays``."""
+    folder = Path(folder)
+    return read_json(folder / "manifest.json"), read_arrays(folder / arrays)
 
 
 _SIDE = re.compile(r"^\.(?P<name>.+)\.(?P<role>tmp|old)-(?:(?P<pid>\d+)-)?[A-Za-z0-9_]+$")

@@ -60,29 +60,32 @@ embedded model (d_ff = 2048) needs 32 MB per layer.
 Disk cache (:func:`cached_key_statistics`): ``cache_root()/stats/<key>/layer_<l>.safetensors``
 where ``<key>`` hashes the model (spec, name, parameter count, dtype and a
 fingerprint of its weights), the languages, the source and a digest of its
-texts, ``n_tokens``, ``max_length`` and :data:`STATS_VERSION`. Layers already
-on disk are read back; only missing or damaged layers are computed (in one pass).
+texts, ``n_tokens``, ``max_length`` and :data:`STATS_VERSION`. The folder is a run
+folder of :mod:`analysis.runs` (kind "stats", its record in ``key.json``) that grows a
+layer at a time (:func:`analysis.runs.add_to_run`). Layers already on disk are read
+back; only missing or damaged layers are computed (in one pass).
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
-import os
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from analysis import runs
 from analysis.arch import resolve
 from analysis.errors import InputError, NeuroglotError
-from analysis.neurons import atomic_write, forward_inputs, versions
 from analysis.tokens import Batch
+
+if TYPE_CHECKING:
+    from analysis.model import Workbench
 
 #: Bumped when what key_statistics computes changes, so older cache entries are not reused.
 STATS_VERSION = 1
@@ -119,23 +122,6 @@ def check_positive(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
         raise InputError(f"{name} must be a whole number of at least 1; got {value!r}.")
     return int(value)
-
-
-def check_layers(wb, layers: int | Iterable[int]) -> list[int]:
-    """Requested layers as a sorted list without repeats; InputError for a layer the model lacks."""
-    if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
-        layers = [layers]
-    try:
-        layers = list(layers)
-    except TypeError:
-        raise InputError(f"layers must be a layer number or a list of them; got {layers!r}.") from None
-    if not layers:
-        raise InputError("Choose at least one layer for the key statistics.")
-    n = wb.n_layers
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= int(layer) < n:
-            raise InputError(f"Layer {layer!r} is out of range: the model has layers 0–{n - 1}.")
-    return sorted({int(layer) for layer in layers})
 
 
 def check_precision(precision: str) -> torch.dtype:
@@ -190,15 +176,8 @@ class KeyStats:
         path.parent.mkdir(parents=True, exist_ok=True)
         info = {"layer": self.layer, "tokens": self.tokens, "languages": self.languages, "source": self.source,
                 "meta": self.meta, "crc32": self.checksum(), "stats_version": STATS_VERSION}
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"second_moment": self.second_moment, "mean": self.mean}, tmp,
-                      metadata={_META_KEY: json.dumps(info, ensure_ascii=False)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        runs.atomic_save(path, lambda tmp: save_file({"second_moment": self.second_moment, "mean": self.mean}, tmp,
+                                                     metadata={_META_KEY: json.dumps(info, ensure_ascii=False)}))
         return path
 
     @classmethod
@@ -358,7 +337,7 @@ def counted_positions(batch: Batch, takes: Sequence[int]) -> torch.Tensor:
     return batch.real & (rank <= limit)
 
 
-def accumulate_batch(wb, batch: Batch, counted: torch.Tensor, sums: Mapping[int, KeySums]) -> None:
+def accumulate_batch(wb: Workbench, batch: Batch, counted: torch.Tensor, sums: Mapping[int, KeySums]) -> None:
     """Add the keys at the ``counted`` positions of one batch to each layer's sums: one trace over
     the decoder stack, stopped after the highest layer in ``sums``."""
     _, layers_path = wb.base_model()
@@ -366,7 +345,7 @@ def accumulate_batch(wb, batch: Batch, counted: torch.Tensor, sums: Mapping[int,
     flat = counted.reshape(-1).nonzero().squeeze(1)  # flat (row, token) indices of the counted positions
     with wb.lock, torch.no_grad():
         nn_model = wb.tracer()
-        with nn_model.trace(**forward_inputs(wb, batch.input_ids, batch.attention_mask)) as tracer:
+        with nn_model.trace(**wb.forward_inputs(batch.input_ids, batch.attention_mask)) as tracer:
             for layer in sorted(sums):  # layer order, as the forward pass
                 key = resolve(nn_model, f"{layers_path}.{layer}.{down}").inputs[0][0]  # [B, T, d_ff]
                 sums[layer].add(key.flatten(0, 1).index_select(0, flat))
@@ -391,7 +370,7 @@ def checked_texts(texts: Mapping[str, Sequence[str]], sources: str | Mapping[str
     return texts, {lang: str(sources[lang]) for lang in texts}
 
 
-def key_statistics(wb, layers: int | Iterable[int], texts: Mapping[str, Sequence[str]],
+def key_statistics(wb: Workbench, layers: int | Iterable[int], texts: Mapping[str, Sequence[str]],
                    n_tokens: int = 100_000, batch_size: int = 16, max_length: int = 128,
                    source: str | Mapping[str, str] = "texts", progress: Progress | None = None, *,
                    precision: str = "float64", device: str | torch.device | None = None) -> dict[int, KeyStats]:
@@ -406,7 +385,7 @@ def key_statistics(wb, layers: int | Iterable[int], texts: Mapping[str, Sequence
     "float32"), kept on ``device`` (default: the model's). ``progress(done,
     planned)`` is called with token counts after each batch.
     """
-    layers = check_layers(wb, layers)
+    layers = wb.check_layers(layers, what="the key statistics")
     n_tokens = check_positive(n_tokens, "n_tokens")
     batch_size = check_positive(batch_size, "batch_size")
     max_length = check_positive(max_length, "max_length")
@@ -445,7 +424,7 @@ def key_statistics(wb, layers: int | Iterable[int], texts: Mapping[str, Sequence
 # ---------------------------------------------------------------- disk cache
 
 
-def model_fingerprint(wb, elements: int = 64) -> str:
+def model_fingerprint(wb: Workbench, elements: int = 64) -> str:
     """SHA-1 of the first ``elements`` values of every parameter: tells apart two models with the
     same name and size (random tiny models, a model with an edit applied). Not a full hash."""
     digest = hashlib.sha1()
@@ -456,13 +435,14 @@ def model_fingerprint(wb, elements: int = 64) -> str:
     return digest.hexdigest()
 
 
-def stats_key(wb, texts: Mapping[str, Sequence[str]], source: str, n_tokens: int, max_length: int) -> str:
-    """A stable hash of everything that determines the statistics (the layer aside)."""
-    payload = json.dumps({"model": wb.spec, "name": wb.name, "params": wb.n_params, "dtype": str(wb.dtype),
-                          "weights": model_fingerprint(wb), "languages": list(texts), "source": source,
-                          "texts": texts_digest(texts), "n_tokens": int(n_tokens), "max_length": int(max_length),
-                          "version": STATS_VERSION}, sort_keys=True)
-    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+def stats_request(wb: Workbench, texts: Mapping[str, Sequence[str]], source: str, n_tokens: int,
+                  max_length: int) -> dict[str, Any]:
+    """Everything that determines the statistics (the layer aside), as plain data; its
+    :func:`analysis.runs.request_key` names the cache folder."""
+    return {"model": wb.spec, "name": wb.name, "params": wb.n_params, "dtype": str(wb.dtype),
+            "weights": model_fingerprint(wb), "languages": list(texts), "source": source,
+            "texts": texts_digest(texts), "n_tokens": int(n_tokens), "max_length": int(max_length),
+            "version": STATS_VERSION}
 
 
 def stats_path(folder: Path, layer: int) -> Path:
@@ -483,7 +463,7 @@ def read_cached(folder: Path, layer: int, key: str, d_ff: int) -> KeyStats | Non
     return stats
 
 
-def cached_key_statistics(wb, layers: int | Iterable[int], texts: Mapping[str, Sequence[str]],
+def cached_key_statistics(wb: Workbench, layers: int | Iterable[int], texts: Mapping[str, Sequence[str]],
                           sources: str | Mapping[str, str] = "texts", n_tokens: int = 100_000, *,
                           batch_size: int = 16, max_length: int = 128, precision: str = "float64",
                           progress: Progress | None = None) -> tuple[dict[int, KeyStats], Path, bool]:
@@ -498,7 +478,7 @@ def cached_key_statistics(wb, layers: int | Iterable[int], texts: Mapping[str, S
     """
     from analysis.model import cache_root
 
-    layers = check_layers(wb, layers)
+    layers = wb.check_layers(layers, what="the key statistics")
     n_tokens = check_positive(n_tokens, "n_tokens")
     max_length = check_positive(max_length, "max_length")
     check_positive(batch_size, "batch_size")
@@ -506,25 +486,26 @@ def cached_key_statistics(wb, layers: int | Iterable[int], texts: Mapping[str, S
     texts, sources = checked_texts(texts, sources)
     texts = {lang: texts[lang] for lang in sorted(texts)}  # the statistics do not depend on the order
     label = source_label(sources)
-    key = stats_key(wb, texts, label, n_tokens, max_length)
+    request = stats_request(wb, texts, label, n_tokens, max_length)
+    key = runs.request_key(request)
     where = cache_root() / "stats" / key
+    info = runs.claim(where, "stats", key, request)
     found: dict[int, KeyStats] = {}
-    for layer in layers:
-        stats = read_cached(where, layer, key, wb.arch.d_ff(wb.model, layer))
-        if stats is not None:
-            found[layer] = stats
+    if info.state in ("run", "damaged"):  # a damaged record: the layers carry their key and checksum
+        for layer in layers:
+            stats = read_cached(where, layer, key, wb.arch.d_ff(wb.model, layer))
+            if stats is not None:
+                found[layer] = stats
     missing = [layer for layer in layers if layer not in found]
+    computed: dict[int, KeyStats] = {}
     if missing:
         computed = key_statistics(wb, missing, texts, n_tokens=n_tokens, batch_size=batch_size,
                                   max_length=max_length, source=label, progress=progress, precision=precision)
-        where.mkdir(parents=True, exist_ok=True)
-        for layer, stats in computed.items():
+        for stats in computed.values():
             stats.meta.update(key=key, sources=sources, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                              versions=versions())
-            stats.save(stats_path(where, layer))
-        atomic_write(where / "key.json", lambda f: f.write(json.dumps(
-            {"key": key, "model": wb.spec, "model_name": wb.name, "languages": list(texts), "source": label,
-             "texts_sha1": texts_digest(texts), "n_tokens": n_tokens, "max_length": max_length,
-             "stats_version": STATS_VERSION}, indent=2, ensure_ascii=False).encode()))
+                              versions=runs.versions())
         found.update(computed)
+    if computed or info.state != "run":
+        runs.add_to_run(where, "stats", key, request,
+                        lambda folder: [stats.save(stats_path(folder, layer)) for layer, stats in computed.items()])
     return {layer: found[layer] for layer in layers}, where, not missing

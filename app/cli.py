@@ -16,9 +16,14 @@ from typing import Optional
 import numpy as np
 import typer
 
+from analysis.attribution import AttributionParams
+from analysis.causal_trace import TraceParams
 from analysis.errors import InputError
+from analysis.neurons import CountParams
+from app import forms
 from app.cli_errors import on_interrupt, user_errors
 from app.cli_outputs import claim_out, save_figures, save_parquet, save_table
+from app.forms import parse_layers, per_language, read_json, split_list
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Neuroglot: multilingual neurons and knowledge edits in LLMs.")
@@ -30,12 +35,6 @@ DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or floa
 TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow the checkpoint's own Python code to run.")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an --out folder that holds another request's or "
                                                        "another command's results (refused otherwise).")
-
-
-def split_languages(value: Optional[str]) -> Optional[list[str]]:
-    if value is None or not value.strip():
-        return None
-    return [x.strip() for x in value.split(",") if x.strip()]
 
 
 @cli.command()
@@ -76,15 +75,14 @@ def corpus(corpus: str = typer.Option("demo", "--corpus", "-c",
     """Print the number of facts per relation x language of a corpus."""
     from data import load_corpus
 
-    corp = load_corpus(corpus, languages=split_languages(languages), relations=split_languages(relations))
-    langs = split_languages(languages)
+    corp = load_corpus(corpus, languages=split_list(languages), relations=split_list(relations))
+    langs = split_list(languages)
     if aligned:
         if not langs or len(langs) < 2:
             raise InputError("--aligned needs at least two --languages.")
         corp = corp.aligned(langs)
     table = corp.counts(margins=True)
-    typer.echo(f"{corp.name}: {len(corp):,} prompts, {corp.rows['fact_id'].nunique():,} facts, "
-               f"{len(corp.relations)} relations, {len(corp.languages)} languages")
+    typer.echo(f"{corp.name}: {corp.summary()}")
     typer.echo(table.to_string())
 
 
@@ -95,12 +93,14 @@ def neurons(model: str = ModelOpt,
             languages: str = typer.Option("en,zh", "--languages", "-l", help="Comma-separated, at least two."),
             beta: float = typer.Option(0.1, "--beta", "-b", help="Eq. 5 threshold β in [0, 1]."),
             out: Path = typer.Option(..., "--out", "-o", help="Run folder to write (reused if the request is the same)."),
-            positions: str = typer.Option("all", "--positions", help="Tokens counted: all, subject or last."),
-            text: str = typer.Option("statement", "--text", help="statement (full sentence, as the paper) or prompt."),
+            positions: str = typer.Option(CountParams.positions, "--positions",
+                                          help="Tokens counted: all, subject or last."),
+            text: str = typer.Option(CountParams.text, "--text",
+                                     help="statement (full sentence, as the paper) or prompt."),
             relations: Optional[str] = typer.Option(None, "--relations", "-r", help="Comma-separated relation ids."),
             max_facts: Optional[int] = typer.Option(None, "--max-facts", help="Facts per relation (sampled, seed 0)."),
             aligned: bool = typer.Option(True, "--aligned/--all-facts", help="Keep only facts present in every language."),
-            batch_size: int = typer.Option(32, "--batch-size"),
+            batch_size: int = typer.Option(CountParams.batch_size, "--batch-size"),
             png: bool = typer.Option(True, "--png/--no-png", help="Also write PNG figures (needs Chromium)."),
             overwrite: bool = OverwriteOpt,
             device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
@@ -112,7 +112,7 @@ def neurons(model: str = ModelOpt,
     from analysis.model import load_model
     from data import load_corpus
 
-    langs = split_languages(languages) or []
+    langs = split_list(languages) or []
     if len(langs) < 2:
         raise InputError("--languages needs at least two languages, e.g. en,zh.")
     nr.check_beta(beta)
@@ -120,7 +120,7 @@ def neurons(model: str = ModelOpt,
         raise InputError(f"--positions must be one of {', '.join(nr.POSITIONS)}.")
     if text not in nr.TEXTS:
         raise InputError(f"--text must be statement or prompt; got {text!r}.")
-    corp = load_corpus(corpus, languages=langs, relations=split_languages(relations), max_facts=max_facts)
+    corp = load_corpus(corpus, languages=langs, relations=split_list(relations), max_facts=max_facts)
     if aligned:
         corp = corp.aligned(langs)
     claim_out(out, "neurons", nr.atlas_request(model, corp, langs, positions, text), overwrite)
@@ -135,8 +135,7 @@ def neurons(model: str = ModelOpt,
                                                  batch_size=batch_size, progress=progress, overwrite=overwrite)
     on_interrupt(f"the counts in {folder} are complete; the tables and figures written so far are complete "
                  "files (run the command again for the rest).")
-    typer.echo(f"{'read' if reused else 'wrote'} counts: {folder} "
-               f"({', '.join(f'{l}: {n:,} tokens' for l, n in zip(counts.languages, counts.tokens))})")
+    typer.echo(f"{'read' if reused else 'wrote'} counts: {folder} ({counts.summary()})")
     table = nr.neuron_set_table(counts, beta)
     save_table(table, folder / f"neurons_per_layer_beta{beta:g}.csv", index=False)
     save_parquet(nr.neuron_list(counts, beta), folder / f"neurons_beta{beta:g}.parquet")
@@ -161,58 +160,13 @@ def neurons(model: str = ModelOpt,
     typer.echo(f"figures: {', '.join(sorted(figs))} → {folder}")
 
 
-def per_language(values: Optional[list[str]], what: str) -> dict[str, list[str]]:
-    """``["en:The capital of France is", "zh:法国的首都是"]`` → {"en": [...], "zh": [...]}."""
-    from data.corpus import normalize_language
-
-    out: dict[str, list[str]] = {}
-    for value in values or []:
-        lang, sep, text = value.partition(":")
-        if not sep or not text.strip():
-            raise InputError(f"{what} must be written LANG:TEXT, e.g. en:Paris; got {value!r}.")
-        out.setdefault(normalize_language(lang.strip(), where=what), []).append(text.strip())
-    return out
-
-
-def parse_layers(value: Optional[str], n_layers: int) -> Optional[list[int]]:
-    """"3,5,9-12" → [3, 5, 9, 10, 11, 12]; None → all layers."""
-    if value is None or not value.strip():
-        return None
-    layers: list[int] = []
-    try:
-        for part in value.split(","):
-            lo, dash, hi = part.strip().partition("-")
-            layers.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
-    except ValueError:
-        raise InputError(f"--layers must look like 3,5,9-12; got {value!r}.") from None
-    bad = [x for x in layers if not 0 <= x < n_layers]
-    if bad:
-        raise InputError(f"Layer {bad[0]} is out of range: the model has layers 0..{n_layers - 1}.")
-    return layers
-
-
-def typed_prompts(prompts: dict[str, list[str]], answers: dict[str, list[str]], subjects: dict[str, list[str]]):
-    """One typed fact: a prompt table (fact_id "typed") from per-language prompts and answers."""
-    import pandas as pd
-
-    missing = sorted(set(prompts) - set(answers))
-    if missing:
-        raise InputError(f"Give the answer for {', '.join(missing)} too (--target {missing[0]}:...).")
-    rows = []
-    for lang, texts in prompts.items():
-        for j, text in enumerate(texts):
-            rows.append(dict(fact_id="typed", relation="typed", language=lang,
-                             subject=(subjects.get(lang) or [""])[0], object=answers[lang][0], prompt=text,
-                             template_id=f"typed.{lang}.{j}"))
-    return pd.DataFrame(rows)
-
-
 @cli.command()
 @user_errors
 def attribute(model: str = ModelOpt,
               corpus: str = typer.Option("demo", "--corpus", "-c", help="Corpus spec (see `neuroglot corpus`)."),
               languages: str = typer.Option("en,zh", "--languages", "-l", help="Comma-separated."),
-              max_facts: int = typer.Option(20, "--max-facts", help="Facts (round-robin over relations)."),
+              max_facts: int = typer.Option(AttributionParams.max_facts, "--max-facts",
+                                            help="Facts (round-robin over relations)."),
               facts: Optional[str] = typer.Option(None, "--facts", help="Comma-separated fact ids instead."),
               relations: Optional[str] = typer.Option(None, "--relations", "-r", help="Comma-separated relation ids."),
               prompts_per_fact: Optional[int] = typer.Option(None, "--prompts-per-fact",
@@ -222,14 +176,18 @@ def attribute(model: str = ModelOpt,
                                                               "language/paraphrase."),
               target: Optional[list[str]] = typer.Option(None, "--target", help="LANG:ANSWER for each typed language."),
               out: Path = typer.Option(..., "--out", "-o", help="Run folder to write (reused if the request is the same)."),
-              threshold: float = typer.Option(0.2, "--threshold", "-t", help="Per prompt: ≥ t × the prompt's max."),
-              share: float = typer.Option(0.5, "--share", "-p", help="Per fact: in ≥ p of its prompts."),
-              steps: int = typer.Option(20, "--steps", help="Integration steps m."),
-              method: str = typer.Option("riemann_right", "--method", help="riemann_right (Dai et al.) or "
-                                                                            "gausslegendre, riemann_trapezoid, ..."),
-              target_tokens: str = typer.Option("first", "--target-tokens", help="first or mean."),
+              threshold: float = typer.Option(AttributionParams.threshold, "--threshold", "-t",
+                                              help="Per prompt: ≥ t × the prompt's max."),
+              share: float = typer.Option(AttributionParams.share, "--share", "-p",
+                                          help="Per fact: in ≥ p of its prompts."),
+              steps: int = typer.Option(AttributionParams.steps, "--steps", help="Integration steps m."),
+              method: str = typer.Option(AttributionParams.method, "--method",
+                                         help="riemann_right (Dai et al.) or gausslegendre, riemann_trapezoid, ..."),
+              target_tokens: str = typer.Option(AttributionParams.target_tokens, "--target-tokens",
+                                                help="first or mean."),
               layers: Optional[str] = typer.Option(None, "--layers", help="e.g. 0-5,9 (default all)."),
-              max_rows: int = typer.Option(512, "--max-rows", help="Rows (layers × steps) per forward."),
+              max_rows: int = typer.Option(AttributionParams.max_rows, "--max-rows",
+                                           help="Rows (layers × steps) per forward."),
               png: bool = typer.Option(True, "--png/--no-png", help="Also write PNG figures (needs Chromium)."),
               overwrite: bool = OverwriteOpt,
               device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
@@ -237,7 +195,7 @@ def attribute(model: str = ModelOpt,
     from tqdm import tqdm
 
     from analysis import attribution as at
-    from analysis import figures
+    from analysis import fact_figures
     from analysis.model import load_model
     from data import load_corpus
 
@@ -245,18 +203,22 @@ def attribute(model: str = ModelOpt,
     at.check_fraction(share, "The prompt share p")
     typed = per_language(prompt, "--prompt")
     if typed:
-        table = typed_prompts(typed, per_language(target, "--target"), {})
+        answers = per_language(target, "--target")
+        missing = sorted(set(typed) - set(answers))
+        if missing:
+            raise InputError(f"Give the answer for {', '.join(missing)} too (--target {missing[0]}:...).")
+        table = forms.typed_prompt_table(forms.typed_facts(typed, answers=answers))
         langs = list(typed)
         source = "typed"
     else:
         if target:
             raise InputError("--target goes with --prompt (a typed fact).")
-        langs = split_languages(languages) or []
+        langs = split_list(languages) or []
         if not langs:
             raise InputError("--languages needs at least one language.")
-        corp = load_corpus(corpus, languages=langs, relations=split_languages(relations))
+        corp = load_corpus(corpus, languages=langs, relations=split_list(relations))
         table = at.fact_prompts(corp, langs, max_facts=max_facts, prompts_per_fact=prompts_per_fact,
-                                fact_ids=split_languages(facts))
+                                fact_ids=split_list(facts))
         source = corp.name
     at.check_method(method, steps, target_tokens)
     claim_out(out, "attribute", at.attribution_request(model, table, steps, method, target_tokens), overwrite)
@@ -273,8 +235,7 @@ def attribute(model: str = ModelOpt,
                                                  overwrite=overwrite)
     on_interrupt(f"the attributions in {folder} are complete; the tables and figures written so far are complete "
                  "files (run the command again for the rest).")
-    typer.echo(f"{'read' if reused else 'wrote'} attributions: {folder} ({len(run.prompts)} prompts, "
-               f"{len(run.fact_ids)} facts, {', '.join(run.languages)})")
+    typer.echo(f"{'read' if reused else 'wrote'} attributions: {folder} ({run.summary()})")
     counts = run.set_counts(threshold, share)
     per_layer = run.per_layer(threshold, share)
     save_table(counts, folder / f"knowledge_neurons_t{threshold:g}_p{share:g}.csv", index=False)
@@ -284,17 +245,13 @@ def attribute(model: str = ModelOpt,
 
     save_table(pd.concat(tops, ignore_index=True), folder / f"top_neurons_t{threshold:g}_p{share:g}.csv", index=False)
     figs = {f"knowledge_neurons_by_layer_t{threshold:g}_p{share:g}":
-            figures.knowledge_neurons_by_layer(per_layer, run.languages),
-            "attribution_strength": figures.attribution_strength(run.mean_scores(), run.layers)}
+            fact_figures.knowledge_neurons_by_layer(per_layer, run.languages),
+            "attribution_strength": fact_figures.attribution_strength(run.mean_scores(), run.layers)}
     save_figures(folder, figs, png)
     shown = counts.drop(columns=["object"]).set_index("fact_id")
     typer.echo(shown.to_string())
-    totals = {c: int(counts[c].sum()) for c in counts.columns if c.startswith(("N_", "S_")) or c == at.INDEPENDENT}
-    specific = ", ".join(f"{lang}-specific {totals.get(f'S_{lang}', 0):,}" for lang in run.languages)
-    typer.echo(f"over {len(counts)} facts (t={threshold:g}, p={share:g}): language-independent "
-               f"{totals.get(at.INDEPENDENT, 0):,}; {specific}")
-    gap = float(run.prompts["completeness_gap"].max())
-    typer.echo(f"completeness: largest |Σ attributions − (P(w̄) − P(0))| over layers and prompts = {gap:.3g}")
+    typer.echo(run.neuron_summary(threshold, share, counts))
+    typer.echo(run.completeness_summary())
     typer.echo(f"figures: {', '.join(sorted(figs))} → {folder}")
 
 
@@ -309,15 +266,18 @@ def trace(model: str = ModelOpt,
           corpus: str = typer.Option("demo", "--corpus", "-c", help="Corpus spec (see `neuroglot corpus`)."),
           languages: str = typer.Option("en,zh", "--languages", "-l", help="Comma-separated."),
           fact: Optional[str] = typer.Option(None, "--fact", help="One corpus fact id: heatmaps per language."),
-          max_facts: int = typer.Option(20, "--max-facts", help="Without --prompt/--fact: facts to average."),
+          max_facts: int = typer.Option(TraceParams.max_facts, "--max-facts",
+                                        help="Without --prompt/--fact: facts to average."),
           answer_from: str = typer.Option("object", "--answer-from", help="Corpus facts: object (the corpus answer) "
                                                                           "or model (its own prediction)."),
-          kinds: str = typer.Option("hidden,mlp,attn", "--kinds", help="Any of hidden, mlp, attn."),
-          samples: int = typer.Option(10, "--samples", help="Noise samples per cell."),
-          noise: float = typer.Option(3.0, "--noise", help="σ = noise × the std of the token embeddings."),
-          window: int = typer.Option(10, "--window", help="Layers restored together for mlp and attn."),
-          seed: int = typer.Option(0, "--seed"),
-          max_rows: int = typer.Option(256, "--max-rows", help="Rows per forward."),
+          kinds: str = typer.Option(",".join(TraceParams.kinds), "--kinds", help="Any of hidden, mlp, attn."),
+          samples: int = typer.Option(TraceParams.samples, "--samples", help="Noise samples per cell."),
+          noise: float = typer.Option(TraceParams.noise, "--noise",
+                                      help="σ = noise × the std of the token embeddings."),
+          window: int = typer.Option(TraceParams.window, "--window",
+                                     help="Layers restored together for mlp and attn."),
+          seed: int = typer.Option(TraceParams.seed, "--seed"),
+          max_rows: int = typer.Option(TraceParams.max_rows, "--max-rows", help="Rows per forward."),
           out: Path = typer.Option(..., "--out", "-o", help="Run folder to write."),
           png: bool = typer.Option(True, "--png/--no-png", help="Also write PNG figures (needs Chromium)."),
           overwrite: bool = OverwriteOpt,
@@ -326,12 +286,12 @@ def trace(model: str = ModelOpt,
     from tqdm import tqdm
 
     from analysis import causal_trace as ct
-    from analysis import figures
+    from analysis import fact_figures, figures
     from analysis.model import load_model
     from data import load_corpus
 
-    chosen_kinds = split_languages(kinds) or []
-    bad = [k for k in chosen_kinds if k not in figures.TRACE_KINDS]
+    chosen_kinds = split_list(kinds) or []
+    bad = [k for k in chosen_kinds if k not in fact_figures.TRACE_KINDS]
     if bad or not chosen_kinds:
         raise InputError(f"--kinds takes hidden, mlp and attn; got {kinds!r}.")
     ct.check_parameters(chosen_kinds, samples, window, max_rows, seed, noise)
@@ -347,7 +307,7 @@ def trace(model: str = ModelOpt,
             single[lang] = (texts[0], subjects[lang][0], (answers.get(lang) or [None])[0])
     elif subject or answer:
         raise InputError("--subject and --answer go with --prompt (a typed fact).")
-    langs = split_languages(languages) or []
+    langs = split_list(languages) or []
     corp = None
     if not typed:
         if not langs:
@@ -378,14 +338,10 @@ def trace(model: str = ModelOpt,
                                          window=window, seed=seed, max_rows=max_rows, progress=progress,
                                          language=lang)
             traces[lang] = [result]
-            figs[f"trace_{lang}"] = figures.causal_trace_heatmaps(
+            figs[f"trace_{lang}"] = fact_figures.causal_trace_heatmaps(
                 result.tokens, result.subject_range, result.scores, result.p_clean, result.p_corrupted,
                 result.answer, title=f"[{lang}] {text} → {result.answer.strip()}")
-            best = {k: np.unravel_index(np.argmax(v), v.shape) for k, v in result.scores.items()}
-            typer.echo(f"{lang}: {text!r} → {result.answer!r}: clean p = {result.p_clean:.4f}, corrupted p = "
-                       f"{result.p_corrupted:.4f}; strongest restoration " + ", ".join(
-                           f"{k} at token {result.tokens[t]!r} layer {l} (p = {result.scores[k][t, l]:.4f})"
-                           for k, (t, l) in best.items()))
+            typer.echo(f"{lang}: {text!r} → {result.answer!r}: {result.summary()}")
 
         def write(tmp: Path) -> None:
             ct.save_traces(tmp, traces, {"request": dict(request, model=wb.spec, key=key)})
@@ -414,88 +370,14 @@ def trace(model: str = ModelOpt,
     for lang, per_kind in effects.items():
         for k, frame in per_kind.items():
             save_table(frame, folder / f"average_effect_{lang}_{k}.csv")
-    save_figures(folder, {"average_effects": figures.average_effect_heatmaps(effects)}, png)
-    n = {lang: len(traces[lang]) for lang in langs}
-    typer.echo(f"{'read' if reused else 'wrote'} traces: {folder} ({', '.join(f'{l}: {c} facts' for l, c in n.items())})")
+    save_figures(folder, {"average_effects": fact_figures.average_effect_heatmaps(effects)}, png)
+    typer.echo(f"{'read' if reused else 'wrote'} traces: {folder} ({traces.summary()})")
     for lang, per_kind in effects.items():
         for k, frame in per_kind.items():
             cat, layer = np.unravel_index(np.nanargmax(frame.to_numpy(dtype=float)), frame.shape)
             typer.echo(f"{lang} {k}: strongest average effect {frame.iat[cat, layer]:.4f} at "
                        f"{frame.index[cat]}, layer {frame.columns[layer]}")
     typer.echo(f"figure: average_effects → {folder}")
-
-
-def read_json_option(value: Optional[str], what: str):
-    """A JSON value given inline or as the path of a JSON file; None when not given."""
-    import json
-
-    if value is None or not value.strip():
-        return None
-    text = value
-    path = Path(value)
-    if not value.lstrip().startswith(("{", "[")):
-        if not path.is_file():
-            raise InputError(f"{what}: {value!r} is neither JSON nor a file.")
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError:
-            raise InputError(f"{what}: {path} is not UTF-8 text (a binary file, or another encoding); "
-                             "give a JSON file saved as UTF-8.") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        source = f" ({path})" if text is not value else ""
-        raise InputError(f"{what}{source} is not valid JSON: {exc}.") from None
-
-
-def typed_request(prompt, subject, target, old, paraphrase, locality, portability):
-    """An EditRequest from per-language ``LANG:TEXT`` options (``Q|A`` pairs for locality/portability)."""
-    from editors.requests import EditRequest, LanguageFact
-
-    prompts, subjects = per_language(prompt, "--prompt"), per_language(subject, "--subject")
-    targets, olds = per_language(target, "--target"), per_language(old, "--old")
-    paras = per_language(paraphrase, "--paraphrase")
-
-    def pairs(values, what):
-        out = {}
-        for lang, texts in per_language(values, what).items():
-            for text in texts:
-                q, bar, a = text.rpartition("|")
-                if not bar or not q.strip() or not a.strip():
-                    raise InputError(f"{what} must be written LANG:QUESTION|ANSWER; got {lang}:{text!r}.")
-                out.setdefault(lang, []).append((q.strip(), a.strip()))
-        return out
-
-    locs, ports = pairs(locality, "--locality"), pairs(portability, "--portability")
-    for what, given in (("--subject", subjects), ("--target", targets)):
-        missing = sorted(set(prompts) - set(given))
-        if missing:
-            raise InputError(f"Give {what} for {', '.join(missing)} too ({what} {missing[0]}:...).")
-    extra = sorted((set(subjects) | set(targets) | set(olds) | set(paras) | set(locs) | set(ports)) - set(prompts))
-    if extra:
-        raise InputError(f"Language {extra[0]!r} has no --prompt {extra[0]}:...")
-    facts = {lang: LanguageFact(prompts[lang][0], subjects[lang][0], targets[lang][0],
-                                target_old=(olds.get(lang) or [None])[0],
-                                paraphrases=prompts[lang][1:] + paras.get(lang, []),
-                                locality=locs.get(lang, []), portability=ports.get(lang, []))
-             for lang in prompts}
-    return EditRequest(facts, "typed")
-
-
-def editor_with(wb, method: str, hparams_json: Optional[str], preset: Optional[str]):
-    """The editor ``method`` with the model's preset (or ``preset``'s) and JSON overrides."""
-    from editors.base import get_editor
-    from editors.evaluate import resolve_hparams
-
-    overrides = read_json_option(hparams_json, "--hparams") or {}
-    if not isinstance(overrides, dict):
-        raise InputError("--hparams must be a JSON object of field values, e.g. '{\"beta\": 0.2}'.")
-    if preset:
-        cls = get_editor(method).hparams_class
-        fields = dict(cls.PRESETS[cls.preset_name(preset)])
-        fields.update(overrides)
-        return get_editor(method, cls.from_dict(fields))
-    return get_editor(method, resolve_hparams(wb, method, overrides))
 
 
 @cli.command()
@@ -541,28 +423,26 @@ def edit(model: str = ModelOpt,
     if sources != 1:
         raise InputError("Give the fact one way: --request FILE, --record ID or --prompt/--subject/--target.")
     if request is not None:
-        data = read_json_option(request, "--request")
+        data = read_json(request, "--request")
         if not isinstance(data, dict):
             raise InputError("--request must hold one JSON object (an edit request).")
         req = EditRequest.from_dict(data)
     elif record is not None:
         from editors.evaluate import load_records
 
-        langs = split_languages(languages) or []
-        index = record.split(":")[-1].strip()
-        if not index.isdigit():
-            raise InputError(f"--record must be a record number such as mzsre:5; got {record!r}.")
-        recs = load_records(dataset, langs, 1, int(index))
+        langs = split_list(languages) or []
+        index = forms.record_index(record)
+        recs = load_records(dataset, langs, 1, index)
         if recs[0].record_id != f"mzsre:{index}":
             raise InputError(f"Record {record} does not have all of {', '.join(langs)}.")
         req = EditRequest.from_record(recs[0], langs)
     else:
-        req = typed_request(prompt, subject, target, old, paraphrase, locality, portability)
+        req = forms.edit_request_from_options(prompt, subject, target, old, paraphrase, locality, portability)
     from analysis.model import load_model
 
     wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     req = req.validate(wb)
-    editor = editor_with(wb, method, hparams, preset)
+    editor = forms.editor_with(wb, method, hparams, preset)
     typer.echo(f"editing {', '.join(req.languages)} with {editor.name} ...")
     started = time.perf_counter()
     result = editor.compute(wb, req)
@@ -619,7 +499,7 @@ def evaluate(model: str = ModelOpt,
         typer.echo(f"merged run folder: {out}")
         return
 
-    names = list(dict.fromkeys(split_languages(methods) or []))
+    names = list(dict.fromkeys(split_list(methods) or []))
     if not names:
         raise InputError("--methods names no editor; give at least one, e.g. lu-lafns,memit (see `neuroglot edit "
                          "--list`).")
@@ -627,7 +507,7 @@ def evaluate(model: str = ModelOpt,
         get_editor(name)                                   # unknown names fail before the model loads
     edit_langs = list(parse_language_sets(edit_languages, "--edit-languages")[0])
     tests = list(parse_language_sets(test_languages, "--test-languages")[0])
-    overrides = read_json_option(hparams, "--hparams") or {}
+    overrides = read_json(hparams, "--hparams") or {}
     if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
         raise InputError('--hparams must be a JSON object {"method": {"field": value}}.')
     unknown = sorted(set(overrides) - set(names))

@@ -7,8 +7,10 @@ No tensor is ever put in `st.session_state`.
 Long work (counting, attribution, tracing) never runs inside a cached function:
 Streamlit replays a cached function's element calls on every cache hit, and a
 progress bar created outside the function then fails the replay. The pages run
-it through :func:`progress_bar` and keep its result in the backend's run folder,
-which reruns, page switches and other sessions read back.
+it through :func:`run_or_read` (under a :func:`progress_bar`) and keep its result
+in the backend's run folder, which reruns, page switches and other sessions read
+back; session state holds only the request (:func:`submit_request`,
+:func:`last_request`) and the folder's path.
 """
 from __future__ import annotations
 
@@ -81,6 +83,58 @@ def folder_stamp(folder: str | None) -> float:
 
     manifest = Path(folder) / "manifest.json" if folder else None
     return manifest.stat().st_mtime if manifest is not None and manifest.is_file() else 0.0
+
+
+def last_request(slot: str, hint: str):
+    """The request this page last submitted (kept in ``st.session_state[slot]`` by :func:`submit_request`);
+    when there is none, or the model or corpus changed on Home since, ``hint`` in an info box and the page
+    stops."""
+    kept_request = st.session_state.get(slot)
+    if kept_request is None or kept_request[:2] != (current_model_spec(), current_corpus_spec()):
+        st.info(hint)
+        st.stop()
+    return kept_request[2]
+
+
+def submit_request(slot: str, request) -> None:
+    """Keep ``request`` as this page's request for the model and corpus in use, forgetting its run folders."""
+    st.session_state[slot] = (current_model_spec(), current_corpus_spec(), request)
+    st.session_state.pop(f"{slot}_folders", None)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def read_run(kind: str, folder: str, stamp: float):
+    """A run folder's results: ``"counts"`` (the atlas), ``"attribution"`` or ``"traces"``. Read once per folder
+    and ``stamp`` (the manifest's modification time), so a folder rewritten by another session or the CLI is
+    read again. Pure: draws nothing."""
+    if kind == "counts":
+        from analysis.neurons import NeuronCounts
+
+        return NeuronCounts.load(folder)
+    if kind == "attribution":
+        from analysis.attribution import AttributionRun
+
+        return AttributionRun.load(folder)
+    from analysis.causal_trace import load_traces
+
+    return load_traces(folder)
+
+
+def run_or_read(slot: str, part: str, kind: str, label: str, run: Callable, again: bool = False):
+    """The results of ``part`` of this page's request and their run folder.
+
+    ``run(progress)`` is the backend's run-folder call (``(results, folder, reused)``: it computes the request
+    or reads it back); it runs under a progress bar labelled ``label`` when the request is new (``again``) or
+    its folder is gone or unfinished (the page was left while it ran). Otherwise the folder kept in session
+    state is read back (:func:`read_run`, ``kind``). Only the folder's path is kept; if ``run`` fails, none.
+    """
+    folders = st.session_state.setdefault(f"{slot}_folders", {})
+    folder = folders.get(part)
+    if again or folder_stamp(folder) == 0.0:
+        folders.pop(part, None)
+        with progress_bar(label) as progress:
+            folder = folders[part] = str(run(progress)[1])
+    return read_run(kind, folder, folder_stamp(folder)), folder
 
 
 @contextmanager

@@ -4,7 +4,7 @@
         [--prompt "The Eiffel Tower is located in the city of"] [--target Paris] [--repeats 1]
 
 (a) the baseline: captum run layer by layer as a user would
-    (``analysis.attribution.neuron_attributions_reference``): for each layer one
+    (``analysis.reference.neuron_attributions_reference``): for each layer one
     ``IntegratedGradients`` call whose forward function runs the whole causal LM
     on the whole prompt for all steps, with a hook that sets that layer's neurons
     at the last prompt token, and reads the full logits;
@@ -31,8 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analysis.attribution import neuron_attributions, neuron_attributions_reference  # noqa: E402
+from analysis.attribution import neuron_attributions  # noqa: E402
 from analysis.model import load_model  # noqa: E402
+from analysis.reference import neuron_attributions_reference  # noqa: E402
 from bench.common import device_line, peak_rss_mib  # noqa: E402
 
 TARGET = 3.0

@@ -7,7 +7,7 @@ One prompt ("The Eiffel Tower is located in the city of", subject "Eiffel
 Tower", answer = the model's own next token), all three kinds (hidden, mlp,
 attn), ``samples`` noise draws, ROME's window of layers for mlp/attn:
 
-(r) the reference, ``causal_trace_per_cell``: as ROME's ``trace_with_patch``,
+(r) the reference, ``analysis.reference.causal_trace_per_cell``: as ROME's ``trace_with_patch``,
     one forward of the full causal LM (logits at every position) per cell on
     1 + samples rows, the clean run recomputed as row 0 of every forward;
 (p) the project, ``causal_trace``: restorations batched by token, tokens before
@@ -31,9 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analysis.causal_trace import KINDS, causal_trace, causal_trace_per_cell, noise_sigma  # noqa: E402
+from analysis.causal_trace import KINDS, causal_trace, noise_sigma  # noqa: E402
 from analysis.model import load_model  # noqa: E402
-from bench.common import device_line, peak_rss_mib  # noqa: E402
+from analysis.reference import causal_trace_per_cell  # noqa: E402
+from bench.common import peak_rss_mib, print_model  # noqa: E402
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"
@@ -78,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     diff = max(diff, abs(ref.p_clean - proj.p_clean), abs(ref.p_corrupted - proj.p_corrupted))
     T, L = len(proj.tokens), wb.n_layers
     rss_mib = peak_rss_mib()
-    device = device_line(wb)
-    print(f"model: {wb.name} [{wb.summary()['family']}, {L} layers, d_model {wb.d_model}, "
-          f"vocab {wb.summary()['vocab_size']:,}, {str(wb.dtype).replace('torch.', '')}]")
-    print(f"device: {device}")
+    print_model(wb, f"{L} layers", f"d_model {wb.d_model}", f"vocab {wb.summary()['vocab_size']:,}")
     print(f"prompt: {PROMPT!r}, subject {SUBJECT!r} = tokens {proj.subject_range[0]}..{proj.subject_range[1] - 1} "
           f"of {T}: {proj.tokens}")
     print(f"answer: {proj.answer!r} (model's prediction), p_clean {proj.p_clean:.4f}, "

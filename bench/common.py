@@ -5,18 +5,29 @@ import argparse
 import platform
 import resource
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from analysis.model import Workbench
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def device_line(wb) -> str:
+def device_line(wb: Workbench) -> str:
     """The device, with the GPU's name or the CPU and its thread count."""
     device = str(wb.device)
     if wb.device.type == "cuda":
         return device + f" ({torch.cuda.get_device_name(wb.device)})"
     return device + f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def print_model(wb: Workbench, *details: str) -> None:
+    """The ``model:`` line (name, family, ``details``, dtype) and the ``device:`` line every benchmark prints."""
+    dtype = str(wb.dtype).replace("torch.", "")
+    print(f"model: {wb.name} [{', '.join([wb.arch.family, *details, dtype])}]")
+    print(f"device: {device_line(wb)}")
 
 
 def peak_rss_mib() -> float:
@@ -36,7 +47,7 @@ def sweep_parser(doc: str, name: str, stages: list[str]) -> argparse.ArgumentPar
     return ap
 
 
-def sweep_point(wb, method: str, hparams: dict, name: str, dataset: str, n: int, offset: int, out_root,
+def sweep_point(wb: Workbench, method: str, hparams: dict, name: str, dataset: str, n: int, offset: int, out_root,
                 langs=("en", "zh")) -> tuple[dict, Path]:
     """Evaluate ``method`` with ``hparams`` over the preset, editing ``langs`` together on ``n`` records after
     ``offset`` (one record at a time), in the resumable run folder ``out_root/name``.

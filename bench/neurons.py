@@ -33,17 +33,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analysis.arch import first_tensor  # noqa: E402
-from analysis.model import load_model  # noqa: E402
-from bench.common import device_line, peak_rss_mib  # noqa: E402
-from analysis.neurons import corpus_texts, count_batch, forward_inputs  # noqa: E402
+from analysis.model import Workbench, load_model  # noqa: E402
+from bench.common import peak_rss_mib, print_model  # noqa: E402
+from analysis.neurons import corpus_texts, count_batch  # noqa: E402
 from analysis.tokens import Batch, encode  # noqa: E402
 from data import load_corpus  # noqa: E402
 
 TARGET = 1.15
 
 
-def make_batches(wb, corpus, languages: list[str], batch_size: int) -> list[Batch]:
+def make_batches(wb: Workbench, corpus, languages: list[str], batch_size: int) -> list[Batch]:
     """Statements per language, sorted by length and batched exactly as count_activations does."""
     batches = []
     for lang in languages:
@@ -54,29 +53,22 @@ def make_batches(wb, corpus, languages: list[str], batch_size: int) -> list[Batc
     return batches
 
 
-def last_token_logits(wb, batch: Batch) -> torch.Tensor:
+def last_token_logits(wb: Workbench, batch: Batch) -> torch.Tensor:
     """(a) The causal LM's next-token logits at each row's last real token only."""
-    base, _ = wb.base_model()
     with torch.no_grad():
         # same inputs as count_batch (position ids from the mask, use_cache=False); the base
         # model already ends with the final norm (model.norm, transformer.ln_f, ...)
-        hidden = first_tensor(base(**forward_inputs(wb, batch.input_ids, batch.attention_mask)))
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.last]
-        logits = wb.arch.lm_head_module(wb.model)(last)
-        cap = getattr(wb.model.config, "final_logit_softcapping", None)
-        if cap:  # gemma2 (gemma3 270M: None)
-            logits = torch.tanh(logits / cap) * cap
-    return logits
+        return wb.logits_at(wb.forward_inputs(batch.input_ids, batch.attention_mask), batch.last)
 
 
-def stack_only(wb, batch: Batch) -> None:
+def stack_only(wb: Workbench, batch: Batch) -> None:
     """(s) The decoder stack alone (no LM head, no tracing)."""
     base, _ = wb.base_model()
     with torch.no_grad():
-        base(**forward_inputs(wb, batch.input_ids, batch.attention_mask))
+        base(**wb.forward_inputs(batch.input_ids, batch.attention_mask))
 
 
-def count(wb, batch: Batch) -> None:
+def count(wb: Workbench, batch: Batch) -> None:
     """(b) Eq. 4 counts of one batch (all real tokens)."""
     count_batch(wb, batch.input_ids, batch.attention_mask, batch.positions("all"))
 
@@ -86,7 +78,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, wb, batch: Batch) -> float:
+def timed(fn, wb: Workbench, batch: Batch) -> float:
     sync(wb.device)
     started = time.perf_counter()
     fn(wb, batch)
@@ -136,10 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     ta, tb, ts = (statistics.median(times[name]) for name in ("a", "b", "s"))
 
     rss_mib = peak_rss_mib()
-    device = device_line(wb)
-    print(f"model: {wb.name} [{wb.summary()['family']}, {wb.n_layers} layers x {wb.n_neurons} neurons, "
-          f"{str(wb.dtype).replace('torch.', '')}]")
-    print(f"device: {device}")
+    print_model(wb, f"{wb.n_layers} layers x {wb.n_neurons} neurons")
     print(f"corpus: demo, {facts} fact(s) per relation, languages {','.join(languages)}: "
           f"{n_texts} texts, {n_tokens} real tokens ({n_padded} with padding and BOS), "
           f"{len(batches)} batches of <= {args.batch_size}")

@@ -31,7 +31,7 @@ Teacher-forced scores
     share of arg-max tokens is LangEdit's top-1 accuracy.
 
 Batches are padded on the left for decoding and on the right for scoring, with
-position ids counted over real tokens (:func:`analysis.neurons.forward_inputs`),
+position ids counted over real tokens (:meth:`analysis.model.Workbench.forward_inputs`),
 so a padded row computes what its text computes alone; activation patches of an
 applied edit see the ``input_ids`` of every call and so apply as in a single run.
 Decoding keeps the base model's key/value cache: the prompt runs once and each
@@ -41,13 +41,15 @@ applied in that first run, and the cached keys and values carry it on).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from analysis.errors import InputError
-from analysis.neurons import forward_inputs
 from analysis.tokens import answer_ids, pad_sequences
+
+if TYPE_CHECKING:
+    from analysis.model import Workbench
 
 #: Upper bound on decoded tokens per call (a guard against a huge ``n``).
 MAX_NEW_TOKENS = 64
@@ -66,7 +68,7 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
 
 
 @torch.no_grad()
-def greedy_answers(wb: Any, prompts: Sequence[str], n_tokens: int | Sequence[int] = 8,
+def greedy_answers(wb: Workbench, prompts: Sequence[str], n_tokens: int | Sequence[int] = 8,
                    stop_at_newline: bool = True, batch_size: int = 16) -> list[str]:
     """Greedy continuations of ``prompts``: ``n_tokens`` new tokens each (one number or one per prompt).
 
@@ -77,7 +79,7 @@ def greedy_answers(wb: Any, prompts: Sequence[str], n_tokens: int | Sequence[int
 
 
 @torch.no_grad()
-def greedy_decode(wb: Any, prompts: Sequence[str], n_tokens: int | Sequence[int] = 8,
+def greedy_decode(wb: Workbench, prompts: Sequence[str], n_tokens: int | Sequence[int] = 8,
                   stop_at_newline: bool = True, batch_size: int = 16) -> list[tuple[str, list[int]]]:
     """:func:`greedy_answers` with the generated token ids (leading blanks included) of each answer."""
     prompts = _check_prompts(prompts)
@@ -131,7 +133,7 @@ class _Greedy:
         return not any(self.active(r) for r in range(len(self.lengths)))
 
 
-def _decode_batch(wb: Any, prompts: list[str], lengths: list[int]) -> list[list[int]]:
+def _decode_batch(wb: Workbench, prompts: list[str], lengths: list[int]) -> list[list[int]]:
     """Greedy ids of one left-padded batch, with the base model's key/value cache.
 
     The prompts run once (prefill); each later step runs only the tokens just
@@ -145,12 +147,12 @@ def _decode_batch(wb: Any, prompts: list[str], lengths: list[int]) -> list[list[
     base, _ = wb.base_model()
     seqs = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
     ids, mask = pad_sequences(seqs, tok.pad_token_id, side="left", device=wb.device)
-    inputs = forward_inputs(wb, ids, mask)
+    inputs = wb.forward_inputs(ids, mask)
     if "use_cache" not in inputs:
         return _decode_batch_recompute(wb, seqs, lengths)
     inputs["use_cache"] = True
     out = base(**inputs)
-    past = getattr(out, "past_key_values", None)
+    past = wb.returned_cache(out)
     if past is None:
         return _decode_batch_recompute(wb, seqs, lengths)
     state = _Greedy(tok, lengths)
@@ -166,28 +168,25 @@ def _decode_batch(wb: Any, prompts: list[str], lengths: list[int]) -> list[list[
         last = [t if k else old for t, k, old in zip(nxt, took, last)]
         step_ids = torch.tensor(last, dtype=ids.dtype, device=wb.device)[:, None]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        step_inputs: dict[str, Any] = {"input_ids": step_ids, "attention_mask": mask, "past_key_values": past,
-                                       "use_cache": True}
+        step_inputs = wb.with_cache({"input_ids": step_ids, "attention_mask": mask}, past)
         if has_positions:
             positions = positions + 1
             step_inputs["position_ids"] = positions[:, None]
         out = base(**step_inputs)
-        past = out.past_key_values
+        past = wb.returned_cache(out)
         hidden = out[0][:, -1]
     return state.new
 
 
-def _decode_batch_recompute(wb: Any, seqs: list[list[int]], lengths: list[int]) -> list[list[int]]:
+def _decode_batch_recompute(wb: Workbench, seqs: list[list[int]], lengths: list[int]) -> list[list[int]]:
     """Greedy ids of one batch of prompt ids without a cache: every step runs each row's whole text again."""
     tok = wb.tokenizer
     seqs = [list(s) for s in seqs]
     state = _Greedy(tok, lengths)
-    base, _ = wb.base_model()
     for _ in range(max(lengths) + LEADING_BLANKS):
         # left padding: the last column is every row's last token
         ids, mask = pad_sequences(seqs, tok.pad_token_id, side="left", device=wb.device)
-        hidden = base(**forward_inputs(wb, ids, mask))[0][:, -1]
-        nxt = wb.logits(hidden).float().argmax(-1).tolist()
+        nxt = wb.logits_at(wb.forward_inputs(ids, mask)).float().argmax(-1).tolist()
         for r, (t, took) in enumerate(zip(nxt, state.take(nxt))):
             if took:
                 seqs[r] = seqs[r] + [int(t)]
@@ -224,7 +223,7 @@ class AnswerScore:
 
 
 @torch.no_grad()
-def answer_scores(wb: Any, prompts: Sequence[str], answers: Sequence[str | Sequence[int]],
+def answer_scores(wb: Workbench, prompts: Sequence[str], answers: Sequence[str | Sequence[int]],
                   batch_size: int = 16) -> list[AnswerScore]:
     """Teacher-forced :class:`AnswerScore` of ``answers[i]`` after ``prompts[i]`` (one forward per batch).
 
@@ -236,7 +235,6 @@ def answer_scores(wb: Any, prompts: Sequence[str], answers: Sequence[str | Seque
     if len(answers) != len(prompts):
         raise InputError("Give one answer per prompt.")
     tok = wb.tokenizer
-    base, _ = wb.base_model()
     out: list[AnswerScore] = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(zip(prompts[start:start + batch_size], answers[start:start + batch_size]))
@@ -249,11 +247,10 @@ def answer_scores(wb: Any, prompts: Sequence[str], answers: Sequence[str | Seque
             seqs.append(p_ids + a_ids)
             spans.append((len(p_ids), a_ids))
         ids, mask = pad_sequences(seqs, tok.pad_token_id, device=wb.device)
-        hidden = base(**forward_inputs(wb, ids, mask))[0]
         rows = [r for r, (n, a) in enumerate(spans) for _ in a]
         cols = [n - 1 + k for n, a in spans for k in range(len(a))]
         targets = torch.tensor([t for _, a in spans for t in a], device=wb.device)
-        logp = torch.log_softmax(wb.logits(hidden[rows, cols]).float(), dim=-1)
+        logp = torch.log_softmax(wb.logits_at(wb.forward_inputs(ids, mask), (rows, cols)).float(), dim=-1)
         picked = logp.gather(1, targets[:, None]).squeeze(1).tolist()
         best = (logp.argmax(-1) == targets).tolist()
         k = 0
@@ -263,6 +260,6 @@ def answer_scores(wb: Any, prompts: Sequence[str], answers: Sequence[str | Seque
     return out
 
 
-def answer_length(wb: Any, prompt: str, answer: str) -> int:
+def answer_length(wb: Workbench, prompt: str, answer: str) -> int:
     """Tokens of ``answer`` after ``prompt`` (capped at :data:`MAX_NEW_TOKENS`): the decoding length of the metrics."""
     return min(len(answer_ids(wb.tokenizer, prompt, answer)), MAX_NEW_TOKENS)

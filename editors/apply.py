@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from analysis.errors import InputError, NeuroglotError
+from analysis.hooks import Hooks
 from editors.edit import ActivationPatch, Edit, WeightDelta
 from editors.subjects import SubjectMatcher
 
@@ -101,7 +102,7 @@ class AppliedEdit:
         self._holds_lock = False
         self._entered = False
         self._saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-        self._handles: list[Any] = []
+        self._hooks = Hooks()
 
     def __enter__(self) -> Workbench:
         if self._entered:
@@ -153,7 +154,7 @@ class AppliedEdit:
                 for _, param, terms in targets:
                     for term in terms:
                         param.add_(term.materialize(param.device))
-                self._handles = plan.register()
+                self._hooks = plan.register()
             except BaseException:
                 self._undo()
                 raise
@@ -180,9 +181,7 @@ class AppliedEdit:
         return targets
 
     def _undo(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._hooks.remove()
         with torch.no_grad():
             for param, saved in self._saved:
                 param.copy_(saved)
@@ -229,22 +228,21 @@ class _PatchPlan:
             self.group_of.append(group_by_key[key])
         self.matcher = SubjectMatcher(groups)
 
-    def register(self) -> list[Any]:
+    def register(self) -> Hooks:
+        """The patches' hooks, registered (all or none); ``.remove()`` takes them off."""
+        hooks = Hooks()
         if not self.patches:
-            return []
+            return hooks
         model, arch = self.wb.model, self.wb.arch
-        handles = []
         try:
-            handles.append(arch.embedding(model).register_forward_pre_hook(self._read_token_ids, with_kwargs=True))
-            handles.append(self.wb.base_model()[0].register_forward_hook(self._forget_token_ids, always_call=True))
+            hooks.pre(arch.embedding(model), self._read_token_ids, with_kwargs=True)
+            hooks.forward(self.wb.base_model()[0], self._forget_token_ids, always_call=True)
             for i, patch in enumerate(self.patches):
-                site = arch.site(model, patch.layer, "neuron")
-                handles.append(site.register_forward_hook(self._patch_hook(i)))
+                hooks.forward(arch.site(model, patch.layer, "neuron"), self._patch_hook(i))
         except BaseException:
-            for handle in handles:
-                handle.remove()
+            hooks.remove()
             raise
-        return handles
+        return hooks
 
     def _read_token_ids(self, module: Any, args: tuple, kwargs: dict) -> None:
         ids = args[0] if args else kwargs.get("input_ids", kwargs.get("input"))

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from analysis.errors import InputError
-from analysis.neurons import forward_inputs
 
 if TYPE_CHECKING:
     from analysis.model import Workbench
@@ -54,10 +53,8 @@ def _language_seed(seed: int, language: str) -> int:
 
 def _last_logits(wb: Workbench, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits [B, vocab] at each row's last non-padding token (LM head on those positions only)."""
-    base, _ = wb.base_model()
-    hidden = base(**forward_inputs(wb, input_ids, attention_mask))[0]
     last = attention_mask.long().sum(1) - 1
-    return wb.logits(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).float()
+    return wb.logits_at(wb.forward_inputs(input_ids, attention_mask), last).float()
 
 
 def generate_prefixes(wb: Workbench, language: str, hp: Any) -> list[str]:

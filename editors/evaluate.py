@@ -54,7 +54,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 
@@ -65,6 +65,9 @@ from editors import eval_folders
 from editors.base import get_editor
 from editors.requests import EditRequest
 from editors.metrics import exact_match, token_f1
+
+if TYPE_CHECKING:
+    from analysis.model import Workbench
 
 KINDS = ("reliability", "generality", "locality", "portability")
 KIND_TITLES = {"reliability": "Reliability", "generality": "Generality", "locality": "Locality",
@@ -105,11 +108,11 @@ def probes(request: EditRequest, languages: Sequence[str] | None = None) -> list
     return out
 
 
-def _length(wb: Any, probe: Probe) -> int:
+def _length(wb: Workbench, probe: Probe) -> int:
     return answer_length(wb, probe.prompt, probe.gold or probe.reference)
 
 
-def unedited_answers(wb: Any, items: Sequence[Probe]) -> list[tuple[str, list[int]]]:
+def unedited_answers(wb: Workbench, items: Sequence[Probe]) -> list[tuple[str, list[int]]]:
     """The unedited model's greedy answers and their token ids (the locality references and y°).
 
     Call it without an edit applied.
@@ -117,7 +120,7 @@ def unedited_answers(wb: Any, items: Sequence[Probe]) -> list[tuple[str, list[in
     return greedy_decode(wb, [p.prompt for p in items], [_length(wb, p) for p in items])
 
 
-def score_probes(wb: Any, items: Sequence[Probe], before: Sequence[tuple[str, list[int]]],
+def score_probes(wb: Workbench, items: Sequence[Probe], before: Sequence[tuple[str, list[int]]],
                  unedited: bool = False) -> list[dict[str, Any]]:
     """Every metric of every probe on ``wb`` as it is now (apply the edit around this call).
 
@@ -165,7 +168,8 @@ def score_probes(wb: Any, items: Sequence[Probe], before: Sequence[tuple[str, li
     return rows
 
 
-def before_after(wb: Any, request: EditRequest, edit: Any, languages: Sequence[str] | None = None) -> pd.DataFrame:
+def before_after(wb: Workbench, request: EditRequest, edit: Any,
+                 languages: Sequence[str] | None = None) -> pd.DataFrame:
     """Every probe of ``request`` answered and scored by the unedited model and under ``edit``.
 
     One row per probe: language, kind, prompt, reference, and for "before" and
@@ -240,7 +244,7 @@ class EvalConfig:
         return {k: v for k, v in saved.items() if k not in ignore}
 
 
-def resolve_hparams(wb: Any, method: str, overrides: Mapping[str, Any] | None) -> Any:
+def resolve_hparams(wb: Workbench, method: str, overrides: Mapping[str, Any] | None) -> Any:
     """The preset of ``method`` for ``wb`` with ``overrides`` applied (field values)."""
     editor = get_editor(method)
     cls = editor.hparams_class
@@ -296,7 +300,7 @@ def check_run_folder(config: EvalConfig, out: str | Path, overwrite: bool = Fals
     return eval_folders.check_folder(out, config.key(), EvalConfig.identity, overwrite, what)
 
 
-def run_evaluation(wb: Any, config: EvalConfig, out: str | Path, progress: Progress | None = None,
+def run_evaluation(wb: Workbench, config: EvalConfig, out: str | Path, progress: Progress | None = None,
                    records: Sequence[Any] | None = None, overwrite: bool = False) -> pd.DataFrame:
     """Evaluate ``config`` on ``wb`` into the run folder ``out`` (resumed when it holds the same run).
 
@@ -343,7 +347,7 @@ def run_evaluation(wb: Any, config: EvalConfig, out: str | Path, progress: Progr
     return frame
 
 
-def _run_jobs(wb: Any, config: EvalConfig, out: Path, records: Sequence[Any], editors: dict[str, Any],
+def _run_jobs(wb: Workbench, config: EvalConfig, out: Path, records: Sequence[Any], editors: dict[str, Any],
               jobs: list[tuple[str, tuple[str, ...]]], done: set, progress: Progress | None) -> None:
     rows_path = out / ROWS_FILE
     eval_folders.drop_derived(out)  # written again from the rows when the run ends or stops

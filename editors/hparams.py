@@ -17,9 +17,12 @@ import operator
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence
 
 from analysis.errors import InputError
+
+if TYPE_CHECKING:
+    from analysis.model import Workbench
 
 # ================================================================ constraints
 
@@ -152,7 +155,7 @@ MODEL_ALIASES: dict[str, str] = {
 }
 
 
-def model_signature(wb: Any) -> ModelSignature:
+def model_signature(wb: Workbench) -> ModelSignature:
     """The :class:`ModelSignature` of a Workbench."""
     return ModelSignature(wb.arch.family, int(wb.n_layers), int(wb.d_model))
 
@@ -227,7 +230,7 @@ class HParams:
             merged.update(vars(klass).get("BOUNDS", {}))
         return merged
 
-    def validate(self, wb: Any = None) -> None:
+    def validate(self, wb: Workbench | None = None) -> None:
         """Check the values (against ``wb``'s model where given); InputError naming the valid range.
 
         ``layers`` without repeats, then every field of :meth:`bounds` in field order,
@@ -242,22 +245,16 @@ class HParams:
         if wb is not None:
             self.layer_indices(wb)
 
-    def layer_indices(self, wb: Any) -> list[int]:
+    def layer_indices(self, wb: Workbench) -> list[int]:
         """``layers`` as non-negative indices into ``wb``'s model; InputError for a layer out of range."""
-        n = int(wb.n_layers)
-        out = []
-        for layer in self.layers:
-            if not -n <= layer < n:
-                raise InputError(f"Layer {layer} is out of range: {wb.name} has {n} layers "
-                                 f"(0-{n - 1}; -1 is the last).")
-            out.append(layer % n)
+        out = wb.check_layers(self.layers, from_end=True, sort=False) if self.layers else []
         if len(set(out)) != len(out):
-            raise InputError(f"layers {self.layers} name one layer twice on this {n}-layer model.")
+            raise InputError(f"layers {self.layers} name one layer twice on this {wb.n_layers}-layer model.")
         return out
 
     # presets --------------------------------------------------------------
     @classmethod
-    def preset_name(cls, name_or_wb: Any) -> str:
+    def preset_name(cls, name_or_wb: str | Workbench) -> str:
         """The key of ``PRESETS`` for a model name/spec or a Workbench.
 
         A name matches a key exactly, ignoring case, by its last path part
@@ -306,7 +303,7 @@ class HParams:
         return None
 
     @classmethod
-    def preset(cls, name_or_wb: Any) -> "HParams":
+    def preset(cls, name_or_wb: str | Workbench) -> "HParams":
         """The preset for a model (see :meth:`preset_name`), as a new instance."""
         return cls.from_dict(cls.PRESETS[cls.preset_name(name_or_wb)])
 

@@ -58,7 +58,6 @@ from torch import nn
 
 from analysis.arch import resolve
 from analysis.errors import InputError
-from analysis.neurons import forward_inputs
 from analysis.tokens import answer_ids, pad_sequences
 from editors.base import Editor, register
 from editors.edit import Edit
@@ -170,7 +169,7 @@ class LoRAFTHParams(HParams):
 # ================================================================== targets
 
 
-def target_relpaths(wb: Any, name: str) -> list[str]:
+def target_relpaths(wb: Workbench, name: str) -> list[str]:
     """Layer-relative paths of the matrices that target ``name`` means on ``wb``'s family."""
     family = wb.arch.family
     if name in FFN_TARGETS:
@@ -190,7 +189,7 @@ def target_relpaths(wb: Any, name: str) -> list[str]:
     return [path]
 
 
-def target_paths(wb: Any, hp: LoRAFTHParams) -> list[str]:
+def target_paths(wb: Workbench, hp: LoRAFTHParams) -> list[str]:
     """Paths from the model root of every matrix to adapt (InputError for a name or layer that does not fit)."""
     layers = hp.layer_indices(wb) or list(range(wb.n_layers))
     relpaths: list[str] = []
@@ -225,7 +224,7 @@ class _Rows:
     labels: list[tuple[str, str]]  # (case_id, language) of each row
 
 
-def build_rows(wb: Any, requests: list[EditRequest]) -> _Rows:
+def build_rows(wb: Workbench, requests: list[EditRequest]) -> _Rows:
     """The training batch: per language of each request, ``prompt`` + ``target_new`` teacher forced."""
     tok = wb.tokenizer
     seqs: list[list[int]] = []
@@ -248,11 +247,11 @@ def build_rows(wb: Any, requests: list[EditRequest]) -> _Rows:
     return _Rows(input_ids, mask, long(t_rows), long(t_cols), long(t_ids), labels)
 
 
-def target_nll(wb: Any, rows: _Rows) -> torch.Tensor:
+def target_nll(wb: Workbench, rows: _Rows) -> torch.Tensor:
     """-log P(target token | prefix) at every target position [P] (LM head on those positions only)."""
-    base, _ = wb.base_model()
-    hidden = base(**forward_inputs(wb, rows.input_ids, rows.attention_mask))[0]
-    logp = torch.log_softmax(wb.logits(hidden[rows.target_rows, rows.target_cols]).float(), dim=-1)
+    inputs = wb.forward_inputs(rows.input_ids, rows.attention_mask)
+    logits = wb.logits_at(inputs, (rows.target_rows, rows.target_cols))
+    logp = torch.log_softmax(logits.float(), dim=-1)
     return -logp.gather(1, rows.target_ids[:, None]).squeeze(1)
 
 
@@ -324,7 +323,7 @@ def _delta_factors(layer: Any, scaling: float) -> tuple[torch.Tensor, torch.Tens
     return (b * scaling).contiguous(), a.contiguous()
 
 
-def train_adapters(wb: Any, requests: list[EditRequest], hp: LoRAFTHParams,
+def train_adapters(wb: Workbench, requests: list[EditRequest], hp: LoRAFTHParams,
                    progress: Callable[[float, str], None] | None = None,
                    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
     """Inject LoRA on ``wb.model``, train it on ``requests``, remove it; ``({param: (u, v)}, record)``.
@@ -410,7 +409,7 @@ class LoRAFTEditor(Editor):
 
     hparams_class = LoRAFTHParams
 
-    def _compute(self, wb: Any, requests: list[EditRequest], hparams: HParams,
+    def _compute(self, wb: Workbench, requests: list[EditRequest], hparams: HParams,
                  progress: Callable[[float, str], None] | None = None) -> Edit:
         hp: LoRAFTHParams = hparams  # type: ignore[assignment]
         started = time.perf_counter()

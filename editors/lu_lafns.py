@@ -72,11 +72,11 @@ import torch
 import torch.nn.functional as F
 
 from analysis.errors import InputError
+from analysis.hooks import Hooks
 from analysis.neurons import (
     NeuronCounts,
     count_batch,
     factual_neurons,
-    forward_inputs,
     language_agnostic_neurons,
 )
 from analysis.tokens import encode
@@ -179,7 +179,7 @@ def paraphrase_set(fact: LanguageFact, hp: LULAFNsHParams) -> list[str]:
     return list(dict.fromkeys(t for t in texts if t.strip()))
 
 
-def activation_counts(wb: Any, request: EditRequest, hp: LULAFNsHParams) -> NeuronCounts:
+def activation_counts(wb: Workbench, request: EditRequest, hp: LULAFNsHParams) -> NeuronCounts:
     """lu-lafns Eq. 4 per language of ``request``: activation counts over every real token of C_l (all layers)."""
     languages = request.languages
     counts = np.zeros((len(languages), wb.n_layers, wb.n_neurons), dtype=np.int64)
@@ -193,7 +193,7 @@ def activation_counts(wb: Any, request: EditRequest, hp: LULAFNsHParams) -> Neur
     return NeuronCounts(languages, counts, tokens, texts, "all", {"corpus": "paraphrase set"})
 
 
-def locate(wb: Any, request: EditRequest, hp: LULAFNsHParams) -> dict[int, torch.Tensor]:
+def locate(wb: Workbench, request: EditRequest, hp: LULAFNsHParams) -> dict[int, torch.Tensor]:
     """D_G^i (lu-lafns Eq. 4-6) of one request: ``{layer: sorted neuron indices}`` for the layers of ``hp``."""
     counts = activation_counts(wb, request, hp)
     factual = factual_neurons(counts, hp.beta)                                   # lu-lafns Eq. 5
@@ -224,7 +224,7 @@ class _Rows:
     plain_rows: torch.Tensor       # rows holding the bare prompt's subject values (for ||V||)
 
 
-def build_rows(wb: Any, request: EditRequest, hp: LULAFNsHParams,
+def build_rows(wb: Workbench, request: EditRequest, hp: LULAFNsHParams,
                prefixes: dict[str, list[str]]) -> tuple[_Rows, dict[str, list[str]]]:
     """The rows of L_target (lu-lafns Eq. 8: every language, every context) and of L_kl (lu-lafns Eq. 9)."""
     b = TeacherForcedRows(wb.tokenizer, wb.device)
@@ -247,25 +247,22 @@ def build_rows(wb: Any, request: EditRequest, hp: LULAFNsHParams,
 class _NeuronUpdate:
     """lu-lafns Eq. 7: forward hooks that add ΔV^i to D_G^i at the rows' last subject tokens (plain PyTorch hooks)."""
 
-    def __init__(self, wb: Any, located: dict[int, torch.Tensor], deltas: dict[int, torch.Tensor], rows: _Rows):
+    def __init__(self, wb: Workbench, located: dict[int, torch.Tensor], deltas: dict[int, torch.Tensor], rows: _Rows):
         self.wb, self.located, self.deltas, self.rows = wb, located, deltas, rows
         self.initial: dict[int, torch.Tensor] = {}   # V^i at the bare prompts' last subject tokens
-        self.handles: list[Any] = []
+        self.hooks = Hooks()
 
     def __enter__(self) -> "_NeuronUpdate":
         try:
             for layer in self.located:
-                site = self.wb.arch.site(self.wb.model, layer, "neuron")
-                self.handles.append(site.register_forward_hook(self._hook(layer)))
+                self.hooks.forward(self.wb.arch.site(self.wb.model, layer, "neuron"), self._hook(layer))
         except BaseException:
-            self.__exit__()
+            self.hooks.remove()
             raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        self.hooks.remove()
 
     def _hook(self, layer: int):
         neurons = self.located[layer].to(self.wb.device)
@@ -281,18 +278,17 @@ class _NeuronUpdate:
         return add
 
 
-def _forward(wb: Any, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(wb: Workbench, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities at the target positions [P, vocab] and at the q_l positions [|L|, vocab]."""
-    base, _ = wb.base_model()
-    hidden = base(**forward_inputs(wb, rows.input_ids, rows.attention_mask))[0]
     r = torch.cat([rows.target_rows, rows.kl_rows])
     c = torch.cat([rows.target_cols, rows.kl_cols])
-    logp = torch.log_softmax(wb.logits(hidden[r, c]).float(), dim=-1)
+    logp = torch.log_softmax(wb.logits_at(wb.forward_inputs(rows.input_ids, rows.attention_mask), (r, c)).float(),
+                             dim=-1)
     n = rows.target_rows.numel()
     return logp[:n], logp[n:]
 
 
-def compute_delta(wb: Any, request: EditRequest, located: dict[int, torch.Tensor], hp: LULAFNsHParams,
+def compute_delta(wb: Workbench, request: EditRequest, located: dict[int, torch.Tensor], hp: LULAFNsHParams,
                   prefixes: dict[str, list[str]], progress: Callable[[float, str], None] | None = None,
                   ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
     """ΔV_{D_G} (lu-lafns Eq. 7-10) for one request: ``{layer: delta over D_G^layer}`` and a record of the run.
@@ -352,7 +348,7 @@ class LULAFNsEditor(Editor):
 
     hparams_class = LULAFNsHParams
 
-    def _compute(self, wb: Any, requests: list[EditRequest], hparams: HParams,
+    def _compute(self, wb: Workbench, requests: list[EditRequest], hparams: HParams,
                  progress: Callable[[float, str], None] | None = None) -> Edit:
         hp: LULAFNsHParams = hparams  # type: ignore[assignment]
         started = time.perf_counter()

@@ -151,7 +151,7 @@ import torch.nn.functional as F
 
 from analysis.arch import first_tensor, resolve
 from analysis.errors import InputError
-from analysis.neurons import forward_inputs
+from analysis.hooks import Hooks
 from analysis.stats import cached_key_statistics
 from analysis.tokens import pad_sequences, subject_last_ids
 from data.flores import statistics_texts
@@ -359,7 +359,7 @@ class FactContexts:
         return f"{self.case_id or 'request'}/{self.language}"
 
 
-def context_prefixes(wb: Any, language: str, hp: KeyValueHParams) -> list[str]:
+def context_prefixes(wb: Workbench, language: str, hp: KeyValueHParams) -> list[str]:
     """The model-generated prefixes of ``language`` for every ``[length, count]`` of the hparams."""
     out: list[str] = []
     for length, count in hp.context_template_length_params:
@@ -367,7 +367,7 @@ def context_prefixes(wb: Any, language: str, hp: KeyValueHParams) -> list[str]:
     return out
 
 
-def fact_contexts(wb: Any, requests: list[EditRequest], hp: KeyValueHParams) -> list[FactContexts]:
+def fact_contexts(wb: Workbench, requests: list[EditRequest], hp: KeyValueHParams) -> list[FactContexts]:
     """One :class:`FactContexts` per language of every request, in request then language order."""
     facts: list[FactContexts] = []
     for request in requests:
@@ -393,20 +393,7 @@ def _with_output(output: Any, tensor: torch.Tensor) -> Any:
     raise TypeError(f"Cannot replace the tensor in a module output of type {type(output).__name__}.")
 
 
-@contextlib.contextmanager
-def _hooks(register: list[Callable[[], Any]]):
-    """Register forward hooks (callables returning handles) and remove them all on exit."""
-    handles: list[Any] = []
-    try:
-        for reg in register:
-            handles.append(reg())
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def read_at_subject(wb: Any, texts: list[str], subjects: list[str],
+def read_at_subject(wb: Workbench, texts: list[str], subjects: list[str],
                     reads: list[tuple[int, str, str]]) -> dict[tuple[int, str, str], torch.Tensor]:
     """One forward over ``texts``: for each ``(layer, site, "input" | "output")`` the site's value at
     each text's last subject token, float32 ``[len(texts), dim]``."""
@@ -422,21 +409,21 @@ def read_at_subject(wb: Any, texts: list[str], subjects: list[str],
             got[key] = value[rows, col].detach().float()
         return hook
 
-    regs = [lambda key=key: wb.arch.site(wb.model, key[0], key[1]).register_forward_hook(reader(key))
-            for key in dict.fromkeys(reads)]
     base, _ = wb.base_model()
-    with _hooks(regs), torch.no_grad():
-        base(**forward_inputs(wb, ids, mask))
+    with Hooks() as hooks, torch.no_grad():
+        for key in dict.fromkeys(reads):
+            hooks.forward(wb.arch.site(wb.model, key[0], key[1]), reader(key))
+        base(**wb.forward_inputs(ids, mask))
     return got
 
 
-def fact_keys(wb: Any, layer: int, facts: list[FactContexts]) -> torch.Tensor:
+def fact_keys(wb: Workbench, layer: int, facts: list[FactContexts]) -> torch.Tensor:
     """k* per fact (rome Eq. 3): mean over its contexts of the key at the last subject token, ``[n, d_ff]``."""
     keys, _ = _keys_and_reads(wb, layer, facts, [])
     return keys
 
 
-def _keys_and_reads(wb: Any, layer: int, facts: list[FactContexts], bare_reads: list[tuple[int, str, str]]):
+def _keys_and_reads(wb: Workbench, layer: int, facts: list[FactContexts], bare_reads: list[tuple[int, str, str]]):
     """Keys of ``layer`` per fact, and ``bare_reads`` at each fact's bare prompt, in one forward."""
     texts, subjects, owner = [], [], []
     for i, fact in enumerate(facts):
@@ -474,7 +461,7 @@ class TargetValue:
         return self.init + self.delta
 
 
-def compute_target(wb: Any, fact: FactContexts, layer: int, site: str, hp: KeyValueHParams,
+def compute_target(wb: Workbench, fact: FactContexts, layer: int, site: str, hp: KeyValueHParams,
                    progress: Callable[[float, str], None] | None = None) -> TargetValue:
     """ROME's compute_v (``site="down_proj"``) / MEMIT's compute_z (``site="layer"``) for one fact.
 
@@ -513,18 +500,17 @@ def compute_target(wb: Any, fact: FactContexts, layer: int, site: str, hp: KeyVa
         return _with_output(output, shifted)
 
     module = wb.arch.site(wb.model, layer, site)
-    base, _ = wb.base_model()
 
     def forward() -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = base(**forward_inputs(wb, input_ids, mask))[0]
-        logp = torch.log_softmax(wb.logits(hidden[read_rows, read_cols]).float(), dim=-1)
+        logits = wb.logits_at(wb.forward_inputs(input_ids, mask), (read_rows, read_cols))
+        logp = torch.log_softmax(logits.float(), dim=-1)
         return logp[:n_t], logp[n_t:]
 
     record: dict[str, Any] = {"case_id": fact.case_id, "language": fact.language, "contexts": len(fact.contexts),
                               "layer": int(layer), "site": site, "steps": 0}
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
     kl_init: torch.Tensor | None = None
-    with _hooks([lambda: module.register_forward_hook(add_delta)]), torch.enable_grad():
+    with Hooks().forward(module, add_delta), torch.enable_grad():
         for it in range(hp.v_num_grad_steps):
             optimizer.zero_grad()
             target_logp, kl_logp = forward()
@@ -558,7 +544,7 @@ def compute_target(wb: Any, fact: FactContexts, layer: int, site: str, hp: KeyVa
 # ================================================================== statistics
 
 
-def key_second_moments(wb: Any, layers: list[int], requests: list[EditRequest], hp: KeyValueHParams,
+def key_second_moments(wb: Workbench, layers: list[int], requests: list[EditRequest], hp: KeyValueHParams,
                        progress: Callable[[int, int], None] | None = None,
                        ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
     """``C = E[k kᵀ]`` per layer (float64 on the model's device) over the requests' languages.
@@ -642,7 +628,7 @@ def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, p: torch.Tensor, l
 # ================================================================== the editors
 
 
-def _param_name(wb: Any, layer: int) -> str:
+def _param_name(wb: Workbench, layer: int) -> str:
     weight = wb.arch.site(wb.model, layer, "down_proj").weight
     for name, param in wb.model.named_parameters():
         if param is weight:
@@ -650,7 +636,7 @@ def _param_name(wb: Any, layer: int) -> str:
     raise InputError(f"The down-projection weight of layer {layer} is not a parameter of {wb.name}.")
 
 
-def _layout(wb: Any, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _layout(wb: Workbench, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors of Δ [d_model, d_ff] in the parameter's own layout (Conv1D: [d_ff, d_model] = vᵀ uᵀ)."""
     u, v = u.detach().float().cpu().contiguous(), v.detach().float().cpu().contiguous()
     if wb.arch.down_orientation == "in_out":
@@ -684,7 +670,7 @@ def _closest_on_norm_image(gain: torch.Tensor, target: torch.Tensor, iterations:
     return a / a.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
 
 
-def _sandwich_residual(wb: Any, layer: int, m: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, float]:
+def _sandwich_residual(wb: Workbench, layer: int, m: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Map a residual-stream change ``resid`` through the post-FFN RMSNorm to a change of its input ``m``
     (module docstring): ``m' = rms(m) · a`` with ``g ⊙ a`` the point of the norm's image closest to
     ``t = norm(m) + resid``. Returns ``m' − m`` and the fraction of ``||resid||`` closed,
@@ -707,7 +693,7 @@ class _KeyValueEditor(Editor):
 
     target_site: ClassVar[str] = "layer"
 
-    def _compute(self, wb: Any, requests: list[EditRequest], hparams: HParams,
+    def _compute(self, wb: Workbench, requests: list[EditRequest], hparams: HParams,
                  progress: Callable[[float, str], None] | None = None) -> Edit:
         hp: KeyValueHParams = hparams  # type: ignore[assignment]
         report = progress or (lambda fraction, message: None)
@@ -750,7 +736,7 @@ class _KeyValueEditor(Editor):
         }
         return Edit(weights=weights, meta={self.name: meta})
 
-    def _insert(self, wb: Any, layers: list[int], facts: list[FactContexts], targets: list[TargetValue],
+    def _insert(self, wb: Workbench, layers: list[int], facts: list[FactContexts], targets: list[TargetValue],
                 moments: dict[int, torch.Tensor], hp: KeyValueHParams):
         raise NotImplementedError
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from analysis.errors import CorpusError, InputError
 from analysis.tokens import encode, subject_char_span
 from data.corpus import normalize_language
+
+if TYPE_CHECKING:
+    from analysis.model import Workbench
 
 
 @dataclass
@@ -90,7 +93,7 @@ class EditRequest:
         """Per language, the request's texts that contain the subject (see :meth:`LanguageFact.contexts`)."""
         return {lang: fact.contexts() for lang, fact in self.facts.items()}
 
-    def validate(self, wb: Any = None) -> "EditRequest":
+    def validate(self, wb: Workbench | None = None) -> "EditRequest":
         """A checked copy with ISO language codes; InputError with a message for users otherwise.
 
         Checks: at least one language; every language code known (normalised with
@@ -158,7 +161,7 @@ class EditRequest:
         return cls(facts, case_id)
 
 
-def validate_requests(requests: EditRequest | Sequence[EditRequest], wb: Any = None) -> list[EditRequest]:
+def validate_requests(requests: EditRequest | Sequence[EditRequest], wb: Workbench | None = None) -> list[EditRequest]:
     """Checked copies of ``requests`` (one request or a sequence); InputError for an empty list."""
     if isinstance(requests, EditRequest):
         requests = [requests]
@@ -201,7 +204,7 @@ def _pairs(value: Any, what: str, where: str) -> list[tuple[str, str]]:
     return out
 
 
-def _checked_fact(fact: Any, where: str, wb: Any) -> LanguageFact:
+def _checked_fact(fact: Any, where: str, wb: Workbench) -> LanguageFact:
     if isinstance(fact, Mapping):
         fact = LanguageFact.from_dict(fact, where)
     if not isinstance(fact, LanguageFact):

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -99,11 +100,33 @@ def shown(page, *texts: str, timeout: int = 60_000) -> str:
     """Wait until every text is on the page, then return the page's text.
 
     Streamlit draws a script run's elements one after another, so a text that comes later in the script
-    may not be there yet when an earlier one appears: wait for each text instead of reading the body once."""
+    may not be there yet when an earlier one appears: wait for each text instead of reading the body once.
+    An exception shown meanwhile fails at once, and a timeout fails with what the page said instead, so a
+    failure on CI says why."""
+    deadline = time.time() + timeout / 1000
     for text in texts:
         # only a visible copy counts: plotly keeps hidden copies of some texts (e.g. legend entries)
-        page.get_by_text(text, exact=False).locator("visible=true").first.wait_for(timeout=timeout)
+        target = page.get_by_text(text, exact=False).locator("visible=true").first
+        while True:
+            try:
+                target.wait_for(timeout=2_000)
+                break
+            except PlaywrightTimeout:
+                body = page.inner_text("body")
+                if any(f in body for f in FAULTS) or page.locator("[data-testid='stException']").count():
+                    _fail_with(page, f"an exception while waiting for {text!r}", body)
+                if time.time() > deadline:
+                    _fail_with(page, f"{text!r} not shown within {timeout / 1000:.0f} s", body)
     return page.inner_text("body")
+
+
+def _fail_with(page, why: str, body: str) -> None:
+    name = "failure-" + "".join(c if c.isalnum() else "-" for c in why[:40]) + ".png"
+    try:
+        shot(page, name, full_page=True)
+    except Exception:   # a screenshot is a bonus; the message below is the report
+        pass
+    pytest.fail(f"{why}; the page said:\n{body[:4000]}", pytrace=False)
 
 
 def shot(page, name: str, full_page: bool = False) -> None:

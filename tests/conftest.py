@@ -30,3 +30,36 @@ def one_thread_for_tiny_models(request):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _fail_own_deprecations(found) -> None:
+    if found:
+        lines = "\n".join(f"  {d}" for d in dict.fromkeys(found))
+        pytest.fail(f"our own code made a deprecated call (issue 12 part 7; tests/deprecations.py):\n{lines}",
+                    pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _watched_phase())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _watched_phase())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    return (yield from _watched_phase())
+
+
+def _watched_phase():
+    """Run one test phase recording deprecations that our packages' calls cause; fail the phase on any."""
+    from tests.deprecations import watching
+
+    found: list = []
+    with watching(found):
+        result = yield
+    _fail_own_deprecations(found)
+    return result

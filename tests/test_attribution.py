@@ -26,11 +26,11 @@ from analysis.attribution import (
     language_independent_neurons,
     language_specific_neurons,
     neuron_attributions,
-    neuron_attributions_reference,
     prompt_knowledge_neurons,
 )
 from analysis.errors import InputError, NeuroglotError
 from analysis.model import Workbench
+from analysis.reference import neuron_attributions_reference
 from analysis.tokens import answer_ids
 from tests.tiny import TINY_FAMILIES, make_corpus, tiny_model_and_tokenizer
 

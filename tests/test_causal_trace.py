@@ -20,17 +20,15 @@ from analysis.causal_trace import (
     average_scores,
     category_facts,
     causal_trace,
-    causal_trace_per_cell,
-    embedding_noise_std,
     load_traces,
-    locate_subject,
     save_traces,
-    subject_noise,
     trace_facts,
     trace_run,
 )
 from analysis.errors import InputError, NeuroglotError
 from analysis.model import Workbench, is_embedded_cached
+from analysis.reference import causal_trace_per_cell
+from analysis.trace_setup import embedding_noise_std, locate_subject, subject_noise
 from analysis.tokens import answer_ids
 from data.corpus import Corpus, prompt_from_template
 from tests.tiny import TINY_FAMILIES, tiny_corpus, tiny_model_and_tokenizer

@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from analysis import figures
+from analysis import fact_figures, figures
 from analysis.errors import InputError, NeuroglotError
 from analysis.figures import (
     LAFN,
@@ -380,10 +380,10 @@ def test_browser_path_defaults_to_system_chromium(monkeypatch):
 
 
 def test_knowledge_neurons_by_layer_panels_stack_independent_under_specific():
-    per_layer = pd.DataFrame({"en": [3, 5, 0], "zh": [2, 6, 1], figures.INDEPENDENT: [1, 4, 0],
+    per_layer = pd.DataFrame({"en": [3, 5, 0], "zh": [2, 6, 1], fact_figures.INDEPENDENT: [1, 4, 0],
                               "specific en": [2, 1, 0], "specific zh": [1, 2, 1]},
                              index=pd.Index([0, 1, 2], name="layer"))
-    fig = figures.knowledge_neurons_by_layer(per_layer, ["en", "zh"])
+    fig = fact_figures.knowledge_neurons_by_layer(per_layer, ["en", "zh"])
     assert [a.text for a in fig.layout.annotations][:2] == ["en", "zh"]
     assert fig.layout.barmode == "stack"
     names = [t.name for t in fig.data]
@@ -394,25 +394,25 @@ def test_knowledge_neurons_by_layer_panels_stack_independent_under_specific():
     assert [t.showlegend for t in fig.data][::2] == [True, False]       # one legend entry for the shared set
     assert fig.data[1].marker.color == language_colour("en") and fig.data[0].marker.color == LAFN_COLOUR
     with pytest.raises(InputError, match="no column for de"):
-        figures.knowledge_neurons_by_layer(per_layer, ["en", "de"])
+        fact_figures.knowledge_neurons_by_layer(per_layer, ["en", "de"])
     with pytest.raises(InputError, match="empty"):
-        figures.knowledge_neurons_by_layer(pd.DataFrame(), ["en"])
+        fact_figures.knowledge_neurons_by_layer(pd.DataFrame(), ["en"])
 
 
 def test_attribution_strength_lines_are_layer_maxima():
     scores = {"en": np.array([[0.1, 0.5], [0.3, -0.2]]), "zh": np.array([[0.0, 0.0], [0.9, 0.1]])}
-    fig = figures.attribution_strength(scores, [4, 7])
+    fig = fact_figures.attribution_strength(scores, [4, 7])
     by = traces_by_name(fig)
     assert list(by["en"].y) == [0.5, 0.3] and list(by["en"].customdata) == [1, 0]
     assert list(by["zh"].x) == [4, 7]
     with pytest.raises(InputError, match="2 layers"):
-        figures.attribution_strength({"en": np.zeros((3, 2))}, [0, 1])
+        fact_figures.attribution_strength({"en": np.zeros((3, 2))}, [0, 1])
 
 
 def test_causal_trace_heatmaps_three_panels_with_subject_marked():
     tokens = ["<bos>", "The", " Eiffel", " Tower", " is", " in"]
-    scores = {k: np.random.default_rng(i).random((6, 4)) for i, k in enumerate(figures.TRACE_KINDS)}
-    fig = figures.causal_trace_heatmaps(tokens, (2, 4), scores, 0.8, 0.05, " Paris")
+    scores = {k: np.random.default_rng(i).random((6, 4)) for i, k in enumerate(fact_figures.TRACE_KINDS)}
+    fig = fact_figures.causal_trace_heatmaps(tokens, (2, 4), scores, 0.8, 0.05, " Paris")
     assert len(fig.data) == 3
     assert [t.colorscale[0][1] != t.colorscale[-1][1] for t in fig.data] == [True] * 3
     labels = list(fig.data[0].y)
@@ -422,21 +422,21 @@ def test_causal_trace_heatmaps_three_panels_with_subject_marked():
     titles = [a.text for a in fig.layout.annotations]
     assert titles == ["single restored hidden state", "restored MLP (window)", "restored attention (window)"]
     assert "0.800" in fig.layout.title.text and "0.050" in fig.layout.title.text
-    only = figures.causal_trace_heatmaps(tokens, (2, 4), {"mlp": scores["mlp"]}, 0.8, 0.05, "x")
+    only = fact_figures.causal_trace_heatmaps(tokens, (2, 4), {"mlp": scores["mlp"]}, 0.8, 0.05, "x")
     assert len(only.data) == 1
     with pytest.raises(InputError, match="subject range"):
-        figures.causal_trace_heatmaps(tokens, (4, 9), scores, 0.8, 0.05, "x")
+        fact_figures.causal_trace_heatmaps(tokens, (4, 9), scores, 0.8, 0.05, "x")
     with pytest.raises(InputError, match="6 token rows"):
-        figures.causal_trace_heatmaps(tokens, (2, 4), {"hidden": np.zeros((5, 4))}, 0.8, 0.05, "x")
+        fact_figures.causal_trace_heatmaps(tokens, (2, 4), {"hidden": np.zeros((5, 4))}, 0.8, 0.05, "x")
     with pytest.raises(InputError):
-        figures.causal_trace_heatmaps(tokens, (2, 4), {}, 0.8, 0.05, "x")
+        fact_figures.causal_trace_heatmaps(tokens, (2, 4), {}, 0.8, 0.05, "x")
 
 
 def test_average_effect_heatmaps_grid_languages_by_kinds():
     rows = ["First subject token", "Last subject token", "Last token"]
     frame = lambda v: pd.DataFrame(np.full((3, 5), v), index=rows, columns=range(5))  # noqa: E731
     effects = {"en": {"hidden": frame(0.1), "mlp": frame(0.2)}, "zh": {"hidden": frame(0.3), "mlp": frame(0.4)}}
-    fig = figures.average_effect_heatmaps(effects)
+    fig = fact_figures.average_effect_heatmaps(effects)
     assert len(fig.data) == 4
     titles = [a.text for a in fig.layout.annotations]
     assert titles == ["en · single restored hidden state", "en · restored MLP (window)",
@@ -448,4 +448,4 @@ def test_average_effect_heatmaps_grid_languages_by_kinds():
     assert by_kind == {"hidden</extra>": [0.3, 0.3], "mlp</extra>": [0.4, 0.4]}
     assert list(fig.data[0].y) == rows
     with pytest.raises(InputError):
-        figures.average_effect_heatmaps({})
+        fact_figures.average_effect_heatmaps({})

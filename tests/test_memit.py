@@ -197,12 +197,13 @@ def test_model_untouched_when_compute_raises(name, monkeypatch):
     try:
         snap, hooks = snapshot(wb.model), hook_count(wb.model)
         flags = [p.requires_grad for p in wb.model.parameters()]
-        real_forward_inputs = memit.forward_inputs
+        EDITORS[name](tiny_hparams(name)).compute(wb, berlin_request())  # caches the prefixes: the next
+        real_forward_inputs = wb.forward_inputs                              # forwards are the optimisation's
         failing = _failing_on_call(real_forward_inputs, 3, "boom in the optimisation")
-        monkeypatch.setattr(memit, "forward_inputs", failing)
+        monkeypatch.setattr(wb, "forward_inputs", failing)
         with pytest.raises(RuntimeError, match="boom in the optimisation"):
             EDITORS[name](tiny_hparams(name)).compute(wb, berlin_request())
-        monkeypatch.setattr(memit, "forward_inputs", real_forward_inputs)
+        monkeypatch.setattr(wb, "forward_inputs", real_forward_inputs)
         if name != "rome":
             update = "memit_update" if name == "memit" else "alphaedit_update"
             monkeypatch.setattr(memit, update, _failing_on_call(getattr(memit, update), 2, "boom in the second layer"))

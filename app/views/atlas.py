@@ -7,8 +7,9 @@ import streamlit as st
 
 from analysis import figures
 from analysis import neurons as nr
-from app.state import (corpus_rows, current_corpus_spec, current_model_spec, folder_stamp, kept, progress_bar,
-                       user_errors, workbench)
+from app.forms import default_languages
+from app.state import (corpus_rows, current_corpus_spec, current_model_spec, kept, last_request, run_or_read,
+                       submit_request, user_errors, workbench)
 from app.widgets import downloads, neuron_drilldown
 from data.relations import relation_label
 
@@ -24,24 +25,16 @@ BETA_HELP = ("A neuron is factual in a language when its count / the layer's lar
              "fire often enough to count, so Figure 1 becomes a wall of bars.")
 
 
-def count_request(request: tuple) -> str:
-    """Run (or read back) the counts of one request; returns its run folder. Not cached by Streamlit: the
-    backend's run folder is the cache, found again by a rerun, a page switch or another session."""
+def count(model_spec: str, corpus_spec: str, request: tuple, progress):
+    """Count one request (or read back its run folder): ``(counts, folder, reused)``. Not cached by Streamlit:
+    the backend's run folder is the cache, found again by a rerun, a page switch or another session."""
     from data import load_corpus
 
-    model_spec, corpus_spec, languages, relations, positions, text, max_facts = request
+    languages, relations, positions, text, max_facts = request
     corp = load_corpus(corpus_spec, languages=list(languages), relations=list(relations) or None,
                        max_facts=max_facts).aligned(list(languages))
-    with progress_bar("Tracing neuron activations (texts)") as progress:
-        _, folder, _ = nr.atlas_counts(workbench(model_spec), corp, list(languages), positions=positions, text=text,
-                                       progress=progress)
-    return str(folder)
-
-
-@st.cache_data(show_spinner=False, max_entries=16)
-def counts_in(folder: str, stamp: float) -> nr.NeuronCounts:
-    """A run folder's counts (``stamp``: the manifest's modification time, so a rewritten folder is re-read)."""
-    return nr.NeuronCounts.load(folder)
+    return nr.atlas_counts(workbench(model_spec), corp, list(languages), positions=positions, text=text,
+                           progress=progress)
 
 
 with user_errors():
@@ -52,16 +45,15 @@ with user_errors():
 
     with st.form("atlas-request"):
         c1, c2 = st.columns([2, 3])
-        default_langs = [lang for lang in ("en", "zh") if lang in all_languages] or all_languages[:2]
         languages = kept(c1.multiselect, "Languages (at least two)", all_languages, key="atlas-languages",
-                         default=default_langs)
+                         default=default_languages(all_languages))
         relations = kept(c2.multiselect, "Relations (empty = all)", all_relations, key="atlas-relations", default=[],
                          format_func=relation_label)
         c3, c4, c5 = st.columns(3)
-        positions = kept(c3.radio, "Tokens counted", nr.POSITIONS, key="atlas-positions", default=nr.POSITIONS[0],
+        positions = kept(c3.radio, "Tokens counted", nr.POSITIONS, key="atlas-positions", default=nr.CountParams.positions,
                          horizontal=True,
                          help="all: every token (the paper); subject: the subject's tokens; last: the last token.")
-        text = kept(c4.radio, "Text", nr.TEXTS, key="atlas-text", default=nr.TEXTS[0], horizontal=True,
+        text = kept(c4.radio, "Text", nr.TEXTS, key="atlas-text", default=nr.CountParams.text, horizontal=True,
                     help="statement: the full fact sentence (the paper); prompt: cut before the object.")
         max_facts = kept(c5.number_input, "Facts per relation", key="atlas-facts", default=10, min_value=1,
                          max_value=100_000, help="Facts sampled per relation (seed 0), aligned across the languages.")
@@ -70,26 +62,15 @@ with user_errors():
         if len(languages) < 2:
             st.error("Choose at least two languages.", icon=":material/error:")
             st.stop()
-        st.session_state["atlas_request"] = (model_spec, corpus_spec, tuple(languages), tuple(relations), positions,
-                                             text, int(max_facts))
+        submit_request("atlas_request", (tuple(languages), tuple(relations), positions, text, int(max_facts)))
 
-    request = st.session_state.get("atlas_request")
-    if request is not None and request[:2] != (model_spec, corpus_spec):
-        request = None  # the model or corpus changed on Home since: the old result no longer applies
-    if request is None:
-        st.info("Choose languages and press **Run**. Counting 10 facts per relation in two languages takes "
-                "about a minute on a laptop CPU with the embedded model; a request that ran before (in any "
-                "session) is read back at once.")
-        st.stop()
-    done = st.session_state.get("atlas_done", {})
-    folder = done.get(request)
-    if submitted or folder is None or folder_stamp(folder) == 0.0:
-        # A new request, the same one again (read back from its run folder), or one cut short by leaving the page.
-        folder = count_request(request)
-        st.session_state["atlas_done"] = {request: folder}
-    counts = counts_in(folder, folder_stamp(folder))
-    model_spec, corpus_spec, languages, relations, positions, text, max_facts = request
-    st.caption(f"Counted {', '.join(f'{l}: {n:,} tokens' for l, n in zip(counts.languages, counts.tokens))} · "
+    request = last_request("atlas_request", "Choose languages and press **Run**. Counting 10 facts per relation "
+                           "in two languages takes about a minute on a laptop CPU with the embedded model; a "
+                           "request that ran before (in any session) is read back at once.")
+    counts, folder = run_or_read("atlas_request", "counts", "counts", "Tracing neuron activations (texts)",
+                                 lambda progress: count(model_spec, corpus_spec, request, progress), again=submitted)
+    languages, relations, positions, text, max_facts = request
+    st.caption(f"Counted {counts.summary()} · "
                f"{counts.n_layers} layers × {counts.n_neurons:,} neurons · {max_facts} facts per relation · "
                f"relations: {', '.join(relations) or 'all'} · run folder `{folder}`")
 

@@ -2,10 +2,11 @@
 
 Design Decision 4: the model is shared by every browser session. This page keeps its
 edits per session only: each computed edit is saved (``Edit.save``) into a temporary
-folder of this session, and ``st.session_state`` holds only its id and plain data (no
-tensors). Every "after" number is computed inside ``with edit.applied(wb):``, which
-holds ``wb.lock`` and restores the model bit for bit on exit, so no other session ever
-sees them. "Before" numbers are read under ``wb.lock`` too (another session may be
+folder of this session (app/edit_store.py, which also removes the folders of sessions
+long gone), and ``st.session_state`` holds only its id and plain data (no tensors).
+Every "after" number is computed inside ``with edit.applied(wb):``, which holds
+``wb.lock`` and restores the model bit for bit on exit, so no other session ever sees
+them. "Before" numbers are read under ``wb.lock`` too (another session may be
 inside its own application at that moment).
 
 Probes are produced and scored by :mod:`editors.evaluate` (``probes``,
@@ -19,27 +20,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import threading
 import time
-import uuid
-import weakref
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
-from analysis import figures
+from analysis import fact_figures
 from analysis.errors import InputError, NeuroglotError
+from app.edit_store import edit_zip, load_edit, remove_edit, save_edit, session_folder
+from app.forms import default_languages, edit_request, edit_request_from_boxes, hparams_from_text, language_name
 from app.state import (ERROR_ICON, corpus_rows, current_corpus_spec, current_model_spec, progress_bar,
                        user_errors, workbench)
-from app.widgets import downloads
+from app.widgets import corpus_fact, downloads
 from editors.base import available_editors, get_editor
 from editors.edit import Edit
-from editors.requests import EditRequest, LanguageFact
+from editors.requests import EditRequest
 from editors.evaluate import probes as request_probes
 from editors.evaluate import score_probes, unedited_answers
 
@@ -83,54 +81,6 @@ def mzsre_records(path: str) -> list[tuple[str, dict[str, dict[str, Any]]]]:
 
 
 # ===================================================================== this session's edits
-
-
-class _FolderCleanup:
-    """Kept in ``st.session_state``: removes this session's edit folder when the session's state is dropped
-    (and at exit). Read back by its ``root`` only (the page's classes are new objects on every run)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        weakref.finalize(self, shutil.rmtree, str(root), True)
-
-
-def session_folder() -> Path:
-    """This session's temporary folder of saved edits (``Edit.save``): one sub-folder and one zip per edit id.
-
-    ``st.session_state`` holds this folder's path and, per edit, its id and plain data; the tensors stay on
-    disk (DESIGN: no tensors in session state)."""
-    root = getattr(st.session_state.get("el_store"), "root", None)
-    if root is None or not Path(root).is_dir():
-        root = Path(tempfile.mkdtemp(prefix="neuroglot-edit-lab-"))
-        st.session_state["el_store"] = _FolderCleanup(root)
-    return Path(root)
-
-
-def save_edit(folder: Path, edit: Edit) -> str:
-    """Save ``edit`` (and a zip of it for the download) under a new id."""
-    edit_id = uuid.uuid4().hex
-    saved = edit.save(folder / edit_id)
-    with zipfile.ZipFile(folder / f"{edit_id}.zip", "w", zipfile.ZIP_DEFLATED) as z:
-        for file in sorted(saved.iterdir()):
-            z.write(file, f"edit/{file.name}")
-    return edit_id
-
-
-def load_edit(folder: Path, edit_id: str) -> Edit:
-    if not (folder / edit_id).is_dir():
-        raise InputError("This session's saved copy of an edit is gone (its temporary folder was removed). "
-                         "Press Revert all and apply the edit again.")
-    return Edit.load(folder / edit_id)
-
-
-def remove_edit(folder: Path, edit_id: str) -> None:
-    shutil.rmtree(folder / edit_id, ignore_errors=True)
-    (folder / f"{edit_id}.zip").unlink(missing_ok=True)
-
-
-def edit_zip(folder: Path, edit_id: str) -> bytes:
-    path = folder / f"{edit_id}.zip"
-    return path.read_bytes() if path.exists() else b""
 
 
 def plain_details(edit: Edit) -> dict[str, Any]:
@@ -196,43 +146,6 @@ def compute_with_progress(editor: Any, wb: Any, request: EditRequest, label: str
 # ============================================================== the fact to edit
 
 
-def pairs_from_lines(text: str, what: str, lang: str) -> list[tuple[str, str]]:
-    """``question | answer`` lines as pairs; InputError naming the bad line."""
-    out = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        if "|" not in line:
-            raise InputError(f"Language {lang!r}, {what} line {i}: write 'question | answer' ({line.strip()!r} "
-                             "has no '|').")
-        question, answer = line.rsplit("|", 1)
-        out.append((question.strip(), answer.strip()))
-    return out
-
-
-def language_name(code: str) -> str:
-    from data import LANGUAGES
-
-    return f"{code} · {LANGUAGES[code]}" if code in LANGUAGES else code
-
-
-def typed_language(raw: str) -> str:
-    """A typed language: an ISO code, an alias ("zh-cn") or an English name ("German"); a clear error otherwise."""
-    from analysis.errors import CorpusError
-    from data import LANGUAGES
-    from data.corpus import normalize_language
-
-    by_name = {name.lower(): code for code, name in LANGUAGES.items()}
-    text = str(raw).strip()
-    if text.lower() in by_name:
-        return by_name[text.lower()]
-    try:
-        return normalize_language(text)
-    except CorpusError:
-        raise InputError(f"Unknown language {text!r}: choose one from the Languages list, or type an ISO 639-1 "
-                         "code (en, zh, de ...) or an English language name (German).") from None
-
-
 def typed_request() -> dict[str, dict[str, str]]:
     """Widgets for a typed fact: per language, the raw texts (checked when the edit is applied)."""
     from data import LANGUAGES
@@ -264,21 +177,6 @@ def typed_request() -> dict[str, dict[str, str]]:
                                                 ex.get("portability", ""), key=f"el-port-{lang}", height=80)
         raw[lang] = row
     return raw
-
-
-def request_from_typed(raw: dict[str, dict[str, str]]) -> EditRequest:
-    facts = {}
-    for lang, row in raw.items():
-        code = typed_language(lang)
-        if code in facts:
-            raise InputError(f"The language {language_name(code)} is chosen twice.")
-        facts[code] = LanguageFact(
-            prompt=row["prompt"].strip(), subject=row["subject"].strip(), target_new=row["target_new"].strip(),
-            target_old=row["target_old"].strip() or None,
-            paraphrases=[line.strip() for line in row["paraphrases"].splitlines() if line.strip()],
-            locality=pairs_from_lines(row["locality"], "locality", lang),
-            portability=pairs_from_lines(row["portability"], "portability", lang))
-    return EditRequest(facts, case_id="typed")
 
 
 class _Record:
@@ -325,57 +223,24 @@ def mzsre_request() -> EditRequest | None:
 
 def corpus_request() -> EditRequest | None:
     from analysis import causal_trace as ct
-    from data.corpus import Corpus
 
     corpus_name, rows = corpus_rows(current_corpus_spec())
     all_languages = sorted(rows["language"].unique())
-    default = [lang for lang in ("en", "zh") if lang in all_languages] or all_languages[:1]
-    languages = st.multiselect("Languages", all_languages, default=default, key="el-corpus-languages",
-                               format_func=language_name)
+    languages = st.multiselect("Languages", all_languages, default=default_languages(all_languages, n=1),
+                               key="el-corpus-languages", format_func=language_name)
     if not languages:
         return None
-    aligned = Corpus(rows, name=corpus_name).aligned(languages).rows
-    facts = list(pd.unique(aligned["fact_id"]))
-    first = aligned[aligned["language"] == languages[0]]
-
-    def label(f: str) -> str:
-        r = first[first["fact_id"] == f].iloc[0]
-        return f"{f} · {r['subject']} → {r['object']}"
-
-    fact = st.selectbox(f"Fact ({len(facts):,} in all chosen languages of {corpus_name})", facts, format_func=label,
-                        key="el-corpus-fact")
+    fact = corpus_fact(rows, corpus_name, languages, key="el-corpus-fact", name_corpus=True)
     if fact is None:
         return None
     found = ct.fact_prompt(rows, fact, languages)
-    cols = st.columns(len(languages))
-    out = {}
-    for col, lang in zip(cols, languages):
+    fields = {}
+    for col, lang in zip(st.columns(len(languages)), languages):
         prompt, subject, obj = found[lang]
         col.caption(f"**{lang}** · {prompt} … (now: {obj})")
         new = col.text_input(f"New target ({lang})", key=f"el-corpus-new-{lang}-{fact}")
-        out[lang] = LanguageFact(prompt, subject, new.strip(), target_old=obj)
-    return EditRequest(out, case_id=str(fact))
-
-
-# ================================================================= the editor
-
-
-def read_hparams(editor_name: str, text: str, wb: Any) -> Any:
-    """The hyper-parameters box as the editor's hyper-parameters, checked for ``wb``; messages name the editor
-    (not its Python class)."""
-    hp_class = get_editor(editor_name).hparams_class
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"The hyper-parameters are not valid JSON: {exc}.") from None
-    if not isinstance(data, dict):
-        raise InputError("The hyper-parameters must be one JSON object of field values, such as {\"steps\": 10}.")
-    try:
-        hp = hp_class.from_dict(data)
-        hp.validate(wb)
-    except InputError as exc:
-        raise InputError(str(exc).replace(hp_class.__name__, editor_name)) from None
-    return hp
+        fields[lang] = dict(prompt=prompt, subject=subject, target_new=new, target_old=obj)
+    return edit_request(fields, case_id=str(fact))
 
 
 # ============================================================ before / after
@@ -578,10 +443,10 @@ with user_errors():
     if apply:
         with user_errors():
             if typed_raw is not None:
-                request = request_from_typed(typed_raw)
+                request = edit_request_from_boxes(typed_raw)
             if request is None:
                 raise InputError("Choose a fact to edit first (a record and at least one language).")
-            hp = read_hparams(editor_name, hp_text, wb)
+            hp = hparams_from_text(editor_name, hp_text, wb)
             checked = request.validate(wb)
             editor = get_editor(editor_name, hp)
             edit, seconds = compute_with_progress(
@@ -628,7 +493,7 @@ with user_errors():
     st.dataframe(styled(table), hide_index=True, width="stretch", key="el-table", row_height=66, placeholder="–",
                  height=min(38 + 66 * len(table), 760),
                  column_config={c: v for c, v in COLUMN_HELP.items() if c in table.columns})
-    fig = figures.edit_probability_bars(table[table["probe"] == "edit"],
+    fig = fact_figures.edit_probability_bars(table[table["probe"] == "edit"],
                                         f"P(new target) before vs after ({len(entries)} edit(s) applied)")
     st.plotly_chart(fig, width="stretch", key="el-bars")
     downloads(fig, f"edit_lab_{entries[shown]['editor']}_{len(entries)}_edits", table)

@@ -68,11 +68,11 @@ with user_errors():
 
 st.header("Corpus")
 with user_errors():
+    from data.corpus import Corpus
+
     name, rows = corpus_rows(current_corpus_spec())
-    n_facts = rows["fact_id"].nunique()
     st.subheader(name)
-    st.caption(f"{len(rows):,} prompts · {n_facts:,} facts · {rows['relation'].nunique()} relations · "
-               f"{rows['language'].nunique()} languages")
+    st.caption(Corpus(rows, name=name).summary(" · "))
     counts = rows.groupby(["relation", "language"])["fact_id"].nunique().unstack(fill_value=0)
     st.markdown("**Facts per relation × language**")
     st.dataframe(counts, width="stretch")
