@@ -1,4 +1,4 @@
-"""Benchmark: the cost of counting neuron activations (Eq. 4) against a plain forward pass.
+"""Benchmark: the cost of counting neuron activations (lu-lafns Eq. 4) against a plain forward pass.
 
     .venv/bin/python bench/neurons.py [--model embedded] [--facts N] [--languages en,zh]
                                       [--batch-size 32] [--repeats 3] [--device auto]
@@ -69,7 +69,7 @@ def stack_only(wb: Workbench, batch: Batch) -> None:
 
 
 def count(wb: Workbench, batch: Batch) -> None:
-    """(b) Eq. 4 counts of one batch (all real tokens)."""
+    """(b) lu-lafns Eq. 4 counts of one batch (all real tokens)."""
     count_batch(wb, batch.input_ids, batch.attention_mask, batch.positions("all"))
 
 

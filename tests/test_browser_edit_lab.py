@@ -47,9 +47,9 @@ def choose_editor(page, name: str) -> None:
     settled(page)
 
 
-def cheap_hparams(page, editor: str) -> None:
-    """Replace the preset in the hyper-parameters box by cheap values. Waits until the page shows one box
-    holding this editor's JSON (the page fills it after drawing it; a rerun may briefly show the old box)."""
+def hparams_box(page, editor: str):
+    """The hyper-parameters box, once the page shows exactly one and it holds this editor's JSON (the page
+    fills it after drawing it; a rerun may briefly show the previous editor's box beside the new one)."""
     from playwright.sync_api import Error as PlaywrightError
 
     boxes = page.get_by_label("Hyper-parameters (JSON", exact=False)
@@ -63,6 +63,12 @@ def cheap_hparams(page, editor: str) -> None:
         except (ValueError, PlaywrightError):  # not JSON yet, or a box of the previous run went away
             pass
         page.wait_for_timeout(250)           # polling what the page shows, not a fixed wait
+    return boxes
+
+
+def cheap_hparams(page, editor: str) -> None:
+    """Replace the preset in the hyper-parameters box by cheap values."""
+    boxes = hparams_box(page, editor)
     hparams = json.loads(boxes.input_value())
     assert MARKER[editor] in hparams, hparams
     hparams.update(CHEAP[editor])
@@ -143,7 +149,7 @@ def test_edit_lab_survives_apply_revert_another_editor_reload_and_a_second_sessi
     shot(page, "edit_lab_stacked.png")
 
     # 6. a mistake: hyper-parameters that are not JSON. An error box, the earlier edits and their table stay
-    box = page.get_by_label("Hyper-parameters (JSON", exact=False)
+    box = hparams_box(page, "lu-lafns")
     good = box.input_value()
     box.fill("{layers: [9]")
     box.press("Control+Enter")

@@ -35,6 +35,7 @@ INFRASTRUCTURE = frozenset({
     "__init__", "requests", "hparams", "edit", "apply", "subjects", "base",   # the engine
     "evaluate", "answers", "metrics", "eval_folders",                         # evaluation
     "rows", "contexts",                                                       # shared by LU-LAFNs and ROME/MEMIT
+    "keyvalue",                                                               # shared by the key-value editors
 })
 
 
