@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
 
 from analysis.errors import InputError
+
+if TYPE_CHECKING:
+    from analysis.model import Workbench
 
 #: A typed fact's example per language, shown in the pages' boxes: subject, answer, prompts (paraphrases).
 EXAMPLE_FACTS = {
@@ -279,7 +282,7 @@ def record_index(record: str) -> int:
 # ------------------------------------------------------------------------------ hyper-parameters
 
 
-def hparams_from_text(editor_name: str, text: str, wb: Any) -> Any:
+def hparams_from_text(editor_name: str, text: str, wb: Workbench) -> Any:
     """A box of JSON as the editor's hyper-parameters, checked for ``wb``; messages name the editor (not its
     Python class)."""
     from editors.base import get_editor
@@ -299,7 +302,7 @@ def hparams_from_text(editor_name: str, text: str, wb: Any) -> Any:
     return hp
 
 
-def editor_with(wb: Any, method: str, hparams_json: Optional[str], preset: Optional[str]) -> Any:
+def editor_with(wb: Workbench, method: str, hparams_json: Optional[str], preset: Optional[str]) -> Any:
     """The editor ``method`` with the model's preset (or ``preset``'s) and JSON overrides (inline or a file)."""
     from editors.base import get_editor
     from editors.evaluate import resolve_hparams

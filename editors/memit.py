@@ -410,7 +410,8 @@ class ROMEEditor(_KeyValueEditor):
     hparams_class = ROMEHParams
     target_site = "down_proj"
 
-    def _insert(self, wb, layers, facts, targets, moments, hp):
+    def _insert(self, wb: Workbench, layers: list[int], facts: list[FactContexts], targets: list[TargetValue],
+                moments: dict[int, torch.Tensor], hp: KeyValueHParams):
         layer = layers[0]
         notes: list[str] = []
         keys = fact_keys(wb, layer, facts).to(torch.float64)                       # [n, d_ff]
@@ -429,10 +430,13 @@ class _SpreadEditor(_KeyValueEditor):
 
     target_site = "layer"
 
-    def _layer_update(self, wb, layer, keys, resid, moments, hp, notes, info) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layer_update(self, wb: Workbench, layer: int, keys: torch.Tensor, resid: torch.Tensor,
+                      moments: dict[int, torch.Tensor], hp: KeyValueHParams, notes: list[str],
+                      info: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def _insert(self, wb, layers, facts, targets, moments, hp):
+    def _insert(self, wb: Workbench, layers: list[int], facts: list[FactContexts], targets: list[TargetValue],
+                moments: dict[int, torch.Tensor], hp: KeyValueHParams):
         notes: list[str] = []
         z_layer = layers[-1]
         z = torch.stack([t.target for t in targets]).to(wb.device, torch.float64)    # [n, d_model]
@@ -472,7 +476,9 @@ class MEMITEditor(_SpreadEditor):
 
     hparams_class = MEMITHParams
 
-    def _layer_update(self, wb, layer, keys, resid, moments, hp, notes, info):
+    def _layer_update(self, wb: Workbench, layer: int, keys: torch.Tensor, resid: torch.Tensor,
+                      moments: dict[int, torch.Tensor], hp: KeyValueHParams, notes: list[str],
+                      info: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         return memit_update(keys, resid, moments[layer], float(hp.mom2_update_weight), notes)
 
 
@@ -482,7 +488,9 @@ class AlphaEditEditor(_SpreadEditor):
 
     hparams_class = AlphaEditHParams
 
-    def _layer_update(self, wb, layer, keys, resid, moments, hp, notes, info):
+    def _layer_update(self, wb: Workbench, layer: int, keys: torch.Tensor, resid: torch.Tensor,
+                      moments: dict[int, torch.Tensor], hp: KeyValueHParams, notes: list[str],
+                      info: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         c = moments[layer]
         key = (wb.spec, id(wb.model), layer, float(c.trace()), float(c[0].sum()), float(hp.nullspace_threshold),
                bool(hp.nullspace_relative))

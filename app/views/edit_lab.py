@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import streamlit as st
@@ -40,6 +40,9 @@ from editors.edit import Edit
 from editors.requests import EditRequest
 from editors.evaluate import probes as request_probes
 from editors.evaluate import score_probes, unedited_answers
+
+if TYPE_CHECKING:
+    from analysis.model import Workbench
 
 st.title("Edit lab")
 st.caption("Edit one fact in several languages and compare the model's answers before and after. Your edits live "
@@ -106,7 +109,7 @@ class _Stopped(Exception):
     """Raised in the worker by the progress callback once the page's run has ended."""
 
 
-def compute_with_progress(editor: Any, wb: Any, request: EditRequest, label: str) -> tuple[Edit, float]:
+def compute_with_progress(editor: Any, wb: Workbench, request: EditRequest, label: str) -> tuple[Edit, float]:
     """``editor.compute`` in a worker thread while the page shows its steps and the elapsed seconds.
 
     The progress box is removed when the work ends (result or error). If the page's run ends first
@@ -260,7 +263,7 @@ def request_key(request: dict) -> str:
     return json.dumps(request, sort_keys=True, ensure_ascii=False)
 
 
-def before_numbers(wb: Any, model_spec: str, request: EditRequest) -> dict[str, Any]:
+def before_numbers(wb: Workbench, model_spec: str, request: EditRequest) -> dict[str, Any]:
     """The unedited model's answers (text and token ids) and scores, cached per request in this session."""
     cache = st.session_state.setdefault("el_before", {})
     key = (model_spec, request_key(request.to_dict()))
@@ -273,7 +276,7 @@ def before_numbers(wb: Any, model_spec: str, request: EditRequest) -> dict[str, 
     return cache[key]
 
 
-def after_numbers(wb: Any, model_spec: str, request: EditRequest, entries: list[dict],
+def after_numbers(wb: Workbench, model_spec: str, request: EditRequest, entries: list[dict],
                   folder: Path, before: dict[str, Any]) -> list[dict[str, Any]]:
     """The scores with this session's edits applied (stacked in order), reverted on leaving."""
     cache = st.session_state.setdefault("el_after", {})
