@@ -55,6 +55,20 @@ def messages(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.strip() and not BAR.search(line)]
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_as_at_a_terminal():
+    """Ctrl-C raises KeyboardInterrupt, as in a process started from a terminal, also when this test process
+    inherited SIGINT as ignored (a job started with ``&`` by a non-interactive shell, as some CI runners do)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def terminal_sigint() -> None:
+    """In a child process before exec: SIGINT back to its default, so Python installs its Ctrl-C handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-gpt2")
@@ -295,7 +309,7 @@ def test_ctrl_c_from_the_terminal_prints_one_line_and_exits_130(tiny, tmp_path, 
     module, _, name = where.rpartition(".")
     proc = subprocess.Popen([sys.executable, "-c", HARNESS.format(module=module, name=name),
                              *interrupted(tiny, folder)], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=terminal_sigint)
     try:
         lines = []
         for line in proc.stderr:                     # wait for the work to start, not for a fixed time
