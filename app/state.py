@@ -163,21 +163,34 @@ def progress_bar(label: str) -> Iterator[Callable]:
         holder.empty()
 
 
+# The parameter through which each kind of widget takes its first value.
+_FIRST_VALUE = {"multiselect": "default", "radio": "index", "selectbox": "index"}
+
+
 def kept(widget: Callable, label: str, *args, key: str, default, **kwargs):
-    """Draw ``widget(label, *args, key=key, **kwargs)`` seeded with its last value, so a request's widgets still
-    show that request after the user leaves the page and comes back (Streamlit forgets the state of widgets
-    that were not drawn). ``default`` is the first value; with ``options`` (the first positional argument)
-    a remembered value no longer among them falls back to ``default``."""
+    """Draw ``widget(label, *args, key=key, **kwargs)`` with its last value as its first value, so a request's
+    widgets still show that request after the user leaves the page and comes back (Streamlit forgets the
+    state of widgets that were not drawn). ``default`` is the value before any; with ``options`` (the first
+    positional argument) a remembered value no longer among them falls back to ``default``.
+
+    The value goes in through the widget's own parameter (``value``, ``default`` or ``index``), never by
+    writing Session State before the widget: a keyed widget's identity does not depend on that parameter,
+    so it only matters when Streamlit holds no state for the widget, and then the browser is told the real
+    value. Seeding Session State instead left the browser with the widget's built-in default (an empty
+    multiselect, a number input at its minimum); a form submitted while the page was still redrawing
+    sent those, and the Causal-tracing page answered "choose at least one kind of state" to a user who
+    had chosen all three."""
     shadow = f"_kept_{key}"
-    if key not in st.session_state:
-        value = st.session_state.get(shadow, default)
-        if args:
-            options = list(args[0])
-            if isinstance(value, (list, tuple)):
-                value = [v for v in value if v in options]
-            elif value not in options:
-                value = default
-        st.session_state[key] = value
-    value = widget(label, *args, key=key, **kwargs)
+    value = st.session_state.get(shadow, default)
+    parameter = _FIRST_VALUE.get(getattr(widget, "__name__", ""), "value")
+    if args:
+        options = list(args[0])
+        if isinstance(value, (list, tuple)):
+            value = [v for v in value if v in options]
+        elif value not in options:
+            value = default
+        if parameter == "index":
+            value = options.index(value) if value in options else 0
+    value = widget(label, *args, key=key, **{parameter: value}, **kwargs)
     st.session_state[shadow] = value
     return value

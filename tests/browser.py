@@ -156,13 +156,38 @@ def settled(page, timeout: int = 600_000) -> None:
 
 
 def move_slider(page, label: str, presses: int) -> None:
-    """Move the slider named ``label`` by ``presses`` steps with the keyboard (negative: to the left)."""
-    thumb = page.get_by_role("slider", name=label)
-    if not thumb.count():
-        thumb = page.locator("[data-testid='stSlider']").filter(has_text=label).get_by_role("slider")
-    thumb.first.focus()
+    """Move the slider named ``label`` by ``presses`` steps with the keyboard (negative: to the left).
+
+    One step at a time, as a user who watches the page: press, wait until the thumb shows the new value and
+    the rerun it starts has finished, then the next step. A key press that lands while the previous rerun
+    redraws the slider can be lost on a busy machine; it is pressed again (the slider must end exactly
+    ``presses`` steps away, checked on its value)."""
+    def thumb():
+        found = page.get_by_role("slider", name=label)
+        if not found.count():
+            found = page.locator("[data-testid='stSlider']").filter(has_text=label).get_by_role("slider")
+        return found.first
+
+    def value() -> float:
+        return float(thumb().input_value(timeout=60_000))  # the thumb is an <input type="range">
+
+    key = "ArrowRight" if presses > 0 else "ArrowLeft"
     for _ in range(abs(presses)):
-        thumb.first.press("ArrowRight" if presses > 0 else "ArrowLeft")
+        start = value()
+        for _attempt in range(4):
+            thumb().focus()
+            thumb().press(key)
+            deadline = time.time() + 15
+            while value() == start and time.time() < deadline:
+                page.wait_for_timeout(250)
+            settled(page)
+            if value() != start:
+                break
+        else:
+            _fail_with(page, f"the slider {label!r} did not move from {start} after four key presses",
+                       page.inner_text("body"))
+        now = value()
+        assert (now > start) == (presses > 0), f"slider {label!r} moved the wrong way: {start} -> {now}"
 
 
 def download(page, container, label: str):
@@ -188,33 +213,51 @@ def go_to(page, title: str) -> None:
     page.locator("[data-testid='stSidebarNav']").get_by_text(title, exact=True).click()
 
 
+def commit(page, box, text: str) -> None:
+    """Type ``text`` into an input and leave it with Tab, as a user who then reaches for the button: the value
+    is committed without submitting the form (Enter would submit it, and a submit that lands while the page
+    is still redrawing after the previous click can send a half-drawn form). Waits until the page has
+    finished the rerun the commit may start and the box shows the value."""
+    box.wait_for(timeout=120_000)
+    box.fill(text)
+    box.press("Tab")
+    settled(page)
+    value = box.input_value(timeout=60_000)
+    if value != text:
+        _fail_with(page, f"the input shows {value!r} after typing {text!r}", page.inner_text("body"))
+
+
+def submit(page, name: str) -> None:
+    """Click the button ``name`` once the page has finished its current run (so the form it sends is whole)."""
+    settled(page)
+    page.get_by_role("button", name=name, exact=True).click()
+
+
+def typed_fact_mode(page, url: str, path: str, last_box: str) -> None:
+    """Open a page with a fact picker and switch it to "Type a fact"; wait until that redraw has finished."""
+    page.goto(url + path)
+    page.get_by_text("Type a fact").wait_for(timeout=180_000)
+    settled(page)
+    page.get_by_text("Type a fact").click()
+    page.get_by_role("textbox", name=last_box).wait_for(timeout=120_000)
+    settled(page)
+
+
 # The first request of each analysis page, as a user makes it (small, so that a test runs in minutes).
 def run_small_atlas(page, url: str) -> None:
     page.goto(url + "/atlas")
     page.get_by_role("button", name="Run", exact=True).wait_for(timeout=180_000)
-    facts = page.get_by_role("spinbutton", name="Facts per relation")
-    facts.fill("1")
-    facts.press("Enter")
-    page.get_by_role("button", name="Run", exact=True).click()
+    commit(page, page.get_by_role("spinbutton", name="Facts per relation"), "1")
+    submit(page, "Run")
 
 
 def run_typed_attribution(page, url: str) -> None:
-    page.goto(url + "/attribution")
-    page.get_by_text("Type a fact").wait_for(timeout=180_000)
-    page.get_by_text("Type a fact").click()
-    page.get_by_role("textbox", name="Answer (zh)").wait_for(timeout=60_000)
-    steps = page.get_by_role("spinbutton", name="Steps m")
-    steps.fill("4")
-    steps.press("Enter")
-    page.get_by_role("button", name="Compute", exact=True).click()
+    typed_fact_mode(page, url, "/attribution", "Answer (zh)")
+    commit(page, page.get_by_role("spinbutton", name="Steps m"), "4")
+    submit(page, "Compute")
 
 
 def run_typed_trace(page, url: str) -> None:
-    page.goto(url + "/tracing")
-    page.get_by_text("Type a fact").wait_for(timeout=180_000)
-    page.get_by_text("Type a fact").click()
-    page.get_by_role("textbox", name="Subject (de)").wait_for(timeout=60_000)
-    samples = page.get_by_role("spinbutton", name="Noise samples")
-    samples.fill("2")
-    samples.press("Enter")
-    page.get_by_role("button", name="Trace", exact=True).click()
+    typed_fact_mode(page, url, "/tracing", "Subject (de)")
+    commit(page, page.get_by_role("spinbutton", name="Noise samples"), "2")
+    submit(page, "Trace")

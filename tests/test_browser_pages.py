@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.browser import (assert_clean, download, go_to, move_slider, run_small_atlas, run_typed_attribution,
-                           run_typed_trace, select_first_row, settled, shot, shown)
+from tests.browser import (assert_clean, commit, download, go_to, move_slider, run_small_atlas, run_typed_attribution,
+                           run_typed_trace, select_first_row, settled, shot, shown, submit)
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -18,9 +18,14 @@ WIDE = {"width": 1400, "height": 1100}
 def test_atlas_page_survives_every_interaction(app_url, browser):
     page = browser.new_page(viewport=WIDE)
     run_small_atlas(page, app_url)
-    shown(page, "LAFNs at β = 0.8", timeout=600_000)
+    shown(page, "LAFNs at β = 0.8", "Counted en:", timeout=600_000)  # the default β is 0.8
     page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
     assert_clean(page, "run")
+    # a deep link runs through main.py's st.navigation (not Streamlit's legacy pages/ mode)
+    nav = page.locator("[data-testid='stSidebarNav']").inner_text()
+    assert "Neuron atlas" in nav and "Home" in nav
+    legend = page.locator(".js-plotly-plot .legend").first.text_content()   # Figure 1: LAFN bars, a line per language
+    assert "LAFN" in legend and "en" in legend and "zh" in legend
     shot(page, "atlas.png")
 
     move_slider(page, "β (Eq. 5 threshold)", -2)                       # slider
@@ -82,9 +87,11 @@ def test_atlas_page_survives_every_interaction(app_url, browser):
 def test_attribution_page_survives_every_interaction(app_url, browser):
     page = browser.new_page(viewport=WIDE)
     run_typed_attribution(page, app_url)
-    shown(page, "Attributed 4 prompts", "language-independent", timeout=600_000)
+    shown(page, "Attributed 4 prompts", "language-independent", "Mean answer probability: en", timeout=600_000)
     page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
     assert_clean(page, "compute")
+    legend = page.locator(".js-plotly-plot .legend").first.text_content()
+    assert "language-independent" in legend and "en-specific" in legend and "zh-specific" in legend
 
     move_slider(page, "t (per prompt)", 2)                              # both sliders
     settled(page)
@@ -137,6 +144,9 @@ def test_tracing_page_survives_every_interaction(app_url, browser):
     shown(page, "Strongest MLP effect", "p(answer), clean run", "p(answer), subject corrupted",
           "are the subject's", timeout=600_000)
     assert_clean(page, "trace")
+    titles = page.locator(".js-plotly-plot").first.text_content()      # three heatmaps of the en fact
+    assert "single restored hidden state" in titles and "restored MLP" in titles and "restored attention" in titles
+    assert "Eiffel" in titles
     shot(page, "tracing.png", full_page=True)
 
     panel = page.get_by_role("tabpanel", name="en")                     # downloads of the en heatmaps
@@ -172,9 +182,11 @@ def test_tracing_page_survives_every_interaction(app_url, browser):
     assert_clean(second, "the same request in a second session")
     other.close()
 
-    subject = page.get_by_role("textbox", name="Subject (en)")          # a bad subject: an error box in en only
-    subject.fill("Louvre")
-    page.get_by_role("button", name="Trace", exact=True).click()
+    page.get_by_role("tab", name="en", exact=True).click()             # a bad subject: an error box in en only
+    commit(page, page.get_by_role("textbox", name="Subject (en)"), "Louvre")
+    submit(page, "Trace")
+    settled(page)
+    page.get_by_role("tab", name="en", exact=True).click()
     page.get_by_text("does not occur in the prompt").first.wait_for(timeout=300_000)
     assert_clean(page, "a subject not in the prompt")
     page.get_by_role("tab", name="zh", exact=True).click()

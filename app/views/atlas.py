@@ -74,10 +74,8 @@ with user_errors():
                f"{counts.n_layers} layers × {counts.n_neurons:,} neurons · {max_facts} facts per relation · "
                f"relations: {', '.join(relations) or 'all'} · run folder `{folder}`")
 
-    if "atlas-beta" not in st.session_state:
-        st.session_state["atlas-beta"] = st.session_state.get("_kept_atlas-beta", DEFAULT_BETA)
-    beta = st.slider("β (Eq. 5 threshold)", 0.0, 1.0, step=0.05, key="atlas-beta", help=BETA_HELP)
-    st.session_state["_kept_atlas-beta"] = beta
+    beta = kept(st.slider, "β (Eq. 5 threshold)", key="atlas-beta", default=DEFAULT_BETA, min_value=0.0,
+                max_value=1.0, step=0.05, help=BETA_HELP)
     table = nr.neuron_set_table(counts, beta)
     factual = nr.factual_neurons(counts, beta)
     wide = table.pivot(index="layer", columns="set", values="count")
