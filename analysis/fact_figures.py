@@ -27,6 +27,7 @@ __all__ = [
     "causal_trace_heatmaps",
     "edit_probability_bars",
     "knowledge_neurons_by_layer",
+    "trained_neurons",
 ]
 
 
@@ -196,4 +197,29 @@ def edit_probability_bars(table: pd.DataFrame, title: str) -> go.Figure:
                     hovertemplate="%{x}: P(new target) " + name + " = %{y:.4f}<extra></extra>")
     fig.update_layout(barmode="group", title=title, yaxis_title="P(new target | edit prompt)",
                       xaxis_title="language", yaxis_range=[0, 1.08], height=380, margin=dict(t=60, b=40))
+    return fig
+
+
+def trained_neurons(table: pd.DataFrame, n_layers: int, title: str | None = None) -> go.Figure:
+    """The knowledge neurons a MEMLA edit trained, per layer and editor (memla Eq. 5-7): stacked bars of the
+    language-independent editor's neurons (LIE) and each language's specific ones (LSE).
+
+    ``table`` has one row per (layer, editor, neuron); ``editor`` is ``"independent"`` or a language code."""
+    table = _check_table(table, ["layer", "editor", "neuron"], "The trained-neuron table", numeric=["layer", "neuron"])
+    counts = table.groupby(["editor", "layer"]).size()
+    layers = np.arange(int(n_layers))
+    fig = go.Figure()
+    names = [INDEPENDENT] + sorted(n for n in table["editor"].unique() if n != INDEPENDENT)
+    for name in names:
+        if name not in counts.index.get_level_values(0):
+            continue
+        y = [int(counts.get((name, int(layer)), 0)) for layer in layers]
+        label = "LIE: language-independent (Eq. 3)" if name == INDEPENDENT else f"LSE {name}: {name}-specific (Eq. 4)"
+        colour = LAFN_COLOUR if name == INDEPENDENT else language_colour(name)
+        fig.add_bar(x=layers, y=y, name=label, marker=dict(color=colour),
+                    hovertemplate=f"layer %{{x}}<br>%{{y:,d}} neurons · {_escape(label)}<extra></extra>")
+    _layout(fig, title or "Neurons the MEMLA edit trained (masked value vectors), per layer and editor",
+            barmode="stack", legend=dict(title="editor"), bargap=0.1)
+    fig.update_xaxes(title_text="layer", dtick=1 if n_layers < 25 else None)
+    fig.update_yaxes(title_text="knowledge neurons edited", rangemode="tozero")
     return fig

@@ -1,6 +1,6 @@
 """Benchmark: time and peak memory of one edit with each editor, in units of a plain forward pass.
 
-    .venv/bin/python bench/editors.py [--editors lu-lafns,rome,memit,alphaedit,lora-ft] [--record 5]
+    .venv/bin/python bench/editors.py [--editors lu-lafns,rome,memit,alphaedit,lora-ft,memla] [--record 5]
         [--languages en,zh] [--repeats 1] [--prepare] [--device auto]
 
 One request (MzsRE dev record ``--record`` in en and zh) on the embedded model.
@@ -17,7 +17,8 @@ Each editor runs in its own fresh process, so that its peak memory is its own:
   its peak before it (model loaded, forward run), i.e. the extra memory an edit
   needs; on CUDA, ``torch.cuda.max_memory_allocated`` above the model's.
 
-It also prints whether the edit worked: P(new target) before and after, per language.
+MEMLA's time is also split into locating (integrated gradients of the prompts) and training (its
+``edit.meta``). It also prints whether the edit worked: P(new target) before and after, per language.
 Results go to ``bench/results/editors.csv``.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-EDITORS = "lu-lafns,rome,memit,alphaedit,lora-ft"
+EDITORS = "lu-lafns,rome,memit,alphaedit,lora-ft,memla"
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -86,7 +87,8 @@ def worker(args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - t0)
     with edit.applied(wb):
         after = [s.probability for s in answer_scores(wb, prompts, targets)]
-    return {"editor": args.worker, "forward_s": unit, "first_edit_s": first,
+    split = edit.meta.get("memla", {})
+    return {"locating_s": split.get("seconds_locating"), "training_s": split.get("seconds_training"),"editor": args.worker, "forward_s": unit, "first_edit_s": first,
             "edit_s": statistics.median(times) if times else first, "extra_peak_rss_mib": peak,
             "extra_peak_gpu_mib": gpu_peak, "device": device_line(wb), "record": request.case_id,
             **{f"P(new) {lang} before": b for lang, b in zip(langs, before)},
@@ -126,13 +128,16 @@ def main() -> int:
         rows.append(row)
         print(f"{name:10s} edit {row['edit_s']:7.2f} s (first {row['first_edit_s']:.2f} s) = "
               f"{row['edit / forward']:8.0f} forward passes of {row['forward_s'] * 1000:.0f} ms; "
-              f"extra peak memory {row['extra_peak_rss_mib']:.0f} MiB", flush=True)
+              f"extra peak memory {row['extra_peak_rss_mib']:.0f} MiB"
+              + (f"; locating {row['locating_s']:.2f} s, training {row['training_s']:.2f} s"
+                 if row.get("locating_s") is not None else ""), flush=True)
     table = pd.DataFrame(rows)
     out = ROOT / "bench" / "results" / "editors.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     print(f"device: {rows[0]['device']}; record {rows[0]['record']} ({args.languages})")
-    cols = ["editor", "edit_s", "first_edit_s", "forward_s", "edit / forward", "extra_peak_rss_mib"] + [
+    cols = ["editor", "edit_s", "first_edit_s", "locating_s", "training_s", "forward_s", "edit / forward",
+            "extra_peak_rss_mib"] + [
         c for c in table.columns if c.startswith("P(new)")]
     with pd.option_context("display.width", 220, "display.max_columns", 20):
         print(table[cols].round(4).to_string(index=False))

@@ -39,7 +39,7 @@ def new_page(spec: str, tmp_path):
     return at
 
 
-def fill_typed_fact(at, fact=FACT) -> None:
+def fill_typed_fact(at, fact=FACT, editor: str = "lu-lafns", hparams: dict = HPARAMS) -> None:
     at.radio(key="el-source").set_value("Type a fact").run()
     at.multiselect(key="el-typed-languages").set_value(list(fact)).run()
     for lang, f in fact.items():
@@ -50,8 +50,8 @@ def fill_typed_fact(at, fact=FACT) -> None:
         at.text_area(key=f"el-para-{lang}").set_value(f["para"])
         at.text_area(key=f"el-loc-{lang}").set_value(f["loc"])
         at.text_area(key=f"el-port-{lang}").set_value("")
-    hp_box = next(t for t in at.text_area if str(t.key).startswith("el-hp-lu-lafns"))
-    hp_box.set_value(json.dumps(HPARAMS))
+    hp_box = next(t for t in at.text_area if str(t.key).startswith(f"el-hp-{editor}"))
+    hp_box.set_value(json.dumps(hparams))
     at.run()
 
 
@@ -266,3 +266,23 @@ def test_the_page_scores_probes_as_the_evaluation_does_and_keeps_no_tensor_in_se
     at.button(key="el-revert").click().run()
     assert not at.exception, at.exception
     assert not (folder / entry["id"]).exists() and not (folder / f"{entry['id']}.zip").exists()
+
+
+def test_a_memla_edit_shows_the_neurons_it_trained(tiny_spec, tmp_path):
+    """MEMLA in the Edit lab: beside the before/after table, the neurons its editors trained per layer and
+    editor (a figure and a table whose rows open the drill-down)."""
+    at = new_page(tiny_spec, tmp_path)
+    at.run()
+    at.selectbox(key="el-editor").set_value("memla").run()
+    assert not at.exception, at.exception
+    fill_typed_fact(at, editor="memla", hparams=dict(layers=[], threshold=0.2, ig_steps=4, n=2, steps=5, lr=5e-2))
+    at.button(key="el-apply").click().run()
+    assert not at.exception, at.exception
+    assert not [e for e in errors(at) if "preset" not in e], errors(at)
+    entries = at.session_state["el_edits"]
+    assert [e["editor"] for e in entries] == ["memla"]
+    assert len(at.get("plotly_chart")) == 2                       # P(new) bars and the trained neurons
+    trained = next(d.value for d in at.dataframe if list(d.value.columns) == ["layer", "editor", "neuron"])
+    sets = entries[0]["details"]["meta"]["memla"]["neurons"]["sets"]
+    assert len(trained) == sum(len(ns) for layers in sets.values() for ns in layers.values()) > 0
+    assert set(trained["editor"]) <= {"en", "de", "independent"}

@@ -21,6 +21,7 @@ TINY_HPARAMS = {
     "alphaedit": dict(layers=[0, 1], v_num_grad_steps=3, context_template_length_params=[[2, 1]],
                       mom2_n_tokens=500),
     "lora-ft": dict(layers=[0, 2], target_modules=["down_proj"], steps=3),
+    "memla": dict(layers=[], threshold=0.2, ig_steps=4, steps=3, lr=1e-2, stop_prob=1.0),
 }
 
 

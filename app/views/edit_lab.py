@@ -34,7 +34,7 @@ from app.edit_store import edit_zip, load_edit, remove_edit, save_edit, session_
 from app.forms import default_languages, edit_request, edit_request_from_boxes, hparams_from_text, language_name
 from app.state import (ERROR_ICON, corpus_rows, current_corpus_spec, current_model_spec, progress_bar,
                        user_errors, workbench)
-from app.widgets import corpus_fact, downloads
+from app.widgets import corpus_fact, downloads, neuron_drilldown
 from editors.base import available_editors, get_editor
 from editors.edit import Edit
 from editors.requests import EditRequest
@@ -376,6 +376,40 @@ def edit_details(entry: dict, folder: Path) -> None:
                        key=f"el-dl-{entry['id']}", on_click="ignore")
 
 
+def trained_neurons_table(entry: dict) -> pd.DataFrame | None:
+    """One row per (layer, editor, neuron) a MEMLA edit trained, from its stored record; None for other edits."""
+    record = entry.get("details", {}).get("meta", {}).get("memla")
+    sets = (record or {}).get("neurons", {}).get("sets") if isinstance(record, dict) else None
+    if not sets:
+        return None
+    rows = [{"layer": int(layer), "editor": name, "neuron": int(n)}
+            for name, layers in sets.items() for layer, neurons in layers.items() for n in neurons]
+    return pd.DataFrame(rows).sort_values(["layer", "editor", "neuron"], ignore_index=True) if rows else None
+
+
+def trained_neurons_panel(entry: dict, index: int) -> None:
+    """Beside the before/after table of a MEMLA edit: the neurons its LSEs and LIE trained, per layer; a row
+    of the table opens the atlas drill-down of that neuron."""
+    table = trained_neurons_table(entry)
+    if table is None:
+        return
+    st.markdown("**The neurons this MEMLA edit trained** (value vectors its masked editors changed; memla "
+                "Eq. 5-7) · select a row for the atlas drill-down")
+    fig = fact_figures.trained_neurons(table, wb.n_layers)
+    left, right = st.columns([3, 2])
+    left.plotly_chart(fig, width="stretch", key=f"el-memla-{entry['id']}")
+    with left:
+        downloads(fig, f"memla_neurons_{entry['id'][:8]}", table, key=f"el-memla-dl-{entry['id']}")
+    event = right.dataframe(table, hide_index=True, width="stretch", height=340, on_select="rerun",
+                            selection_mode="single-row", key=f"el-memla-rows-{entry['id']}")
+    picked = [i for i in (event.selection.rows if event is not None else []) if i < len(table)]
+    if picked:
+        row = table.iloc[picked[0]]
+        languages = [k for k in entry["request"]["facts"]] if row["editor"] == "independent" else [row["editor"]]
+        neuron_drilldown(model_spec, current_corpus_spec(), languages, int(row["layer"]), int(row["neuron"]),
+                         key=f"el-memla-drill-{index}")
+
+
 # ========================================================================= page
 
 with user_errors():
@@ -500,6 +534,7 @@ with user_errors():
                                         f"P(new target) before vs after ({len(entries)} edit(s) applied)")
     st.plotly_chart(fig, width="stretch", key="el-bars")
     downloads(fig, f"edit_lab_{entries[shown]['editor']}_{len(entries)}_edits", table)
+    trained_neurons_panel(entries[shown], shown)
     for i, entry in enumerate(entries):
         with st.expander(f"Edit {i + 1}: {entry['editor']} · {entry['case_id'] or '–'} · summary and download",
                          expanded=False):
