@@ -481,21 +481,28 @@ def evaluate(model: str = ModelOpt,
              overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in an --out folder that holds "
                                                                        "another evaluation or another command's "
                                                                        "results (refused otherwise)."),
+             table: str = typer.Option("all", "--table", help="Tables to print: all, or memla (ES / PS / NS per "
+                                                                 "test language and their cross-lingual averages, "
+                                                                 "per edit language set)."),
              device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
     """The papers' comparison: edit n records with each method, score every test language, print the tables."""
     from tqdm import tqdm
 
     from analysis.model import load_model
     from editors.base import get_editor
-    from editors.evaluate import (EvalConfig, check_run_folder, edit_sets_for, load_records, merge_runs,
-                                  parse_language_sets, report, run_evaluation)
+    from editors.evaluate import (EvalConfig, check_run_folder, edit_sets_for, load_records, memla_report,
+                                  merge_runs, parse_language_sets, report, run_evaluation)
 
+    tables = {"all": report, "memla": memla_report}
+    if table not in tables:
+        raise InputError(f"--table must be one of: {', '.join(tables)}; got {table!r}.")
+    print_tables = tables[table]
     if merge:
         if out is None:
             raise InputError("--merge needs --out, the folder to merge into.")
         claim_out(out, "evaluate", None, overwrite)
         frame, config = merge_runs(merge, out, overwrite=overwrite)
-        typer.echo(report(frame, config))
+        typer.echo(print_tables(frame, config))
         typer.echo(f"merged run folder: {out}")
         return
 
@@ -532,7 +539,7 @@ def evaluate(model: str = ModelOpt,
             bar.refresh()
 
         frame = run_evaluation(wb, config, out, progress=progress, records=records, overwrite=overwrite)
-    typer.echo(report(frame, config))
+    typer.echo(print_tables(frame, config))
     typer.echo(f"run folder: {out} (rows.jsonl, probes.csv, tables.md)")
 
 

@@ -606,9 +606,29 @@ def _per_language_table(frame: pd.DataFrame, edit_languages: str, test_languages
 
 def memla_table(frame: pd.DataFrame, edit_languages: str, test_languages: Sequence[str]) -> pd.DataFrame:
     """memla App. B: ES (memla Eq. 9), PS (memla Eq. 10) and NS (memla Eq. 11) in %, per method and test
-    language, for edits of ``edit_languages``."""
-    return _per_language_table(frame, edit_languages, test_languages,
-                               [("ES", "reliability", "es"), ("PS", "generality", "es"), ("NS", "locality", "ns")])
+    language, for edits of ``edit_languages``; with "x-avg" columns, their means over the test languages
+    outside the edit (memla Tables 3-4's cross-lingual averages: the transferability)."""
+    columns = [("ES", "reliability", "es"), ("PS", "generality", "es"), ("NS", "locality", "ns")]
+    table = _per_language_table(frame, edit_languages, test_languages, columns)
+    others = [lang for lang in test_languages if lang not in edit_languages.split("+")]
+    if others and not table.empty:
+        for title, _, _ in columns:
+            table[f"x-avg {title}"] = table[[f"{lang} {title}" for lang in others]].mean(axis=1, skipna=True)
+    return table
+
+
+def memla_report(frame: pd.DataFrame, config: Any) -> str:
+    """``neuroglot evaluate --table memla``: for every edit (source) language set of the run, ES / PS / NS in
+    every test language and their cross-lingual averages, per method (MzsRE stands in for MKEB, which is not
+    public)."""
+    tests = list(config.test_languages)
+    parts = []
+    for edit_set in config.edit_sets:
+        source = "+".join(edit_set)
+        parts += [f"## memla Tables 3-4 style: ES / PS / NS (%), edited in {source}, tested in {', '.join(tests)}, "
+                  f"{frame['record'].nunique()} records (MzsRE stands in for MKEB)",
+                  format_table(memla_table(frame, source, tests))]
+    return "\n\n".join(parts) + "\n"
 
 
 def langedit_table(frame: pd.DataFrame, edit_languages: str, test_languages: Sequence[str]) -> pd.DataFrame:

@@ -291,3 +291,16 @@ def test_evaluate_merges_run_folders(tmp_path):
     assert "| M-ROME |" in result.output and "| M-MEMIT |" in result.output
     result = runner.invoke(cli, ["evaluate", "--merge", str(tmp_path / "a")])
     assert result.exit_code == 2 and "--out" in result.output
+
+
+def test_evaluate_table_memla_prints_only_memlas_tables_and_a_bad_table_is_exit_2(tmp_path):
+    from tests.tiny import fake_run
+
+    fake_run(tmp_path / "a", "rome")
+    result = runner.invoke(cli, ["evaluate", "--merge", str(tmp_path / "a"), "--out", str(tmp_path / "m"),
+                                 "--table", "memla"])
+    assert result.exit_code == 0, result.output
+    assert "memla Tables 3-4 style" in result.output and "Table 2 style" not in result.output
+    result = runner.invoke(cli, ["evaluate", "--merge", str(tmp_path / "a"), "--out", str(tmp_path / "n"),
+                                 "--table", "everything"])
+    assert result.exit_code == 2 and "--table must be one of: all, memla" in result.output

@@ -348,3 +348,27 @@ def test_table1_compares_only_records_edited_with_every_set():
     extra = frame[(frame["record"] == "r1") & (frame["edit_languages"] == "en+zh")].assign(record="r3", em=0.0)
     t = table1(pd.concat([frame, extra]), ["en", "zh"]).iloc[0]
     assert t["records"] == 2 and t["multi en"] == pytest.approx(75.0)   # r3 has no monolingual edits
+
+
+def test_memla_table_has_the_cross_lingual_averages_of_the_languages_outside_the_edit():
+    import pandas as pd
+
+    from editors.evaluate import EvalConfig, memla_report, memla_table
+
+    rows = []
+    for record in ("r1", "r2"):
+        for lang, es, ns in (("en", 1.0, 1.0), ("zh", 0.5 if record == "r1" else 0.0, 0.25), ("de", 0.0, 0.75)):
+            for kind in ("reliability", "generality", "locality"):
+                rows.append({"method": "memla", "edit_languages": "en", "record": record, "language": lang,
+                             "kind": kind, "es": es if kind != "locality" else None,
+                             "ns": ns if kind == "locality" else None})
+    frame = pd.DataFrame(rows)
+    table = memla_table(frame, "en", ["en", "zh", "de"])
+    row = table.iloc[0]
+    assert row["method"] == "MEMLA" or row["method"] == "memla"
+    assert row["en ES"] == 100 and row["zh ES"] == 25 and row["de ES"] == 0
+    assert row["x-avg ES"] == pytest.approx(12.5) and row["x-avg PS"] == pytest.approx(12.5)
+    assert row["x-avg NS"] == pytest.approx(50.0)                       # (25 + 75) / 2: en is the source
+    config = EvalConfig(dataset="d", methods=["memla"], edit_sets=[["en"]], test_languages=["en", "zh", "de"], n=2)
+    text = memla_report(frame, config)
+    assert "edited in en" in text and "x-avg ES" in text and "MKEB" in text
