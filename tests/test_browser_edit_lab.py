@@ -16,7 +16,7 @@ import zipfile
 
 import pytest
 
-from tests.browser import assert_clean, download, go_to, settled, shot, shown
+from tests.browser import assert_clean, download, go_to, select_first_row, settled, shot, shown
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -24,8 +24,9 @@ TALL = {"width": 1400, "height": 2400}      # the whole page fits: the screensho
 CHEAP = {
     "lu-lafns": dict(layers=[9, 17], steps=2, n_prefixes=1, prefix_length=2, paraphrase_sources=["prompt"]),
     "lora-ft": dict(steps=3),
+    "memla": dict(paraphrases=0, ig_steps=4, steps=8, c=1.0),
 }
-MARKER = {"lu-lafns": "beta", "lora-ft": "rank"}   # a field only that editor's hyper-parameters have
+MARKER = {"lu-lafns": "beta", "lora-ft": "rank", "memla": "independent_mask"}   # a field only that editor's hyper-parameters have
 LONG = 600_000                               # a loaded machine: wait for what the page says, up to 10 minutes
 
 
@@ -195,4 +196,25 @@ def test_edit_lab_survives_apply_revert_another_editor_reload_and_a_second_sessi
     assert "edit(s) applied" not in body and "Edit 1:" not in body and "Error" not in body
     assert page.locator(".js-plotly-plot").count() == 0
     shot(page, "edit_lab_reloaded.png")
+    page.close()
+
+
+def test_a_memla_edit_shows_its_trained_neurons_and_each_opens_the_drilldown(app_url, browser):
+    """MEMLA in the Edit lab: the neurons its editors trained, per layer and editor, beside the before/after
+    table; a row opens the atlas drill-down of that neuron; the page survives a second selection."""
+    page = browser.new_page(viewport=TALL)
+    open_record(page, app_url)
+    choose_editor(page, "memla")
+    cheap_hparams(page, "memla")
+    apply_and_watch(page, "memla")
+    shown(page, "The neurons this MEMLA edit trained", "Edit 1: memla · mzsre:0", timeout=LONG)
+    assert_clean(page, "applying MEMLA")
+    assert page.locator(".js-plotly-plot").count() >= 2                  # the P(new) bars and the neurons
+    names = page.locator(".js-plotly-plot").nth(1).evaluate("el => el.data.map(t => t.name)")
+    assert names and all(n.startswith(("LIE", "LSE en", "LSE zh")) for n in names), names
+    table = page.locator("[data-testid='stDataFrame']").last            # the trained neurons, the page's last table
+    select_first_row(page, table)
+    shown(page, "promoted", timeout=LONG)
+    assert_clean(page, "a trained neuron's drill-down")
+    shot(page, "edit_lab_memla.png", full_page=True)
     page.close()

@@ -398,10 +398,9 @@ def trained_neurons_panel(entry: dict, index: int) -> None:
     fig = fact_figures.trained_neurons(table, wb.n_layers)
     left, right = st.columns([3, 2])
     left.plotly_chart(fig, width="stretch", key=f"el-memla-{entry['id']}")
-    with left:
-        downloads(fig, f"memla_neurons_{entry['id'][:8]}", table, key=f"el-memla-dl-{entry['id']}")
     event = right.dataframe(table, hide_index=True, width="stretch", height=340, on_select="rerun",
                             selection_mode="single-row", key=f"el-memla-rows-{entry['id']}")
+    downloads(fig, f"memla_neurons_{entry['id'][:8]}", table, key=f"el-memla-dl-{entry['id']}")
     picked = [i for i in (event.selection.rows if event is not None else []) if i < len(table)]
     if picked:
         row = table.iloc[picked[0]]
