@@ -74,7 +74,7 @@ KIND_TITLES = {"reliability": "Reliability", "generality": "Generality", "locali
                "portability": "Portability"}
 #: Display names of methods in tables; a multilingual edit with ROME/MEMIT is their M- adaptation.
 METHOD_TITLES = {"lu-lafns": "LU-LAFNs", "rome": "M-ROME", "memit": "M-MEMIT", "alphaedit": "M-AlphaEdit",
-                 "lora-ft": "LoRA-FT", "unedited": "Unedited"}
+                 "lora-ft": "LoRA-FT", "memla": "MEMLA", "unedited": "Unedited"}
 ROWS_FILE = "rows.jsonl"
 CONFIG_FILE = "config.json"
 UNEDITED = "unedited"
@@ -639,7 +639,7 @@ def langedit_table(frame: pd.DataFrame, edit_languages: str, test_languages: Seq
 
 
 def _methods(frame: pd.DataFrame) -> list[str]:
-    order = [UNEDITED, "lu-lafns", "memit", "rome", "alphaedit", "lora-ft"]
+    order = [UNEDITED, "lu-lafns", "memla", "memit", "rome", "alphaedit", "lora-ft"]
     present = list(dict.fromkeys(frame["method"])) if not frame.empty else []
     return [m for m in order if m in present] + [m for m in present if m not in order]
 

@@ -50,9 +50,10 @@ def located(wb):
 
 def test_registered_with_presets():
     assert "memla" in available_editors()
-    for key in ("ai-forever/mGPT", "meta-llama/Meta-Llama-3-8B", "embedded"):
+    for key in ("ai-forever/mGPT", "meta-llama/Meta-Llama-3-8B"):          # the authors' settings
         hp = MemlaHParams.preset(key)
-        assert (hp.threshold, hp.n, hp.lr, hp.steps, hp.c) == (0.3, 4, 1e-3, 60, 0.5)
+        assert (hp.layers, hp.threshold, hp.n, hp.lr, hp.steps, hp.c) == ([], 0.3, 4, 1e-3, 60, 0.5)
+    assert MemlaHParams.preset("embedded").c == 1.0
 
 
 def test_located_sets_obey_eq_3_and_4(wb, located):
