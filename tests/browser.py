@@ -150,9 +150,16 @@ def assert_clean(page, step: str) -> str:
 
 def settled(page, timeout: int = 600_000) -> None:
     """Wait until Streamlit has finished the current script run (its status widget says "Running" meanwhile)."""
-    page.wait_for_timeout(300)
-    page.locator("[data-testid='stStatusWidget']").filter(has_text="Running").wait_for(state="detached",
-                                                                                      timeout=timeout)
+    running = page.locator("[data-testid='stStatusWidget']").filter(has_text="Running")
+    idle = 0
+    deadline = time.time() + timeout / 1000
+    while idle < 2 and time.time() < deadline:   # idle at two looks 300 ms apart: a rerun a click started late
+        page.wait_for_timeout(300)               # is not missed
+        if running.count():
+            running.wait_for(state="detached", timeout=timeout)
+            idle = 0
+        else:
+            idle += 1
 
 
 def move_slider(page, label: str, presses: int) -> None:
@@ -192,11 +199,22 @@ def move_slider(page, label: str, presses: int) -> None:
 
 def download(page, container, label: str):
     """Click the download button ``label`` inside ``container``; returns the saved file's bytes."""
+    from playwright.sync_api import Error as PlaywrightError
+
     button = container.locator("[data-testid='stDownloadButton']").filter(has_text=label).first
-    with page.expect_download(timeout=120_000) as info:
-        button.click()
-    path = info.value.path()
-    return Path(path).read_bytes()
+    for attempt in range(3):
+        settled(page)
+        try:
+            with page.expect_download(timeout=120_000) as info:
+                button.click()
+            return Path(info.value.path()).read_bytes()
+        except PlaywrightError as exc:
+            # A rerun that starts while the file is fetched (a tab click's rerun that began after `settled`
+            # looked) replaces the page's media files, and the browser cancels the download; a user clicks
+            # again, and so does this helper, once the page has finished its run.
+            if "canceled" not in str(exc) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def select_first_row(page, table) -> None:
