@@ -144,7 +144,9 @@ def test_tracing_page_survives_every_interaction(app_url, browser):
     shown(page, "Strongest MLP effect", "p(answer), clean run", "p(answer), subject corrupted",
           "are the subject's", timeout=600_000)
     assert_clean(page, "trace")
-    titles = page.locator(".js-plotly-plot").first.text_content()      # three heatmaps of the en fact
+    en_plot = page.get_by_role("tabpanel", name="en").locator(".js-plotly-plot").first
+    en_plot.wait_for(timeout=120_000)
+    titles = en_plot.text_content()                                     # three heatmaps of the en fact
     assert "single restored hidden state" in titles and "restored MLP" in titles and "restored attention" in titles
     assert "Eiffel" in titles
     shot(page, "tracing.png", full_page=True)
