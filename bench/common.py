@@ -67,3 +67,14 @@ def sweep_point(wb: Workbench, method: str, hparams: dict, name: str, dataset: s
         for kind in ("Reliability", "Generality", "Locality", "Portability"):
             row[f"{lang} {kind} EM"] = t2[f"{lang} {kind} EM"]
     return row, out
+
+
+def save_sweep(rows: list[dict], csv_name: str) -> None:
+    """Write a preset sweep's rows to ``bench/results/<csv_name>`` and print them as a table."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
+    table.to_csv(ROOT / "bench" / "results" / csv_name, index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(table.round(2).to_string(index=False))

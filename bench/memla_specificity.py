@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     wb = load_model("embedded")
     records = load_mzsre(args.dataset, [args.language])
+    base, _ = wb.base_model()
 
     def last_token_activations(text: str) -> dict[int, torch.Tensor]:
         seen: dict[int, torch.Tensor] = {}
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             for layer in range(wb.n_layers):
                 hooks.forward(wb.arch.site(wb.model, layer, "neuron"),
                               lambda m, a, out, layer=layer: seen.__setitem__(layer, out[0, -1].float()))
-            wb.model(**wb.tokenizer(text, return_tensors="pt").to(wb.device))
+            enc = wb.tokenizer(text, return_tensors="pt").to(wb.device)
+            base(**wb.forward_inputs(enc["input_ids"], enc["attention_mask"]))   # no LM head: none is read
         return seen
 
     medians = []

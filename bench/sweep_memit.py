@@ -32,11 +32,9 @@ LAMBDAS = [500.0, 2000.0, 15000.0]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.common import sweep_parser, sweep_point
+    from bench.common import save_sweep, sweep_parser, sweep_point
 
     args = sweep_parser(__doc__, "sweep-memit", ["layers", "lambda"]).parse_args(argv)
-
-    import pandas as pd
 
     from analysis.model import load_model
 
@@ -60,11 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in ("lambda", "all"):
         for lam in LAMBDAS:
             run(best, lam)
-    table = pd.DataFrame(list(done.values()))
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    table.to_csv(ROOT / "bench" / "results" / "memit_sweep.csv", index=False)
-    with pd.option_context("display.width", 200, "display.max_columns", 30):
-        print(table.round(2).to_string(index=False))
+    save_sweep(list(done.values()), "memit_sweep.csv")
     return 0
 
 

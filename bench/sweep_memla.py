@@ -31,11 +31,9 @@ LAYER_SETS = [[], list(range(17)), list(range(4, 13))]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.common import sweep_parser, sweep_point
+    from bench.common import save_sweep, sweep_parser, sweep_point
 
     args = sweep_parser(__doc__, "sweep-memla", ["c", "threshold", "layers"]).parse_args(argv)
-
-    import pandas as pd
 
     from analysis.model import load_model
 
@@ -64,11 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in ("layers", "all"):
         for layers in LAYER_SETS:
             run(c, t, layers)
-    table = pd.DataFrame(list(done.values()))
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    table.to_csv(ROOT / "bench" / "results" / "memla_sweep.csv", index=False)
-    with pd.option_context("display.width", 200, "display.max_columns", 30):
-        print(table.round(2).to_string(index=False))
+    save_sweep(list(done.values()), "memla_sweep.csv")
     return 0
 
 

@@ -617,7 +617,7 @@ def memla_table(frame: pd.DataFrame, edit_languages: str, test_languages: Sequen
     return table
 
 
-def memla_report(frame: pd.DataFrame, config: Any) -> str:
+def memla_report(frame: pd.DataFrame, config: EvalConfig) -> str:
     """``neuroglot evaluate --table memla``: for every edit (source) language set of the run, ES / PS / NS in
     every test language and their cross-lingual averages, per method (MzsRE stands in for MKEB, which is not
     public)."""

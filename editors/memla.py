@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from analysis.attribution import (fact_knowledge_neurons, language_independent_neurons,
+from analysis.attribution import (INDEPENDENT, fact_knowledge_neurons, language_independent_neurons,
                                   language_specific_neurons, neuron_attributions, prompt_knowledge_neurons)
 from analysis.errors import InputError
 from analysis.hooks import Hooks
@@ -66,7 +66,6 @@ if TYPE_CHECKING:
     from analysis.model import Workbench
 
 Progress = Callable[[float, str], None]
-INDEPENDENT = "independent"   # the key of the LIE beside the language codes of the LSEs
 
 
 @dataclass

@@ -214,7 +214,6 @@ def download(page, container, label: str):
             # again, and so does this helper, once the page has finished its run.
             if "canceled" not in str(exc) or attempt == 2:
                 raise
-    raise AssertionError("unreachable")
 
 
 def select_first_row(page, table) -> None:

@@ -387,7 +387,7 @@ def trained_neurons_table(entry: dict) -> pd.DataFrame | None:
     return pd.DataFrame(rows).sort_values(["layer", "editor", "neuron"], ignore_index=True) if rows else None
 
 
-def trained_neurons_panel(entry: dict, index: int) -> None:
+def trained_neurons_panel(entry: dict, index: int, n_layers: int, model_spec: str) -> None:
     """Beside the before/after table of a MEMLA edit: the neurons its LSEs and LIE trained, per layer; a row
     of the table opens the atlas drill-down of that neuron."""
     table = trained_neurons_table(entry)
@@ -395,7 +395,7 @@ def trained_neurons_panel(entry: dict, index: int) -> None:
         return
     st.markdown("**The neurons this MEMLA edit trained** (value vectors its masked editors changed; memla "
                 "Eq. 5-7) · select a row for the atlas drill-down")
-    fig = fact_figures.trained_neurons(table, wb.n_layers)
+    fig = fact_figures.trained_neurons(table, n_layers)
     left, right = st.columns([3, 2])
     left.plotly_chart(fig, width="stretch", key=f"el-memla-{entry['id']}")
     event = right.dataframe(table, hide_index=True, width="stretch", height=340, on_select="rerun",
@@ -533,7 +533,7 @@ with user_errors():
                                         f"P(new target) before vs after ({len(entries)} edit(s) applied)")
     st.plotly_chart(fig, width="stretch", key="el-bars")
     downloads(fig, f"edit_lab_{entries[shown]['editor']}_{len(entries)}_edits", table)
-    trained_neurons_panel(entries[shown], shown)
+    trained_neurons_panel(entries[shown], shown, wb.n_layers, model_spec)
     for i, entry in enumerate(entries):
         with st.expander(f"Edit {i + 1}: {entry['editor']} · {entry['case_id'] or '–'} · summary and download",
                          expanded=False):
