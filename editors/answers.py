@@ -34,7 +34,9 @@ Batches are padded on the left for decoding and on the right for scoring, with
 position ids counted over real tokens (:meth:`analysis.model.Workbench.forward_inputs`),
 so a padded row computes what its text computes alone; activation patches of an
 applied edit see the ``input_ids`` of every call and so apply as in a single run.
-Decoding keeps the base model's key/value cache: the prompt runs once and each
+In-context edits (IKE, ReMaKE) applied to the model rewrite each prompt first
+(:func:`editors.apply.in_context_prompts`): the answer follows the prompt the model
+really reads. Decoding keeps the base model's key/value cache: the prompt runs once and each
 step runs only the new tokens (an activation patch on a subject in the prompt is
 applied in that first run, and the cached keys and values carry it on).
 """
@@ -47,6 +49,7 @@ import torch
 
 from analysis.errors import InputError
 from analysis.tokens import answer_ids, pad_sequences
+from editors.apply import in_context_prompts
 
 if TYPE_CHECKING:
     from analysis.model import Workbench
@@ -82,7 +85,7 @@ def greedy_answers(wb: Workbench, prompts: Sequence[str], n_tokens: int | Sequen
 def greedy_decode(wb: Workbench, prompts: Sequence[str], n_tokens: int | Sequence[int] = 8,
                   stop_at_newline: bool = True, batch_size: int = 16) -> list[tuple[str, list[int]]]:
     """:func:`greedy_answers` with the generated token ids (leading blanks included) of each answer."""
-    prompts = _check_prompts(prompts)
+    prompts = [r.text for r in in_context_prompts(wb, _check_prompts(prompts))]
     lengths = [int(n_tokens)] * len(prompts) if isinstance(n_tokens, int) else [int(n) for n in n_tokens]
     if len(lengths) != len(prompts):
         raise InputError("Give one answer length per prompt.")
@@ -230,7 +233,7 @@ def answer_scores(wb: Workbench, prompts: Sequence[str], answers: Sequence[str |
     An answer is a text (tokenised as :func:`analysis.tokens.answer_ids` writes it
     after the prompt) or a list of token ids (e.g. a greedy answer's own ids).
     """
-    prompts = _check_prompts(prompts)
+    prompts = [r.text for r in in_context_prompts(wb, _check_prompts(prompts))]
     answers = list(answers)
     if len(answers) != len(prompts):
         raise InputError("Give one answer per prompt.")

@@ -47,6 +47,15 @@ Activation patches (lu-lafns Eq. 11)
     * A patch's subjects are matched together, whatever their language: the
       patch applies wherever any subject of S_G occurs.
 
+Prompt contexts (in-context edits: IKE, ReMaKE)
+    A :class:`~editors.edit.PromptContext` changes no parameter and registers no
+    hook: while its edit is applied, :func:`in_context_prompts` (called by
+    :mod:`editors.answers` for every prompt it answers or scores) rewrites each
+    prompt as :func:`editors.prompting.rewrite_prompts` says, with the contexts
+    of every application in force on the model, oldest first. Forward passes
+    that do not go through :mod:`editors.answers` (tracing, attribution, an
+    editor's own training) read the prompts they are given.
+
 Threads
     ``wb.lock`` is held from entering an application to leaving it, so other
     sessions wait and never see the edit (Design Decision 4); the thread that
@@ -62,7 +71,8 @@ import torch
 
 from analysis.errors import InputError, NeuroglotError
 from analysis.hooks import Hooks
-from editors.edit import ActivationPatch, Edit, WeightDelta
+from editors.edit import ActivationPatch, Edit, PromptContext, WeightDelta
+from editors.prompting import Rewritten, rewrite_prompts
 from editors.subjects import SubjectMatcher
 
 if TYPE_CHECKING:
@@ -143,6 +153,7 @@ class AppliedEdit:
                 raise InputError("This edit is already applied to this model. To apply its change twice, "
                                  "apply `edit + edit`.")
         targets = self._weight_targets()
+        self._check_contexts()
         plan = _PatchPlan(self.edit.patches, self.wb)
         unique: dict[int, torch.nn.Parameter] = {}
         for _, param, _ in targets:
@@ -180,6 +191,17 @@ class AppliedEdit:
             targets.append((name, param, terms))
         return targets
 
+    def _check_contexts(self) -> None:
+        for context in self.edit.contexts:
+            if not context.retrieve:
+                continue
+            if context.layer >= int(self.wb.n_layers):
+                raise InputError(f"This edit retrieves with layer {context.layer}, but {self.wb.name} has "
+                                 f"{self.wb.n_layers} layers (0-{int(self.wb.n_layers) - 1}).")
+            if int(context.keys.shape[1]) != int(self.wb.d_model):
+                raise InputError(f"This edit's retrieval keys are {int(context.keys.shape[1])} wide, but "
+                                 f"{self.wb.name} has d_model {self.wb.d_model}: it was computed for another model.")
+
     def _undo(self) -> None:
         self._hooks.remove()
         with torch.no_grad():
@@ -187,6 +209,22 @@ class AppliedEdit:
                 param.copy_(saved)
         self._saved = []
         self.active = False
+
+
+def active_contexts(wb: Workbench) -> list[PromptContext]:
+    """The prompt contexts of every edit applied to ``wb``'s model now, oldest first."""
+    with _ACTIVE_LOCK:
+        stack = list(_ACTIVE.get(wb.model, []))
+    return [c for application in stack for c in application.edit.contexts]
+
+
+def in_context_prompts(wb: Workbench, prompts: Sequence[str]) -> list[Rewritten]:
+    """``prompts`` as the model reads them under the in-context edits applied now (unchanged without any)."""
+    contexts = active_contexts(wb)
+    if not contexts:
+        return [Rewritten(p, p, []) for p in prompts]
+    with wb.lock:
+        return rewrite_prompts(wb, contexts, prompts)
 
 
 def _computed_for(edit: Edit) -> str | None:

@@ -2,8 +2,10 @@
 
 Design Decision 3: *editors compute; the infrastructure applies.* An :class:`Edit`
 holds weight deltas (:class:`WeightDelta`: full tensors, or low-rank factors
-``(u, v)`` with ``delta = u @ v``) and/or activation patches
-(:class:`ActivationPatch`, the LU-LAFNs cache of lu-lafns Eq. 11).
+``(u, v)`` with ``delta = u @ v``), activation patches
+(:class:`ActivationPatch`, the LU-LAFNs cache of lu-lafns Eq. 11) and/or
+prompt contexts (:class:`PromptContext`: in-context edits, which change what the
+model is told before a question and no weight; :mod:`editors.prompting`).
 Only :meth:`Edit.applied` ever changes a model (:mod:`editors.apply`).
 
 * ``Edit.compose(e1, e2)`` (or ``e1 + e2``) keeps, per parameter, the list of
@@ -189,6 +191,69 @@ class ActivationPatch:
                 "n_neurons": int(self.neurons.numel())}
 
 
+@dataclass(eq=False)
+class PromptContext:
+    """What an in-context edit tells the model before each prompt (IKE, ReMaKE; :mod:`editors.prompting`).
+
+    It changes no weight: while the edit is applied, :mod:`editors.answers` reads every prompt as
+    :func:`editors.prompting.rewrite_prompts` writes it. ``facts`` are the new facts, each
+    ``{"language", "prompt", "answer"}``; ``demonstrations`` are IKE demonstration blocks (text).
+    ``retrieve=False`` (IKE) puts every fact before every prompt. ``retrieve=True`` (ReMaKE) makes
+    ``facts`` an edit memory: a prompt gets only the fact whose key is most similar to it, when that
+    cosine similarity reaches ``threshold``; ``keys`` [facts, d_model] are the facts' prompts embedded
+    at ``layer`` and centred on ``center`` [d_model] (:func:`editors.prompting.embed`).
+    """
+
+    facts: list[dict[str, str]]
+    demonstrations: list[str] = field(default_factory=list)
+    retrieve: bool = False
+    threshold: float = 0.0
+    layer: int = 0
+    keys: torch.Tensor | None = None
+    center: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        from editors.prompting import check_threshold
+
+        facts = []
+        for fact in list(self.facts or []):
+            if not isinstance(fact, Mapping) or not all(isinstance(fact.get(k), str) and fact.get(k).strip()
+                                                        for k in ("language", "prompt", "answer")):
+                raise InputError("A prompt context's facts are {language, prompt, answer} objects of non-empty "
+                                 f"texts, got {fact!r}.")
+            facts.append({k: str(fact[k]) for k in ("language", "prompt", "answer")})
+        if not facts:
+            raise InputError("A prompt context needs at least one new fact.")
+        self.facts = facts
+        if any(not isinstance(d, str) or not d.strip() for d in self.demonstrations):
+            raise InputError("A prompt context's demonstrations must be non-empty texts.")
+        self.demonstrations = list(self.demonstrations)
+        self.retrieve = bool(self.retrieve)
+        self.threshold = check_threshold(self.threshold)
+        try:
+            self.layer = operator.index(self.layer)
+        except TypeError:
+            raise InputError(f"A prompt context's layer must be a whole number, got {self.layer!r}.") from None
+        if self.retrieve:
+            if self.keys is None or self.center is None:
+                raise InputError("A retrieving prompt context needs the keys of its facts and their centre.")
+            self.keys = torch.as_tensor(self.keys).detach().float()
+            self.center = torch.as_tensor(self.center).detach().float()
+            if self.keys.ndim != 2 or self.keys.shape[0] != len(facts) or self.center.shape != self.keys.shape[1:]:
+                raise InputError(f"A prompt context needs one key per fact ({len(facts)}) and a centre of their "
+                                 f"width; got keys {tuple(self.keys.shape)} and centre {tuple(self.center.shape)}.")
+
+    def fact_texts(self) -> list[str]:
+        """The new facts as statements (question and answer), in order."""
+        from editors.prompting import fact_text
+
+        return [fact_text(f["prompt"], f["answer"]) for f in self.facts]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"facts": self.facts, "demonstrations": self.demonstrations, "retrieve": self.retrieve,
+                "threshold": self.threshold, "layer": self.layer}
+
+
 def _texts_by_language(value: Any, what: str) -> dict[str, list[str]]:
     if not isinstance(value, Mapping):
         raise InputError(f"A patch's {what} must be a dict {{language: [text, ...]}}.")
@@ -218,7 +283,7 @@ class Edit:
     """
 
     def __init__(self, weights: Mapping[str, Any] | None = None, patches: Iterable[ActivationPatch] = (),
-                 meta: Mapping[str, Any] | None = None):
+                 meta: Mapping[str, Any] | None = None, contexts: Iterable[PromptContext] = ()):
         self.weights: dict[str, list[WeightDelta]] = {}
         for name, value in (weights or {}).items():
             terms = value if isinstance(value, list) else [value]
@@ -229,6 +294,10 @@ class Edit:
         for patch in self.patches:
             if not isinstance(patch, ActivationPatch):
                 raise InputError(f"An edit's patches must be ActivationPatch objects, got {type(patch).__name__}.")
+        self.contexts: list[PromptContext] = list(contexts)
+        for context in self.contexts:
+            if not isinstance(context, PromptContext):
+                raise InputError(f"An edit's contexts must be PromptContext objects, got {type(context).__name__}.")
         self.meta: dict[str, Any] = dict(meta or {})
 
     # --- views ------------------------------------------------------------------
@@ -241,7 +310,7 @@ class Edit:
         return str(self.meta.get("method", ""))
 
     def is_empty(self) -> bool:
-        return not self.weights and not self.patches
+        return not self.weights and not self.patches and not self.contexts
 
     def delta(self, name: str, dtype: torch.dtype = torch.float32, device: Any = "cpu") -> torch.Tensor:
         """The total change of parameter ``name`` (its terms summed in ``dtype``), for inspection."""
@@ -264,6 +333,8 @@ class Edit:
             "patches": len(self.patches),
             "patch_layers": sorted({p.layer for p in self.patches}),
             "patched_neurons": sum(int(p.neurons.numel()) for p in self.patches),
+            "prompt_contexts": len(self.contexts),
+            "context_facts": sum(len(c.facts) for c in self.contexts),
             "stored_values": (sum(t.stored_values() for t in terms)
                               + sum(2 * int(p.neurons.numel()) for p in self.patches)),
         }
@@ -271,7 +342,8 @@ class Edit:
     def __repr__(self) -> str:
         s = self.summary()
         return (f"Edit(method={s['method']!r}, parameters={s['parameters']} "
-                f"({s['low_rank_deltas']} low-rank terms), patches={s['patches']}, stored_values={s['stored_values']})")
+                f"({s['low_rank_deltas']} low-rank terms), patches={s['patches']}, "
+                f"prompt_contexts={s['prompt_contexts']}, stored_values={s['stored_values']})")
 
     # --- composition ------------------------------------------------------------
     @classmethod
@@ -279,18 +351,20 @@ class Edit:
         """One edit that does what ``edits`` do one after the other.
 
         Per parameter the terms are kept in order (so applying the composition is
-        bit-identical to nesting the applications); patches are concatenated.
+        bit-identical to nesting the applications); patches and prompt contexts are concatenated.
         """
         weights: dict[str, list[WeightDelta]] = {}
         patches: list[ActivationPatch] = []
+        contexts: list[PromptContext] = []
         for edit in edits:
             if not isinstance(edit, Edit):
                 raise InputError(f"Only edits can be composed, got {type(edit).__name__}.")
             for name, terms in edit.weights.items():
                 weights.setdefault(name, []).extend(terms)
             patches.extend(edit.patches)
+            contexts.extend(edit.contexts)
         meta = {"method": "compose", "parts": [dict(e.meta) for e in edits]}
-        return cls(weights, patches, meta)
+        return cls(weights, patches, meta, contexts)
 
     def __add__(self, other: "Edit") -> "Edit":
         if not isinstance(other, Edit):
@@ -360,12 +434,17 @@ class Edit:
         for i, patch in enumerate(self.patches):
             put(f"patches/{i}/neurons", patch.neurons)
             put(f"patches/{i}/delta", patch.delta)
+        for i, context in enumerate(self.contexts):
+            if context.retrieve:
+                put(f"contexts/{i}/keys", context.keys)
+                put(f"contexts/{i}/center", context.center)
         try:
             meta = plain(self.meta)
         except (TypeError, ValueError) as exc:
             raise InputError(f"The edit's meta must be plain data (JSON) to be saved: {exc}") from None
         layout = {"format": EDIT_FORMAT, "version": EDIT_FORMAT_VERSION, "weights": weights_layout,
-                  "patches": [p.to_json() for p in self.patches], "meta": meta}
+                  "patches": [p.to_json() for p in self.patches],
+                  "contexts": [c.to_json() for c in self.contexts], "meta": meta}
         return tensors, layout
 
     @classmethod
@@ -401,7 +480,10 @@ class Edit:
             patches = [ActivationPatch(p["layer"], tensors[f"patches/{i}/neurons"], tensors[f"patches/{i}/delta"],
                                        p["subjects"], p["match"], p.get("contexts") or {})
                        for i, p in enumerate(layout["patches"])]
-            return cls(weights, patches, layout.get("meta") or {})
+            contexts = [PromptContext(c["facts"], c.get("demonstrations") or [], c["retrieve"], c["threshold"],
+                                      c["layer"], tensors.get(f"contexts/{i}/keys"), tensors.get(f"contexts/{i}/center"))
+                        for i, c in enumerate(layout.get("contexts") or [])]
+            return cls(weights, patches, layout.get("meta") or {}, contexts)
         except NeuroglotError as exc:
             raise NeuroglotError(f"{folder} holds a damaged edit: {exc}") from None
         except Exception as exc:  # safetensors errors, missing keys, wrong types in a hand-edited JSON

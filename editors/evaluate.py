@@ -74,7 +74,8 @@ KIND_TITLES = {"reliability": "Reliability", "generality": "Generality", "locali
                "portability": "Portability"}
 #: Display names of methods in tables; a multilingual edit with ROME/MEMIT is their M- adaptation.
 METHOD_TITLES = {"lu-lafns": "LU-LAFNs", "rome": "M-ROME", "memit": "M-MEMIT", "alphaedit": "M-AlphaEdit",
-                 "lora-ft": "LoRA-FT", "memla": "MEMLA", "unedited": "Unedited"}
+                 "lora-ft": "LoRA-FT", "memla": "MEMLA", "ike": "IKE", "remake": "ReMaKE (retrieval)",
+                 "unedited": "Unedited"}
 ROWS_FILE = "rows.jsonl"
 CONFIG_FILE = "config.json"
 UNEDITED = "unedited"
