@@ -22,6 +22,8 @@ TINY_HPARAMS = {
                       mom2_n_tokens=500),
     "lora-ft": dict(layers=[0, 2], target_modules=["down_proj"], steps=3),
     "memla": dict(layers=[], threshold=0.2, ig_steps=4, steps=3, lr=1e-2, stop_prob=1.0),
+    "ike": dict(k=2),
+    "remake": dict(k=2, threshold=0.0, layers=[1]),
 }
 
 

@@ -36,6 +36,7 @@ INFRASTRUCTURE = frozenset({
     "evaluate", "answers", "metrics", "eval_folders",                         # evaluation
     "rows", "contexts",                                                       # shared by LU-LAFNs and ROME/MEMIT
     "keyvalue",                                                               # shared by the key-value editors
+    "prompting",                                                              # the engine's in-context edits
 })
 
 

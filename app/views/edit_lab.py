@@ -35,6 +35,7 @@ from app.forms import default_languages, edit_request, edit_request_from_boxes, 
 from app.state import (ERROR_ICON, corpus_rows, current_corpus_spec, current_model_spec, progress_bar,
                        user_errors, workbench)
 from app.widgets import corpus_fact, downloads, neuron_drilldown
+from editors.apply import in_context_prompts
 from editors.base import available_editors, get_editor
 from editors.edit import Edit
 from editors.requests import EditRequest
@@ -286,12 +287,44 @@ def after_numbers(wb: Workbench, model_spec: str, request: EditRequest, entries:
             edits = [load_edit(folder, e["id"]) for e in entries]
             edit = edits[0] if len(edits) == 1 else Edit.compose(*edits)
             answers = [(text, ids) for text, ids in before["answers"]]
+            reads = st.session_state.setdefault("el_reads", {})
             with edit.applied(wb):
                 cache[key] = score_probes(wb, request_probes(request), answers)
+                reads[key] = [{"text": r.text, "retrieved": r.retrieved, "similarity": r.similarity,
+                               "facts": len(r.facts)}
+                              for r in in_context_prompts(wb, [p.prompt for p in request_probes(request)])
+                              ] if edit.contexts else []
         # keep only the current stack's entries: older stacks are not shown again
-        for old in [k for k in cache if k[2] != key[2]]:
-            del cache[old]
+        for store in (cache, st.session_state.get("el_reads", {})):
+            for old in [k for k in store if k[2] != key[2]]:
+                del store[old]
     return cache[key]
+
+
+def context_table(request: EditRequest, reads: list[dict]) -> pd.DataFrame:
+    """One row per probe: the question, the new fact(s) an in-context edit put before it, the similarity."""
+    rows = []
+    for probe, label, read in zip(request_probes(request), probe_labels(request), reads):
+        told = read["retrieved"] if read["retrieved"] else (f"{read['facts']} fact(s)" if read["facts"] else "–")
+        rows.append({"language": probe.language, "probe": label, "question": probe.prompt, "fact put before it": told,
+                     "similarity": None if read["similarity"] is None else round(read["similarity"], 3)})
+    return pd.DataFrame(rows)
+
+
+def in_context_panel(request: EditRequest, reads: list[dict]) -> None:
+    """Under in-context edits (IKE, retrieval): what the model reads for each probe; a row shows the whole text."""
+    if not reads:
+        return
+    st.markdown("**What the model reads** under the in-context edit(s): no weight changes; the new facts are put "
+                "before the question (IKE: before every question; retrieval: only where the edit memory holds a "
+                "fact whose similarity reaches the threshold) · select a row for the whole text")
+    table = context_table(request, reads)
+    event = st.dataframe(table, hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row",
+                         key="el-context-rows", placeholder="–")
+    picked = [i for i in (event.selection.rows if event is not None else []) if i < len(reads)] or [0]
+    st.caption(f"The text the model reads for “{table.iloc[picked[0]]['probe']}” "
+               f"({table.iloc[picked[0]]['language']}):")
+    st.code(reads[picked[0]]["text"], language=None, wrap_lines=True)
 
 
 def comparison_table(request: EditRequest, before: list[dict], after: list[dict]) -> pd.DataFrame:
@@ -534,6 +567,8 @@ with user_errors():
     st.plotly_chart(fig, width="stretch", key="el-bars")
     downloads(fig, f"edit_lab_{entries[shown]['editor']}_{len(entries)}_edits", table)
     trained_neurons_panel(entries[shown], shown, wb.n_layers, model_spec)
+    in_context_panel(shown_request, st.session_state.get("el_reads", {}).get(
+        (model_spec, request_key(shown_request.to_dict()), tuple(e["id"] for e in entries)), []))
     for i, entry in enumerate(entries):
         with st.expander(f"Edit {i + 1}: {entry['editor']} · {entry['case_id'] or '–'} · summary and download",
                          expanded=False):
