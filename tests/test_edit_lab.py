@@ -286,3 +286,26 @@ def test_a_memla_edit_shows_the_neurons_it_trained(tiny_spec, tmp_path):
     sets = entries[0]["details"]["meta"]["memla"]["neurons"]["sets"]
     assert len(trained) == sum(len(ns) for layers in sets.values() for ns in layers.values()) > 0
     assert set(trained["editor"]) <= {"en", "de", "independent"}
+
+
+def test_in_context_edits_show_what_the_model_reads_and_change_no_weight(tiny_spec, tmp_path):
+    """IKE and the retrieval variant in the Edit lab: the before/after table, and a table of what the model
+    reads for every probe (the fact put before it, the similarity); a selected row shows the whole text.
+    The shared model's weights are never changed."""
+    at = new_page(tiny_spec, tmp_path)
+    at.run()
+    for name, hp in (("ike", dict(k=2)), ("remake", dict(k=2, threshold=0.999, layers=[1]))):
+        at.selectbox(key="el-editor").set_value(name).run()
+        fill_typed_fact(at, editor=name, hparams=hp)
+        at.button(key="el-apply").click().run()
+        assert not at.exception, at.exception
+        assert not [e for e in errors(at) if "preset" not in e], errors(at)
+    entries = at.session_state["el_edits"]
+    assert [e["editor"] for e in entries] == ["ike", "remake"]
+    assert all(e["summary"]["parameters"] == 0 and e["summary"]["prompt_contexts"] == 1 for e in entries)
+    reads = next(d.value for d in at.dataframe if "fact put before it" in d.value.columns)
+    edit_rows = reads[reads["probe"] == "edit"]
+    # IKE puts its fact before every question; the two stacked edits' facts are the same fact here
+    assert len(edit_rows) == 2 and (reads["fact put before it"] != "–").all()
+    code = [c.value for c in at.code]
+    assert code and "New Fact:" in code[-1] and code[-1].rstrip().endswith(reads.iloc[0]["question"])
