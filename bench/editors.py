@@ -1,6 +1,6 @@
 """Benchmark: time and peak memory of one edit with each editor, in units of a plain forward pass.
 
-    .venv/bin/python bench/editors.py [--editors lu-lafns,rome,memit,alphaedit,lora-ft,memla] [--record 5]
+    .venv/bin/python bench/editors.py [--editors lu-lafns,rome,memit,alphaedit,lora-ft,memla,ike,remake] [--record 5]
         [--languages en,zh] [--repeats 1] [--prepare] [--device auto]
 
 One request (MzsRE dev record ``--record`` in en and zh) on the embedded model.
@@ -18,7 +18,9 @@ Each editor runs in its own fresh process, so that its peak memory is its own:
   needs; on CUDA, ``torch.cuda.max_memory_allocated`` above the model's.
 
 MEMLA's time is also split into locating (integrated gradients of the prompts) and training (its
-``edit.meta``). It also prints whether the edit worked: P(new target) before and after, per language.
+``edit.meta``). In-context editors (IKE, retrieval) compute almost nothing and pay at answer time instead
+(a longer prompt; retrieval also embeds the question): the seconds of scoring the edit prompts' targets
+without and with the edit applied (median of 3) are printed for every editor. It also prints whether the edit worked: P(new target) before and after, per language.
 Results go to ``bench/results/editors.csv``.
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-EDITORS = "lu-lafns,rome,memit,alphaedit,lora-ft,memla"
+EDITORS = "lu-lafns,rome,memit,alphaedit,lora-ft,memla,ike,remake"
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -85,10 +87,19 @@ def worker(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         editor.compute(wb, request)
         times.append(time.perf_counter() - t0)
+    def answering() -> float:
+        t0 = time.perf_counter()
+        answer_scores(wb, prompts, targets)
+        return time.perf_counter() - t0
+
+    answer_before = statistics.median(answering() for _ in range(3))
     with edit.applied(wb):
         after = [s.probability for s in answer_scores(wb, prompts, targets)]
+        answer_after = statistics.median(answering() for _ in range(3))
     split = edit.meta.get("memla", {})
-    return {"locating_s": split.get("seconds_locating"), "training_s": split.get("seconds_training"),"editor": args.worker, "forward_s": unit, "first_edit_s": first,
+    return {"locating_s": split.get("seconds_locating"), "training_s": split.get("seconds_training"),
+            "answer_s_unedited": answer_before, "answer_s_edited": answer_after,
+            "editor": args.worker, "forward_s": unit, "first_edit_s": first,
             "edit_s": statistics.median(times) if times else first, "extra_peak_rss_mib": peak,
             "extra_peak_gpu_mib": gpu_peak, "device": device_line(wb), "record": request.case_id,
             **{f"P(new) {lang} before": b for lang, b in zip(langs, before)},
@@ -130,14 +141,16 @@ def main() -> int:
               f"{row['edit / forward']:8.0f} forward passes of {row['forward_s'] * 1000:.0f} ms; "
               f"extra peak memory {row['extra_peak_rss_mib']:.0f} MiB"
               + (f"; locating {row['locating_s']:.2f} s, training {row['training_s']:.2f} s"
-                 if row.get("locating_s") is not None else ""), flush=True)
+                 if row.get("locating_s") is not None else "")
+              + f"; answering {row['answer_s_edited'] * 1000:.0f} ms edited vs {row['answer_s_unedited'] * 1000:.0f} ms "
+                f"unedited", flush=True)
     table = pd.DataFrame(rows)
     out = ROOT / "bench" / "results" / "editors.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     print(f"device: {rows[0]['device']}; record {rows[0]['record']} ({args.languages})")
     cols = ["editor", "edit_s", "first_edit_s", "locating_s", "training_s", "forward_s", "edit / forward",
-            "extra_peak_rss_mib"] + [
+            "extra_peak_rss_mib", "answer_s_unedited", "answer_s_edited"] + [
         c for c in table.columns if c.startswith("P(new)")]
     with pd.option_context("display.width", 220, "display.max_columns", 20):
         print(table[cols].round(4).to_string(index=False))

@@ -30,7 +30,7 @@ ReMaKE-style retrieval (``remake``; Wang et al. 2023, "Retrieval-augmented Multi
     ``layers`` names the one layer whose output embeds a text (empty: the
     second-to-last).
 
-The presets for the embedded model were chosen on MzsRE dev records 100-149
+The presets for the embedded model were chosen on MzsRE dev records 100-149 (k on 100-109)
 (``bench/retrieval_threshold.py`` for the threshold, ``bench/sweep_in_context.py``
 for ``k``), not on the records reported.
 """

@@ -33,7 +33,7 @@ OTHER_SOURCE = ("bench",)
 #: Modules of ``editors/`` that editors share; every other module of ``editors/`` is an editor.
 INFRASTRUCTURE = frozenset({
     "__init__", "requests", "hparams", "edit", "apply", "subjects", "base",   # the engine
-    "evaluate", "answers", "metrics", "eval_folders",                         # evaluation
+    "evaluate", "answers", "metrics", "eval_folders", "tables",               # evaluation
     "rows", "contexts",                                                       # shared by LU-LAFNs and ROME/MEMIT
     "keyvalue",                                                               # shared by the key-value editors
     "prompting",                                                              # the engine's in-context edits
