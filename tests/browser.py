@@ -218,11 +218,16 @@ def download(page, container, label: str):
 
 def select_first_row(page, table) -> None:
     """Tick the row-selection box of a st.dataframe's first data row (it sits at the table's left edge)."""
+    select_row(page, table, 0)
+
+
+def select_row(page, table, row: int, row_height: int = 35) -> None:
+    """Tick the row-selection box of data row ``row`` (0-based) of a st.dataframe with the default row height."""
     table.wait_for(timeout=120_000)
     table.scroll_into_view_if_needed()
     page.wait_for_timeout(500)
     box = table.bounding_box()
-    page.mouse.click(box["x"] + 15, box["y"] + 55)
+    page.mouse.click(box["x"] + 15, box["y"] + 55 + row_height * row)
 
 
 def go_to(page, title: str) -> None:

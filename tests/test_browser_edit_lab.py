@@ -16,7 +16,7 @@ import zipfile
 
 import pytest
 
-from tests.browser import assert_clean, download, go_to, select_first_row, settled, shot, shown
+from tests.browser import assert_clean, download, go_to, select_first_row, select_row, settled, shot, shown
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -26,7 +26,7 @@ CHEAP = {
     "lora-ft": dict(steps=3),
     "memla": dict(paraphrases=0, ig_steps=4, steps=8, c=1.0),
 }
-MARKER = {"lu-lafns": "beta", "lora-ft": "rank", "memla": "independent_mask"}   # a field only that editor's hyper-parameters have
+MARKER = {"lu-lafns": "beta", "lora-ft": "rank", "memla": "independent_mask", "remake": "threshold", "ike": "corpus"}   # a field only that editor's hyper-parameters have
 LONG = 600_000                               # a loaded machine: wait for what the page says, up to 10 minutes
 
 
@@ -217,4 +217,45 @@ def test_a_memla_edit_shows_its_trained_neurons_and_each_opens_the_drilldown(app
     shown(page, "promoted", timeout=LONG)
     assert_clean(page, "a trained neuron's drill-down")
     shot(page, "edit_lab_memla.png", full_page=True)
+    page.close()
+
+
+def test_in_context_edits_show_what_the_model_reads_through_row_clicks_revert_and_a_second_editor(app_url, browser):
+    """The retrieval variant with its preset: applied, the page shows what the model reads for every probe;
+    the edit question reads its new fact, the unrelated locality question retrieves nothing and is read as it
+    is; clicking rows back and forth shows each text; revert removes the panel; IKE applied next puts its fact
+    before every question."""
+    page = browser.new_page(viewport=TALL)
+    open_record(page, app_url)
+    choose_editor(page, "remake")
+    hparams_box(page, "remake")                                   # the preset, as it is
+    page.get_by_role("button", name="Apply edit", exact=True).click()
+    shown(page, "Applied the remake edit", "What the model reads", timeout=LONG)
+    settled(page)
+    assert_clean(page, "applying the retrieval edit")
+    code = page.locator("[data-testid='stCode']").last
+    assert "New Fact: When was the inception of IAAF Combined Events Challenge? 2006" in code.inner_text()
+    table = page.locator("[data-testid='stDataFrame']").last        # what the model reads: the page's last table
+    for row, label, retrieved in ((2, "locality 1", False), (4, "edit", True), (2, "locality 1", False)):
+        select_row(page, table, row)
+        shown(page, f"The text the model reads for “{label}”", timeout=LONG)
+        settled(page)
+        text = page.locator("[data-testid='stCode']").last.inner_text()
+        assert ("New Fact:" in text) == retrieved, (label, text)
+    assert_clean(page, "clicking the rows of what the model reads")
+    shot(page, "edit_lab_retrieval.png", full_page=True)
+    page.get_by_role("button", name="Revert", exact=True).click()
+    shown(page, "Reverted 1 edit", timeout=LONG)
+    settled(page)
+    assert page.get_by_text("What the model reads").count() == 0
+    choose_editor(page, "ike")
+    hparams_box(page, "ike")
+    page.get_by_role("button", name="Apply edit", exact=True).click()
+    shown(page, "Applied the ike edit", "What the model reads", timeout=LONG)
+    settled(page)
+    select_row(page, page.locator("[data-testid='stDataFrame']").last, 2)
+    shown(page, "The text the model reads for “locality 1”", timeout=LONG)
+    settled(page)
+    assert "New Fact:" in page.locator("[data-testid='stCode']").last.inner_text()   # IKE: before every question
+    assert_clean(page, "applying IKE")
     page.close()

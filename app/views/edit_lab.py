@@ -320,7 +320,9 @@ def in_context_panel(request: EditRequest, reads: list[dict]) -> None:
                 "fact whose similarity reaches the threshold) · select a row for the whole text")
     table = context_table(request, reads)
     event = st.dataframe(table, hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row",
-                         key="el-context-rows", placeholder="–")
+                         key="el-context-rows", placeholder="–",
+                         column_config={"question": st.column_config.TextColumn(width="medium"),
+                                        "fact put before it": st.column_config.TextColumn(width="medium")})
     picked = [i for i in (event.selection.rows if event is not None else []) if i < len(reads)] or [0]
     st.caption(f"The text the model reads for “{table.iloc[picked[0]]['probe']}” "
                f"({table.iloc[picked[0]]['language']}):")
