@@ -57,6 +57,7 @@ import pandas as pd
 from analysis import runs
 from analysis.errors import InputError
 from editors.answers import answer_length, answer_scores, greedy_decode
+from editors.apply import active_contexts, in_context_prompts
 from editors import eval_folders
 from editors.base import get_editor
 from editors.requests import EditRequest
@@ -120,7 +121,8 @@ def score_probes(wb: Workbench, items: Sequence[Probe], before: Sequence[tuple[s
     their token ids (:func:`unedited_answers`). y° and the locality answer kept
     are scored on those very token ids. ``unedited=True`` says ``wb`` is the
     unedited model, whose answers are then ``before`` itself (not decoded again).
-    Returns one plain dict per probe.
+    Returns one plain dict per probe; under an in-context edit it also says how many new facts the probe was
+    read with (``context_facts``) and, for retrieval, the best similarity (``similarity``).
     """
     items = list(items)
     before_text = [b[0] for b in before]
@@ -138,6 +140,8 @@ def score_probes(wb: Workbench, items: Sequence[Probe], before: Sequence[tuple[s
             elif p.kind == "locality" and b_ids:
                 jobs.append((i, "kept", b_ids))
         scored = answer_scores(wb, [items[i].prompt for i, _, _ in jobs], [a for _, _, a in jobs]) if jobs else []
+        # in-context edits: whether each probe was read with a new fact before it (retrieval: its similarity)
+        reads = None if unedited or not active_contexts(wb) else in_context_prompts(wb, [p.prompt for p in items])
     by: dict[tuple[int, str], Any] = {(i, what): s for (i, what, _), s in zip(jobs, scored)}
     rows = []
     for i, (p, answer, b) in enumerate(zip(items, answers, before_text)):
@@ -156,6 +160,8 @@ def score_probes(wb: Workbench, items: Sequence[Probe], before: Sequence[tuple[s
             row["ns"] = token_f1(answer, p.gold, p.language)  # memla Eq. 11
             kept = by.get((i, "kept"))
             row["top1"] = None if kept is None else kept.top1_accuracy
+        if reads is not None:
+            row.update(context_facts=len(reads[i].facts), similarity=reads[i].similarity)
         rows.append(row)
     return rows
 

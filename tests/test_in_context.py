@@ -176,3 +176,17 @@ def test_on_the_embedded_model_an_ike_edit_changes_the_english_answer(embedded):
     with get_editor("ike").compute(embedded, request).applied(embedded):
         after = greedy_answers(embedded, [fact.prompt], n)[0]
     assert before != after and fact.target_new.lower() in after.lower(), (before, after)
+
+
+def test_scored_probes_say_whether_retrieval_put_a_fact_before_them(wb):
+    from editors.evaluate import probes, score_probes, unedited_answers
+
+    request = EditRequest({"en": LanguageFact(QUESTION, "France", "Berlin", locality=[(UNRELATED, "Spanish")])})
+    items = probes(request)
+    before = unedited_answers(wb, items)
+    assert "context_facts" not in score_probes(wb, items, before, unedited=True)[0]
+    edit = get_editor("remake", dict(k=0, threshold=0.999, layers=[1])).compute(wb, request)
+    with edit.applied(wb):
+        rows = score_probes(wb, items, before)
+    assert [(r["kind"], r["context_facts"]) for r in rows] == [("reliability", 1), ("locality", 0)]
+    assert rows[0]["similarity"] == pytest.approx(1.0) and rows[1]["similarity"] < 0.999
