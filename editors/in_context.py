@@ -66,6 +66,9 @@ class IkeHParams(HParams):
     corpus: str = "demo"
     seed: int = 0
 
+    #: Whether ``layers`` means something (the retrieval variant's embedding layer); IKE has none.
+    USES_LAYERS: ClassVar[bool] = False
+
     BOUNDS: ClassVar[dict[str, Constraint]] = {
         "k": Interval(Integral, 0, 64, closed="both"),
         "seed": Interval(Integral, 0, None, closed="left"),
@@ -78,7 +81,7 @@ class IkeHParams(HParams):
 
     def validate(self, wb: Workbench | None = None) -> None:
         super().validate(wb)
-        if self.layers and type(self) is IkeHParams:
+        if self.layers and not self.USES_LAYERS:
             raise InputError("IKE changes no layer: leave layers empty.")
         if not isinstance(self.corpus, str) or not self.corpus.strip():
             raise InputError("corpus names the corpus the demonstrations come from (\"demo\": the bundled one).")
@@ -91,6 +94,7 @@ class RemakeHParams(IkeHParams):
 
     threshold: float = 0.4
 
+    USES_LAYERS: ClassVar[bool] = True
     BOUNDS: ClassVar[dict[str, Constraint]] = {
         "threshold": Interval(Real, -1, 1, closed="both"),
     }
