@@ -167,15 +167,23 @@ def test_on_the_embedded_model_retrieval_reaches_other_languages_and_skips_unrel
 
 
 @pytest.mark.slow
-def test_on_the_embedded_model_an_ike_edit_changes_the_english_answer(embedded):
-    record = dev_record(100)
-    request = EditRequest.from_record(record, ["en"])
-    fact = request.facts["en"]
-    n = len(embedded.tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"])
-    before = greedy_answers(embedded, [fact.prompt], n)[0]
-    with get_editor("ike").compute(embedded, request).applied(embedded):
-        after = greedy_answers(embedded, [fact.prompt], n)[0]
-    assert before != after and fact.target_new.lower() in after.lower(), (before, after)
+def test_on_the_embedded_model_ike_edits_change_the_english_answers(embedded):
+    """Dev records 100-104 (not reported ones): the new target's log-probability rises on every record,
+    and the greedy answer becomes the new target on most of them. IKE can also continue the pattern of
+    its own context ("New Fact: ..."; record 100 does), so one miss is allowed, not a rule."""
+    hits, rises = [], []
+    for i in range(100, 105):
+        fact = EditRequest.from_record(dev_record(i), ["en"]).facts["en"]
+        n = len(embedded.tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"])
+        before = answer_scores(embedded, [fact.prompt], [fact.target_new])[0].logprob
+        with get_editor("ike").compute(embedded, EditRequest.from_record(dev_record(i), ["en"])).applied(embedded):
+            after = answer_scores(embedded, [fact.prompt], [fact.target_new])[0].logprob
+            answer = greedy_answers(embedded, [fact.prompt], n)[0]
+        rises.append(after - before)
+        hits.append(fact.target_new.lower() in answer.lower())
+    assert min(rises) > 5.0, rises
+    assert sum(hits) >= 4, hits
+    assert greedy_answers(embedded, [fact.prompt], n)[0] != answer       # reverted: the old answer is back
 
 
 def test_scored_probes_say_whether_retrieval_put_a_fact_before_them(wb):
