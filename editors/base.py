@@ -140,7 +140,7 @@ class Editor(abc.ABC):
 _REGISTRY: dict[str, type[Editor]] = {}
 #: Editor modules of this package (each exists), imported on first lookup so that they register themselves.
 #: A new editor module is added here when it is written.
-BUILTIN_EDITOR_MODULES = ("lu_lafns", "memit", "lora_ft", "memla", "in_context")
+BUILTIN_EDITOR_MODULES = ("lu_lafns", "memit", "lora_ft", "memla", "in_context", "langedit")
 
 
 def register(name: str) -> Callable[[type[Editor]], type[Editor]]:

@@ -11,7 +11,8 @@ editor (tests/test_layering.py):
 * contexts ``x_j + s`` per (request, language) (:func:`fact_contexts`);
 * keys ``k*`` (rome Eq. 3, :func:`fact_keys`) and reads of any site at the last
   subject token (:func:`read_at_subject`);
-* the target value (ROME's compute_v / MEMIT's compute_z, :func:`compute_target`);
+* the target value (ROME's compute_v / MEMIT's compute_z, :func:`compute_target`; a batch of facts
+  optimised at once, each on its own loss, :func:`compute_targets`);
 * the key statistics ``C = E[k kᵀ]`` (:func:`key_second_moments`);
 * the closed-form updates (rome Eq. 2, memit Eq. 14, alphaedit Eq. 8) and the
   null-space projection they use.
@@ -19,15 +20,15 @@ editor (tests/test_layering.py):
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from analysis.arch import first_tensor
+from analysis.arch import first_tensor, resolve
 from analysis.errors import InputError
 from analysis.hooks import Hooks
 from analysis.stats import cached_key_statistics
@@ -36,7 +37,7 @@ from data.flores import statistics_texts
 from editors.contexts import PrefixSpec, generate_prefixes, kl_prompt, prefixed
 from editors.hparams import Constraint, HParams, Interval
 from editors.requests import EditRequest
-from editors.rows import TeacherForcedRows, clamp_norm_
+from editors.rows import TeacherForcedRows
 
 if TYPE_CHECKING:
     from analysis.model import Workbench
@@ -217,82 +218,291 @@ class TargetValue:
 
 def compute_target(wb: Workbench, fact: FactContexts, layer: int, site: str, hp: KeyValueHParams,
                    progress: Callable[[float, str], None] | None = None) -> TargetValue:
-    """ROME's compute_v (``site="down_proj"``) / MEMIT's compute_z (``site="layer"``) for one fact.
+    """ROME's compute_v (``site="down_proj"``) / MEMIT's compute_z (``site="layer"``) for one fact
+    (:func:`compute_targets` of a batch of one)."""
+    return compute_targets(wb, [fact], layer, site, hp, progress=progress)[0]
 
-    One padded batch holds every context + target (teacher forced), the bare
-    prompt (for ``v_0``, when it is not a context already) and the KL prompt;
-    each step is one forward and backward of that batch. ``progress(fraction,
-    message)`` is called after every step (fraction of ``v_num_grad_steps``).
-    """
+
+@dataclass
+class _FactRows:
+    """The rows of one fact in a :class:`TeacherForcedRows` batch of that fact alone."""
+
+    rows: TeacherForcedRows
+    init_row: int
+    kl_row: int
+
+
+def _fact_rows(wb: Workbench, fact: FactContexts) -> _FactRows:
     b = TeacherForcedRows(wb.tokenizer, wb.device)
     for ctx in fact.contexts:                 # MEMIT: per-token mean, then mean over contexts
         b.add(ctx, fact.subject, fact.target_new, contexts=len(fact.contexts))
-    if fact.prompt in fact.contexts:
-        init_row = fact.contexts.index(fact.prompt)
-    else:
-        init_row = b.add(fact.prompt, fact.subject)
+    init_row = fact.contexts.index(fact.prompt) if fact.prompt in fact.contexts else b.add(fact.prompt, fact.subject)
     kl_row = b.add(kl_prompt(fact.language, fact.subject), fact.subject)
-    # ROME/MEMIT read the KL distribution at the subject's last token
+    return _FactRows(b, init_row, kl_row)
 
+
+class _Batch:
+    """The padded batch of the still active facts: every fact's rows one after the other.
+
+    Index tensors: ``cols`` (the patched column of every row), ``owner`` (the
+    fact, as a position in ``active``, of every row), the target tokens (rows,
+    columns, ids, weights, owner) and the KL rows (one per fact, in order)."""
+
+    def __init__(self, wb: Workbench, parts: list[_FactRows], active: list[int]):
+        dev = wb.device
+        seqs, cols, owner, t_rows, t_cols, t_ids, t_w, t_owner, kl_rows, kl_cols, init_rows = ([] for _ in range(11))
+        for j, i in enumerate(active):
+            part = parts[i].rows
+            base = len(seqs)
+            seqs += part.seqs
+            cols += part.patch_cols
+            owner += [j] * len(part.seqs)
+            t_rows += [base + r for r in part.target_rows]
+            t_cols += part.target_cols
+            t_ids += part.target_ids
+            t_w += part.target_weights
+            t_owner += [j] * len(part.target_ids)
+            kl_rows.append(base + parts[i].kl_row)
+            kl_cols.append(part.patch_cols[parts[i].kl_row])
+            init_rows.append(base + parts[i].init_row)
+        self.input_ids, self.mask = pad_sequences(seqs, wb.tokenizer.pad_token_id, device=dev)
+        as_long = lambda v: torch.tensor(v, dtype=torch.long, device=dev)  # noqa: E731
+        self.rows, self.cols, self.owner = as_long(list(range(len(seqs)))), as_long(cols), as_long(owner)
+        self.read_rows, self.read_cols = as_long(t_rows + kl_rows), as_long(t_cols + kl_cols)
+        self.target_ids, self.target_owner = as_long(t_ids), as_long(t_owner)
+        self.weights = torch.tensor(t_w, dtype=torch.float32, device=dev)
+        self.init_rows = init_rows
+        self.n_targets, self.n_facts = len(t_ids), len(active)
+
+
+def compute_targets(wb: Workbench, facts: list[FactContexts], layer: int, site: str, hp: KeyValueHParams,
+                    progress: Callable[[float, str], None] | None = None) -> list[TargetValue]:
+    """ROME's compute_v (``site="down_proj"``) / MEMIT's compute_z (``site="layer"``) of every fact, batched.
+
+    Each fact ``i`` has its own shift ``δ_i``, added at the last subject token of
+    its own rows only (its contexts + target, teacher forced; its bare prompt for
+    ``v_0`` when that is not a context already; its KL prompt), so its loss
+
+        mean over its contexts of the per-token NLL of its target
+        + kl_factor · KL(P_δ || P_0) on its KL prompt + v_weight_decay · ||δ_i|| / ||v_0,i||²
+
+    depends on ``δ_i`` alone, and the gradient of the summed loss with respect
+    to ``δ_i`` is the gradient of its own loss. Adam works per coordinate (its
+    update is written out here as ``torch.optim.Adam`` computes it), the norm
+    clamp per fact, and a fact stops as in ROME/MEMIT's loop: once its own loss
+    is below ``early_stop_loss`` or at the last iteration (which only
+    evaluates). A fact that has stopped leaves the batch: its rows are no
+    longer run. So the result equals optimising the facts one by one, up to
+    float rounding (rows padded to another length, batched matmuls). Each
+    iteration is one forward and backward of the active facts' rows.
+    ``progress(fraction, message)`` after every iteration.
+    """
+    if not facts:
+        return []
     dev = wb.device
-    input_ids, mask = b.batch()
-    rows, cols = torch.arange(len(b.seqs), device=dev), b.long(b.patch_cols)
-    read_rows = b.long(b.target_rows + [kl_row])
-    read_cols = b.long(b.target_cols + [b.patch_cols[kl_row]])
-    target_ids, weights = b.long(b.target_ids), b.weights()
-    n_t = len(b.target_ids)
-
-    d_site = wb.d_model
-    delta = torch.zeros(d_site, dtype=torch.float32, device=dev, requires_grad=True)
-    state: dict[str, torch.Tensor] = {}
+    parts = [_fact_rows(wb, f) for f in facts]
+    n, d_site = len(facts), wb.d_model
+    delta = torch.zeros(n, d_site, dtype=torch.float32, device=dev)
+    exp_avg, exp_avg_sq = torch.zeros_like(delta), torch.zeros_like(delta)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8                          # torch.optim.Adam's defaults
+    init = torch.zeros(n, d_site, dtype=torch.float32, device=dev)
+    kl_init = [None] * n
+    records: list[dict[str, Any]] = [
+        {"case_id": f.case_id, "language": f.language, "contexts": len(f.contexts), "layer": int(layer),
+         "site": site, "steps": 0} for f in facts]
+    module = wb.arch.site(wb.model, layer, site)
+    active = list(range(n))
+    state: dict[str, Any] = {}
 
     def add_delta(module: Any, args: tuple, output: Any) -> Any:
         hidden = first_tensor(output)
-        if "init" not in state:
-            state["init"] = hidden[init_row, cols[init_row]].detach().float()
-        shifted = hidden.index_put((rows, cols), delta.to(hidden.dtype).expand(rows.numel(), -1), accumulate=True)
+        batch, shift = state["batch"], state["shift"]
+        if state["first"]:
+            state["init"] = hidden[batch.init_rows, batch.cols[batch.init_rows]].detach().float()
+        shifted = hidden.index_put((batch.rows, batch.cols), shift[batch.owner].to(hidden.dtype), accumulate=True)
         return _with_output(output, shifted)
 
-    module = wb.arch.site(wb.model, layer, site)
-
-    def forward() -> tuple[torch.Tensor, torch.Tensor]:
-        logits = wb.logits_at(wb.forward_inputs(input_ids, mask), (read_rows, read_cols))
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        return logp[:n_t], logp[n_t:]
-
-    record: dict[str, Any] = {"case_id": fact.case_id, "language": fact.language, "contexts": len(fact.contexts),
-                              "layer": int(layer), "site": site, "steps": 0}
-    optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
-    kl_init: torch.Tensor | None = None
     with Hooks().forward(module, add_delta), torch.enable_grad():
         for it in range(hp.v_num_grad_steps):
-            optimizer.zero_grad()
-            target_logp, kl_logp = forward()
-            if kl_init is None:
-                kl_init = kl_logp.detach().clone()
-            nll = (-target_logp.gather(1, target_ids[:, None]).squeeze(1) * weights).sum()
-            kl = F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")   # KL(P_δ || P_0), as the code
-            init_norm = state["init"].norm().clamp_min(1e-12)
-            decay = hp.v_weight_decay * (delta.norm() / init_norm ** 2)
-            loss = nll + hp.kl_factor * kl + decay
+            batch = _Batch(wb, parts, active)
+            idx = torch.tensor(active, dtype=torch.long, device=dev)
+            shift = delta[idx].clone().requires_grad_(True)
+            state.update(batch=batch, shift=shift, first=(it == 0))
+            logits = wb.logits_at(wb.forward_inputs(batch.input_ids, batch.mask), (batch.read_rows, batch.read_cols))
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            target_logp, kl_logp = logp[:batch.n_targets], logp[batch.n_targets:]
             if it == 0:
-                record["initial_nll"] = float(nll.detach())
-            record.update(final_nll=float(nll.detach()), final_kl=float(kl.detach()), final_loss=float(loss.detach()))
+                init[idx] = state["init"]
+                for j, i in enumerate(active):
+                    kl_init[i] = kl_logp[j:j + 1].detach().clone()
+            picked = -target_logp.gather(1, batch.target_ids[:, None]).squeeze(1) * batch.weights
+            nll = torch.zeros(batch.n_facts, dtype=picked.dtype, device=dev).index_add(0, batch.target_owner, picked)
+            kl0 = torch.cat([kl_init[i] for i in active])
+            kl = (kl_logp.exp() * (kl_logp - kl0)).sum(-1)                     # KL(P_δ || P_0) per fact, as the code
+            init_norm = init[idx].norm(dim=1).clamp_min(1e-12)
+            decay = hp.v_weight_decay * (shift.norm(dim=1) / init_norm ** 2)
+            loss = nll + hp.kl_factor * kl + decay
+            values = loss.detach().tolist()
+            keep: list[int] = []
+            for j, i in enumerate(active):
+                if it == 0:
+                    records[i]["initial_nll"] = float(nll[j].detach())
+                records[i].update(final_nll=float(nll[j].detach()), final_kl=float(kl[j].detach()),
+                                  final_loss=values[j])
+                if not (values[j] < hp.early_stop_loss or it == hp.v_num_grad_steps - 1):
+                    keep.append(j)
             if progress is not None:
-                progress((it + 1) / hp.v_num_grad_steps,
-                         f"step {it + 1}/{hp.v_num_grad_steps}, loss {float(loss.detach()):.3f}")
-            if float(loss.detach()) < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+                progress((it + 1) / hp.v_num_grad_steps, f"step {it + 1}/{hp.v_num_grad_steps}, "
+                         f"{len(keep)} of {n} target(s) still optimised, mean loss {sum(values) / len(values):.3f}")
+            if not keep:
                 break
-            loss.backward()
-            optimizer.step()
-            record["steps"] = it + 1
-            if hp.clamp_norm_factor > 0:
-                clamp_norm_(delta, hp.clamp_norm_factor * float(init_norm))
-    init = state["init"]
-    delta = delta.detach()
-    record.update(delta_norm=float(delta.norm()), init_norm=float(init.norm()),
-                  target_norm=float((init + delta).norm()))
-    return TargetValue(fact, delta, init, record)
+            grad, = torch.autograd.grad(loss[keep].sum(), shift)
+            with torch.no_grad():
+                step = it + 1                      # every fact still active has taken exactly ``it`` steps
+                rows = idx[keep]
+                g = grad[keep]
+                m = exp_avg[rows].mul_(beta1).add_(g, alpha=1 - beta1)
+                v = exp_avg_sq[rows].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                exp_avg[rows], exp_avg_sq[rows] = m, v
+                bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
+                denom = (v.sqrt() / (bias2 ** 0.5)).add_(eps)
+                new = delta[rows].addcdiv(m, denom, value=-hp.v_lr / bias1)
+                if hp.clamp_norm_factor > 0:
+                    limit = hp.clamp_norm_factor * init[rows].norm(dim=1, keepdim=True)
+                    norms = new.norm(dim=1, keepdim=True)
+                    new = torch.where((norms > limit) & (limit > 0), new * (limit / norms), new)   # clamp_norm_ per fact
+                delta[rows] = new
+            for j in keep:
+                records[active[j]]["steps"] = it + 1
+            active = [active[j] for j in keep]
+    out = []
+    for i, fact in enumerate(facts):
+        d = delta[i].detach().clone()
+        records[i].update(delta_norm=float(d.norm()), init_norm=float(init[i].norm()),
+                          target_norm=float((init[i] + d).norm()))
+        out.append(TargetValue(fact, d, init[i].clone(), records[i]))
+    return out
+
+
+# ================================================================== layers and the spread
+
+def param_name(wb: Workbench, layer: int) -> str:
+    weight = wb.arch.site(wb.model, layer, "down_proj").weight
+    for name, param in wb.model.named_parameters():
+        if param is weight:
+            return name
+    raise InputError(f"The down-projection weight of layer {layer} is not a parameter of {wb.name}.")
+
+
+def factor_layout(wb: Workbench, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of Δ [d_model, d_ff] in the parameter's own layout (Conv1D: [d_ff, d_model] = vᵀ uᵀ)."""
+    u, v = u.detach().float().cpu().contiguous(), v.detach().float().cpu().contiguous()
+    if wb.arch.down_orientation == "in_out":
+        return v.T.contiguous(), u.T.contiguous()
+    return u, v
+
+
+def closest_on_norm_image(gain: torch.Tensor, target: torch.Tensor, iterations: int = 200) -> torch.Tensor:
+    """``a`` with ``rms(a) = 1`` minimising ``||g ⊙ a − t||`` per row (the RMSNorm's image closest to ``t``).
+
+    Lagrange: ``a = g t / (g² + μ)`` with ``μ > −min g²`` such that ``mean(a²) = 1``
+    (``mean(a²)`` decreases in ``μ``): found by bisection, float64.
+    """
+    g, t = gain.double()[None, :], target.double()
+    g2 = g * g
+    size = lambda mu: ((g * t / (g2 + mu)) ** 2).mean(-1, keepdim=True)  # noqa: E731
+    floor = -float(g2.min())
+    spread = max(float(g2.max()), 1e-12)
+    lo = torch.full((t.shape[0], 1), floor + 1e-12 * spread, dtype=torch.float64, device=t.device)
+    hi = torch.full_like(lo, spread)
+    for _ in range(200):                                  # bracket: mean(a²) < 1 at hi
+        big = size(hi) > 1
+        if not bool(big.any()):
+            break
+        hi = torch.where(big, hi * 2 + spread, hi)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        above = size(mid) > 1
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    a = g * t / (g2 + hi)
+    return a / a.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
+
+
+def sandwich_residual(wb: Workbench, layer: int, m: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Map a residual-stream change ``resid`` through the post-FFN RMSNorm to a change of its input ``m``
+    (module docstring): ``m' = rms(m) · a`` with ``g ⊙ a`` the point of the norm's image closest to
+    ``t = norm(m) + resid``. Returns ``m' − m`` and the fraction of ``||resid||`` closed,
+    ``1 − ||norm(m') − t|| / ||resid||`` (mean over pairs; 1 = reached exactly, 0 = no closer than before)."""
+    norm = resolve(wb.arch.layer_module(wb.model, layer), wb.arch.post_ffn_norm)
+    dtype = wb.dtype
+    with torch.no_grad():
+        gain = norm(torch.full((1, m.shape[1]), 1e3, dtype=dtype, device=m.device)).float()[0]
+        current = norm(m.to(dtype)).float()
+        target = current + resid
+        scale = m.double().pow(2).mean(-1, keepdim=True).sqrt()
+        new_m = (closest_on_norm_image(gain, target) * scale).float()
+        miss = (norm(new_m.to(dtype)).float() - target).norm(dim=-1)
+        fit = 1 - miss / resid.norm(dim=-1).clamp_min(1e-30)
+    return new_m - m, float(fit.mean())
+
+
+@dataclass
+class SpreadResult:
+    """What :func:`spread_update` inserted: the factors per parameter, per-layer meta, and per layer the keys
+    ``[n, d_ff]`` and the value residuals ``[n, d_model]`` it inserted (float64, CPU)."""
+
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    layer_meta: list[dict[str, Any]]
+    keys: dict[int, torch.Tensor]
+    resid: dict[int, torch.Tensor]
+
+
+def spread_update(wb: Workbench, layers: list[int], facts: list[FactContexts], targets: list[TargetValue],
+                  update: Callable[[int, torch.Tensor, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]],
+                  ) -> SpreadResult:
+    """MEMIT Alg. 1: the residual of the last layer's targets spread over ``layers`` in ascending order.
+
+    At each layer (with the updates of the earlier layers in force, applied
+    through :meth:`Edit.applied` and undone at the end): the keys ``K`` of every
+    fact and ``h^L`` at its bare prompt; ``R = (Z − h^L) / (layers left)`` (mapped
+    through the post-FFN norm for sandwich-norm models, :func:`sandwich_residual`);
+    ``update(layer, K [d_ff, n], R [d_model, n], info)`` returns the factors
+    ``(u, v)`` of ``ΔW = u v`` ([d_model, d_ff]) of the method (MEMIT,
+    AlphaEdit, LangEdit); ``info`` is that layer's meta.
+    """
+    from editors.edit import Edit
+
+    z_layer = layers[-1]
+    z = torch.stack([t.target for t in targets]).to(wb.device, torch.float64)    # [n, d_model]
+    sandwich = wb.arch.post_ffn_norm is not None
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    layer_meta: list[dict[str, Any]] = []
+    keys_out: dict[int, torch.Tensor] = {}
+    resid_out: dict[int, torch.Tensor] = {}
+    with contextlib.ExitStack() as applied:
+        for i, layer in enumerate(layers):
+            reads = [(z_layer, "layer", "output")] + ([(layer, "down_proj", "output")] if sandwich else [])
+            keys, bare = _keys_and_reads(wb, layer, facts, reads)
+            cur_z = bare[(z_layer, "layer", "output")].to(torch.float64)
+            resid = (z - cur_z) / (len(layers) - i)                              # Alg. 1: spread the residual
+            info: dict[str, Any] = {"layer": layer, "z_error": float((z - cur_z).norm(dim=1).mean()),
+                                    "resid_norm": float(resid.norm(dim=1).mean())}
+            if sandwich:
+                m = bare[(layer, "down_proj", "output")]
+                value_resid, fit = sandwich_residual(wb, layer, m, resid.float())
+                info["post_ffn_norm_fit"] = fit
+                resid = value_resid.to(torch.float64)
+                info["value_resid_norm"] = float(resid.norm(dim=1).mean())
+            keys = keys.to(torch.float64)
+            u, v = update(layer, keys.T, resid.T, info)
+            info["update_norm"] = float((u @ v).norm())
+            keys_out[layer], resid_out[layer] = keys.cpu(), resid.cpu()
+            name = param_name(wb, layer)
+            weights[name] = factor_layout(wb, u, v)
+            layer_meta.append(info)
+            if i < len(layers) - 1:   # the next layers see this update (MEMIT Alg. 1)
+                applied.enter_context(Edit(weights={name: weights[name]}).applied(wb))
+    return SpreadResult(weights, layer_meta, keys_out, resid_out)
 
 
 # ================================================================== statistics
@@ -305,7 +515,14 @@ def key_second_moments(wb: Workbench, layers: list[int], requests: list[EditRequ
 
     ``progress(tokens done, tokens planned)`` is called while statistics missing from the disk cache are counted.
     """
-    languages = sorted({lang for r in requests for lang in r.languages})
+    return key_second_moments_of(wb, layers, sorted({lang for r in requests for lang in r.languages}), hp, progress)
+
+
+def key_second_moments_of(wb: Workbench, layers: list[int], languages: list[str], hp: KeyValueHParams,
+                          progress: Callable[[int, int], None] | None = None,
+                          ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """:func:`key_second_moments` over the text of ``languages``."""
+    languages = sorted(set(languages))
     texts, sources = statistics_texts(languages, hp.mom2_source)
     stats, folder, from_disk = cached_key_statistics(wb, layers, texts, sources, n_tokens=hp.mom2_n_tokens,
                                                      progress=progress)
@@ -372,8 +589,16 @@ def memit_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor, weigh
 
 
 def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, p: torch.Tensor, l2: float,
-                     notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """alphaedit Eq. 8: ΔW = R Kᵀ P (K Kᵀ P + λ I)⁻¹, solved as the code: ((P K Kᵀ + λI)⁻¹ P K)ᵀ."""
+                     notes: list[str], cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """alphaedit Eq. 8: ΔW = R Kᵀ P (K Kᵀ P + λ I)⁻¹, solved as the code: ((P K Kᵀ + λI)⁻¹ P K)ᵀ.
+
+    ``cache``: AlphaEdit's sequential form (its code's ``cache_c``, Σ K_p K_pᵀ of the keys edited in earlier
+    batches): ΔW = R Kᵀ P ((K Kᵀ + K_p K_pᵀ) P + λ I)⁻¹, which keeps those keys' outputs in the solve.
+    LangEdit's Eq. 10 is the form without it (λ = 1, P from its running covariance)."""
     eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
-    x = _solve(p @ keys @ keys.T + l2 * eye, p @ keys, notes, "PKKᵀ + λI")           # [d_ff, n]
+    if cache is None:
+        a = p @ keys @ keys.T + l2 * eye
+    else:
+        a = p @ (keys @ keys.T + cache) + l2 * eye
+    x = _solve(a, p @ keys, notes, "P(KKᵀ + K_pK_pᵀ) + λI" if cache is not None else "PKKᵀ + λI")   # [d_ff, n]
     return resid, x.T

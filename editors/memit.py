@@ -138,7 +138,6 @@ hooks), also when it raises.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -147,15 +146,19 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
-from analysis.arch import resolve
 from analysis.errors import InputError
 from editors.base import Editor, frozen, register
 from editors.edit import Edit
 from editors.hparams import Constraint, HParams, Interval
 from editors.keyvalue import (  # noqa: F401 (re-exported: the shared steps keep their old address)
-    FactContexts, KeyValueHParams, TargetValue, _keys_and_reads, alphaedit_update, compute_target, fact_contexts,
-    fact_keys, key_second_moments, memit_update, nullspace_projection, rome_update)
+    FactContexts, KeyValueHParams, TargetValue, _keys_and_reads, alphaedit_update, compute_target, compute_targets,
+    fact_contexts, fact_keys, key_second_moments, memit_update, nullspace_projection, rome_update, spread_update)
+from editors.keyvalue import closest_on_norm_image as _closest_on_norm_image  # noqa: F401 (old address)
+from editors.keyvalue import factor_layout as _layout
+from editors.keyvalue import param_name as _param_name
+from editors.keyvalue import sandwich_residual as _sandwich_residual  # noqa: F401 (old address)
 from editors.requests import EditRequest
+from editors.sequential import LayerMemory, SequentialMethod, register_sequential
 
 if TYPE_CHECKING:
     from analysis.model import Workbench
@@ -285,66 +288,6 @@ class AlphaEditHParams(MEMITHParams):
 # ================================================================== the editors
 
 
-def _param_name(wb: Workbench, layer: int) -> str:
-    weight = wb.arch.site(wb.model, layer, "down_proj").weight
-    for name, param in wb.model.named_parameters():
-        if param is weight:
-            return name
-    raise InputError(f"The down-projection weight of layer {layer} is not a parameter of {wb.name}.")
-
-
-def _layout(wb: Workbench, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors of Δ [d_model, d_ff] in the parameter's own layout (Conv1D: [d_ff, d_model] = vᵀ uᵀ)."""
-    u, v = u.detach().float().cpu().contiguous(), v.detach().float().cpu().contiguous()
-    if wb.arch.down_orientation == "in_out":
-        return v.T.contiguous(), u.T.contiguous()
-    return u, v
-
-
-def _closest_on_norm_image(gain: torch.Tensor, target: torch.Tensor, iterations: int = 200) -> torch.Tensor:
-    """``a`` with ``rms(a) = 1`` minimising ``||g ⊙ a − t||`` per row (the RMSNorm's image closest to ``t``).
-
-    Lagrange: ``a = g t / (g² + μ)`` with ``μ > −min g²`` such that ``mean(a²) = 1``
-    (``mean(a²)`` decreases in ``μ``): found by bisection, float64.
-    """
-    g, t = gain.double()[None, :], target.double()
-    g2 = g * g
-    size = lambda mu: ((g * t / (g2 + mu)) ** 2).mean(-1, keepdim=True)  # noqa: E731
-    floor = -float(g2.min())
-    spread = max(float(g2.max()), 1e-12)
-    lo = torch.full((t.shape[0], 1), floor + 1e-12 * spread, dtype=torch.float64, device=t.device)
-    hi = torch.full_like(lo, spread)
-    for _ in range(200):                                  # bracket: mean(a²) < 1 at hi
-        big = size(hi) > 1
-        if not bool(big.any()):
-            break
-        hi = torch.where(big, hi * 2 + spread, hi)
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        above = size(mid) > 1
-        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-    a = g * t / (g2 + hi)
-    return a / a.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
-
-
-def _sandwich_residual(wb: Workbench, layer: int, m: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Map a residual-stream change ``resid`` through the post-FFN RMSNorm to a change of its input ``m``
-    (module docstring): ``m' = rms(m) · a`` with ``g ⊙ a`` the point of the norm's image closest to
-    ``t = norm(m) + resid``. Returns ``m' − m`` and the fraction of ``||resid||`` closed,
-    ``1 − ||norm(m') − t|| / ||resid||`` (mean over pairs; 1 = reached exactly, 0 = no closer than before)."""
-    norm = resolve(wb.arch.layer_module(wb.model, layer), wb.arch.post_ffn_norm)
-    dtype = wb.dtype
-    with torch.no_grad():
-        gain = norm(torch.full((1, m.shape[1]), 1e3, dtype=dtype, device=m.device)).float()[0]
-        current = norm(m.to(dtype)).float()
-        target = current + resid
-        scale = m.double().pow(2).mean(-1, keepdim=True).sqrt()
-        new_m = (_closest_on_norm_image(gain, target) * scale).float()
-        miss = (norm(new_m.to(dtype)).float() - target).norm(dim=-1)
-        fit = 1 - miss / resid.norm(dim=-1).clamp_min(1e-30)
-    return new_m - m, float(fit.mean())
-
-
 class _KeyValueEditor(Editor):
     """What ROME, MEMIT and AlphaEdit share: invariants, contexts, targets, statistics, meta."""
 
@@ -438,36 +381,13 @@ class _SpreadEditor(_KeyValueEditor):
     def _insert(self, wb: Workbench, layers: list[int], facts: list[FactContexts], targets: list[TargetValue],
                 moments: dict[int, torch.Tensor], hp: KeyValueHParams):
         notes: list[str] = []
-        z_layer = layers[-1]
-        z = torch.stack([t.target for t in targets]).to(wb.device, torch.float64)    # [n, d_model]
-        sandwich = wb.arch.post_ffn_norm is not None
-        weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        layer_meta: list[dict[str, Any]] = []
-        self.keys_, self.resid_ = {}, {}
-        with contextlib.ExitStack() as applied:
-            for i, layer in enumerate(layers):
-                reads = [(z_layer, "layer", "output")] + ([(layer, "down_proj", "output")] if sandwich else [])
-                keys, bare = _keys_and_reads(wb, layer, facts, reads)
-                cur_z = bare[(z_layer, "layer", "output")].to(torch.float64)
-                resid = (z - cur_z) / (len(layers) - i)                              # Alg. 1: spread the residual
-                info: dict[str, Any] = {"layer": layer, "z_error": float((z - cur_z).norm(dim=1).mean()),
-                                        "resid_norm": float(resid.norm(dim=1).mean())}
-                if sandwich:
-                    m = bare[(layer, "down_proj", "output")]
-                    value_resid, fit = _sandwich_residual(wb, layer, m, resid.float())
-                    info["post_ffn_norm_fit"] = fit
-                    resid = value_resid.to(torch.float64)
-                    info["value_resid_norm"] = float(resid.norm(dim=1).mean())
-                keys = keys.to(torch.float64)
-                u, v = self._layer_update(wb, layer, keys.T, resid.T, moments, hp, notes, info)
-                info["update_norm"] = float((u @ v).norm())
-                self.keys_[layer], self.resid_[layer] = keys.cpu(), resid.cpu()
-                name = _param_name(wb, layer)
-                weights[name] = _layout(wb, u, v)
-                layer_meta.append(info)
-                if i < len(layers) - 1:   # the next layers see this update (MEMIT Alg. 1)
-                    applied.enter_context(Edit(weights={name: weights[name]}).applied(wb))
-        return weights, layer_meta, notes
+
+        def update(layer: int, keys: torch.Tensor, resid: torch.Tensor, info: dict[str, Any]):
+            return self._layer_update(wb, layer, keys, resid, moments, hp, notes, info)
+
+        spread = spread_update(wb, layers, facts, targets, update)
+        self.keys_, self.resid_ = spread.keys, spread.resid
+        return spread.weights, spread.layer_meta, notes
 
 
 @register("memit")
@@ -501,3 +421,36 @@ class AlphaEditEditor(_SpreadEditor):
                          f"({'relative' if hp.nullspace_relative else 'absolute'}); this layer is not changed")
             log.warning("AlphaEdit: %s", notes[-1])
         return alphaedit_update(keys, resid, p, float(hp.l2), notes)
+
+
+# ================================================================== on a stream (editors.sequential)
+
+
+@register_sequential("memit")
+class SequentialMEMIT(SequentialMethod):
+    """MEMIT applied batch after batch (papers/langedit.md §4.1.4): each batch's ΔW = R Kᵀ (λ C_0 + K Kᵀ)⁻¹
+    on the weights the earlier batches left; nothing of the earlier batches enters the solve."""
+
+    title = "MEMIT"
+    hparams_class = MEMITHParams
+
+    def layer_update(self, layer: int, memory: LayerMemory, keys: torch.Tensor, resid: torch.Tensor,
+                     hp: KeyValueHParams, notes: list[str], info: dict[str, Any]):
+        return memit_update(keys, resid, memory.k0, float(hp.mom2_update_weight), notes), None
+
+
+@register_sequential("alphaedit")
+class SequentialAlphaEdit(SequentialMethod):
+    """AlphaEdit's sequential form (its code): P from K_0 only, fixed for the whole stream, and the keys edited
+    in earlier batches kept in the solve (``cache_c`` = Σ K_p K_pᵀ): ΔW = R Kᵀ P ((K Kᵀ + K_p K_pᵀ) P + λI)⁻¹."""
+
+    title = "AlphaEdit"
+    hparams_class = AlphaEditHParams
+
+    def layer_update(self, layer: int, memory: LayerMemory, keys: torch.Tensor, resid: torch.Tensor,
+                     hp: KeyValueHParams, notes: list[str], info: dict[str, Any]):
+        key = ("k0", layer, memory.n0, float(memory.k0.trace()), float(memory.k0[0].sum()),
+               float(hp.nullspace_threshold), bool(hp.nullspace_relative))
+        p, dim = nullspace_projection(memory.k0, float(hp.nullspace_threshold), bool(hp.nullspace_relative), key)
+        cache = memory.edited_kkt if memory.edited else None
+        return alphaedit_update(keys, resid, p, float(hp.l2), notes, cache=cache), dim

@@ -24,6 +24,8 @@ TINY_HPARAMS = {
     "memla": dict(layers=[], threshold=0.2, ig_steps=4, steps=3, lr=1e-2, stop_prob=1.0),
     "ike": dict(k=2),
     "remake": dict(k=2, threshold=0.0, layers=[1]),
+    "langedit": dict(layers=[0, 1], v_num_grad_steps=3, context_template_length_params=[[2, 1]],
+                     mom2_n_tokens=500, nullspace_threshold=0.05, nullspace_relative=True),
 }
 
 

@@ -37,6 +37,7 @@ INFRASTRUCTURE = frozenset({
     "rows", "contexts",                                                       # shared by LU-LAFNs and ROME/MEMIT
     "keyvalue",                                                               # shared by the key-value editors
     "prompting",                                                              # the engine's in-context edits
+    "sequential", "sequential_run",                                           # streams of batches (LangEdit)
 })
 
 
