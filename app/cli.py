@@ -545,6 +545,80 @@ def evaluate(model: str = ModelOpt,
 
 @cli.command()
 @user_errors
+def sequential(model: str = ModelOpt,
+               methods: str = typer.Option("langedit,alphaedit,memit", "--methods",
+                                           help="Comma-separated sequential methods (langedit, alphaedit, memit)."),
+               dataset: Path = typer.Option(Path("../shared/data/mzsre/dev"), "--dataset",
+                                            help="MzsRE folder (six languages) or a Bi-ZsRE (en-zh) file."),
+               languages: str = typer.Option("en,de,nl,es,fr,zh", "--languages", help="Stream languages, in order."),
+               batch: int = typer.Option(20, "--batch", help="Edits per step (one language per step)."),
+               steps: int = typer.Option(6, "--steps", help="Steps of the stream."),
+               order: str = typer.Option("blocks", "--order", help="blocks (each language's steps together, as "
+                                                                   "the paper) or interleaved."),
+               seed: int = typer.Option(0, "--seed", help="Shuffles the records (the same stream for every method)."),
+               records: str = typer.Option("", "--records", help="Record ranges the stream may use, e.g. "
+                                                                 "0-99,150-499 (default: all)."),
+               flores: int = typer.Option(50, "--flores-sentences", help="Held-out FLORES-200 sentences per "
+                                                                         "language for the perplexity check."),
+               hparams: Optional[str] = typer.Option(None, "--hparams", help='JSON (or file): {"langedit": '
+                                                                            '{"nullspace_threshold": 0.01}, ...}.'),
+               out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (resumed if it holds this "
+                                                                           "run)."),
+               overwrite: bool = typer.Option(False, "--overwrite", help="Replace another run in --out."),
+               rollback: Optional[int] = typer.Option(None, "--rollback", help="Only roll every method's saved "
+                                                                               "state in --out back to this step "
+                                                                               "(its later measurements go too)."),
+               device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
+    """Multilingual sequential editing (LangEdit, AlphaEdit, MEMIT): a stream of batches, measured after every step."""
+    from tqdm import tqdm
+
+    from analysis.model import load_model
+    from editors.sequential_run import (StreamConfig, check_run_folder, make_stream, read_run, report,
+                                        rollback_run, run_sequential)
+
+    if rollback is not None:
+        if out is None:
+            raise InputError("--rollback needs --out, the run folder.")
+        rollback_run(out, rollback)
+        typer.echo(report(read_run(out)))
+        typer.echo(f"run folder: {out} rolled back to step {rollback}")
+        return
+    names = list(dict.fromkeys(split_list(methods) or []))
+    config = StreamConfig(dataset=str(dataset), languages=split_list(languages) or [], batch=batch, steps=steps,
+                          order=order, seed=seed, records=records, flores_sentences=flores).validate()
+    overrides = read_json(hparams, "--hparams") or {}
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise InputError('--hparams must be a JSON object {"method": {"field": value}}.')
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise InputError(f"--hparams names {unknown[0]!r}, which is not in --methods.")
+    make_stream(config)                                       # a stream the data cannot fill fails before the model
+    if out is None:
+        out = Path("runs") / f"sequential-{'-'.join(names)}-{'+'.join(config.languages)}-b{batch}x{steps}"
+    check_run_folder(out, config, {"spec": model.strip()}, overwrite)
+    on_interrupt(f"every finished step is kept in {out}; run the same command again to continue.")
+    wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    total = 1 + len(names) * steps
+    with tqdm(total=total, unit="step", desc="sequential") as bar:
+        order_of = {m: i for i, m in enumerate(names)}
+
+        def progress(method: str, step: int, fraction: float, message: str) -> None:
+            base = 0 if method == "unedited" else 1 + order_of.get(method, 0) * steps + max(step - 1, 0)
+            bar.n = min(total, round(base + (fraction if step else 0)))
+            bar.set_postfix_str(f"{method} step {step}: {message}"[:70])
+            bar.refresh()
+
+        run_sequential(wb, config, names, out, hparams=overrides, overwrite=overwrite, progress=progress)
+    text = report(read_run(out))
+    from analysis import runs as _runs
+
+    _runs.write_text(Path(out) / "tables.md", text)
+    typer.echo(text)
+    typer.echo(f"run folder: {out} (run.json, baseline.json, <method>/steps.jsonl, <method>/state, tables.md)")
+
+
+@cli.command()
+@user_errors
 def app(model: str = ModelOpt, corpus: str = typer.Option("demo", "--corpus", "-c", help="Corpus shown first."),
         port: int = typer.Option(8501, "--port"),
         address: str = typer.Option("127.0.0.1", "--address", help="Bind address (keep 127.0.0.1 unless you mean it)."),

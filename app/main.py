@@ -20,6 +20,8 @@ navigation = st.navigation([
     st.Page(str(PAGES / "attribution.py"), title="Attribution", icon=":material/target:", url_path="attribution"),
     st.Page(str(PAGES / "tracing.py"), title="Causal tracing", icon=":material/biotech:", url_path="tracing"),
     st.Page(str(PAGES / "edit_lab.py"), title="Edit lab", icon=":material/edit_note:", url_path="edit-lab"),
+    st.Page(str(PAGES / "sequential.py"), title="Sequential editing", icon=":material/stacked_line_chart:",
+            url_path="sequential"),
 ])
 with user_errors():  # whatever a page lets escape becomes an error box, never a raw traceback
     navigation.run()

@@ -572,3 +572,89 @@ def seconds_rows(view: RunView) -> list[dict[str, Any]]:
                         "target_s_per_batch": sum(targets) / len(targets),
                         "measure_s_per_step": sum(r.get("measure_seconds", 0.0) for r in rows) / len(rows)})
     return out
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def report(view: RunView) -> str:
+    """The run's tables as Markdown: the final table per method and language, the first batch's retention,
+    the null-space rank at the last step, and the seconds per batch."""
+    cfg = view.config
+    lines = [f"# Sequential editing: {', '.join(view.steps)} on {view.info.get('model', {}).get('name', '?')}",
+             "",
+             f"Stream: {cfg.get('steps')} steps of {cfg.get('batch')} edits ({cfg.get('order')}, seed {cfg.get('seed')}), "
+             f"languages {', '.join(view.languages)}, records {cfg.get('records') or 'all'} of {cfg.get('dataset')}.",
+             "Efficacy / Generality / Specificity: teacher-forced top-1 accuracy (%) of the answer tokens over all "
+             "edits so far, each asked in its own language. ΔPPL: FLORES-200 perplexity change against the "
+             "unedited model (%).", ""]
+    final = final_rows(view)
+    if final:
+        lines += ["## After the last step", "", "| method | edits | language | Efficacy | Generality | Specificity "
+                  "| ΔPPL % |", "|---|---|---|---|---|---|---|"]
+        for r in final:
+            lines.append(f"| {r['method']} | {r['edits']} | {'mean' if r['language'] == 'all' else r['language']} | "
+                         f"{_fmt(r['efficacy'])} | {_fmt(r['generality'])} | {_fmt(r['specificity'])} | "
+                         f"{_fmt(r['ppl_change_pct'])} |")
+        lines.append("")
+    retention = retention_rows(view)
+    if retention:
+        lines += ["## The first batch's efficacy after every step (negative interference)", "",
+                  "| method | " + " | ".join(f"step {t}" for t in sorted({r['step'] for r in retention})) + " |",
+                  "|---|" + "---|" * len({r['step'] for r in retention})]
+        for method in view.steps:
+            vals = {r["step"]: r["efficacy"] for r in retention if r["method"] == method}
+            if vals:
+                lines.append(f"| {method} | " + " | ".join(_fmt(vals.get(t)) for t in sorted(
+                    {r['step'] for r in retention})) + " |")
+        lines.append("")
+    ns = nullspace_rows(view)
+    if ns:
+        lines += ["## Null-space rank kept per layer (at each method's last step)", "",
+                  "| method | " + " | ".join(f"layer {x}" for x in sorted({r['layer'] for r in ns})) + " |",
+                  "|---|" + "---|" * len({r['layer'] for r in ns})]
+        for method in view.steps:
+            mine = [r for r in ns if r["method"] == method]
+            if mine:
+                last = max(r["step"] for r in mine)
+                dims = {r["layer"]: r["nullspace_dim"] for r in mine if r["step"] == last}
+                lines.append(f"| {method} | " + " | ".join("–" if dims.get(x) is None else str(dims[x])
+                                                          for x in sorted({r['layer'] for r in ns})) + " |")
+        lines.append("")
+    secs = seconds_rows(view)
+    if secs:
+        lines += ["## Seconds", "", "| method | steps | s per batch | of which target values | measuring, s per step |",
+                  "|---|---|---|---|---|"]
+        for r in secs:
+            lines.append(f"| {r['method']} | {r['steps']} | {r['s_per_batch']:.1f} | {r['target_s_per_batch']:.1f} | "
+                         f"{r['measure_s_per_step']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def rollback_run(out: str | Path, step: int) -> dict[str, int]:
+    """Roll every method's saved state in the run folder back to ``step`` and drop its later measurements.
+
+    A later ``run_sequential`` with the same configuration recomputes the dropped steps."""
+    out = Path(out)
+    if not is_run_folder(out):
+        raise InputError(f"{out} holds no sequential run (no {RUN_JSON}).")
+    info = _read_json(out / RUN_JSON)
+    kept: dict[str, int] = {}
+    for method in info.get("methods", []):
+        state_dir = out / method / "state"
+        if not (state_dir / "state.json").is_file():
+            continue
+        state = SequentialState.load(state_dir)
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= len(state):
+            raise InputError(f"--rollback must be a step from 0 to {len(state)} ({method} has {len(state)}); "
+                             f"got {step!r}.")
+        state.rollback(step)
+        state.save(state_dir)
+        rows = [r for r in read_steps(out / method) if int(r["step"]) <= step]
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        tmp = out / method / f".{STEPS_FILE}.tmp-{time.time_ns()}"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out / method / STEPS_FILE)
+        kept[method] = step
+    return kept
