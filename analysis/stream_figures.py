@@ -36,13 +36,13 @@ def curves_figure(curves: pd.DataFrame, metric: str = "efficacy", methods: Seque
                 continue
             style = dict(color="black", width=3) if lang == "all" else dict(color=colors[lang], width=1.5)
             fig.add_trace(go.Scatter(
-                x=part["edits"], y=part[metric], mode="lines+markers", name="all languages" if lang == "all" else lang,
+                x=part["edits"].tolist(), y=part[metric].tolist(), mode="lines+markers", name="all languages" if lang == "all" else lang,
                 legendgroup=lang, showlegend=col == 1, line=style,
                 hovertemplate=f"{method} · {lang}<br>%{{x}} edits<br>{METRIC_TITLES[metric]} %{{y:.1f}}<extra></extra>"),
                 row=1, col=col)
             if show_unedited and lang == "all" and f"{metric}_unedited" in part:
                 fig.add_trace(go.Scatter(
-                    x=part["edits"], y=part[f"{metric}_unedited"], mode="lines", name="unedited (same edits)",
+                    x=part["edits"].tolist(), y=part[f"{metric}_unedited"].tolist(), mode="lines", name="unedited (same edits)",
                     legendgroup="unedited", showlegend=col == 1, line=dict(color="grey", dash="dot", width=2),
                     hovertemplate="unedited model<br>%{x} edits<br>%{y:.1f}<extra></extra>"), row=1, col=col)
         fig.update_xaxes(title_text="edits so far", row=1, col=col)
@@ -76,7 +76,7 @@ def nullspace_figure(rows: pd.DataFrame) -> go.Figure:
         mine = rows[rows["method"] == method]
         for i, layer in enumerate(layers):
             part = mine[mine["layer"] == layer].sort_values("step")
-            fig.add_trace(go.Scatter(x=part["step"], y=part["nullspace_dim"], mode="lines+markers",
+            fig.add_trace(go.Scatter(x=part["step"].tolist(), y=part["nullspace_dim"].tolist(), mode="lines+markers",
                                      name=f"layer {layer}", legendgroup=str(layer), showlegend=col == 1,
                                      line=dict(color=_PALETTE[i % len(_PALETTE)]),
                                      hovertemplate=f"{method} · layer {layer}<br>step %{{x}}: rank %{{y}}<extra></extra>"),

@@ -42,7 +42,7 @@ def running(folder: str) -> dict | None:
     return job if job is not None and job["thread"].is_alive() else None
 
 
-def start_job(model_spec: str, config, methods: list[str], folder: str, hparams: dict) -> None:
+def start_job(wb, config, methods: list[str], folder: str, hparams: dict) -> None:
     from editors.sequential_run import run_sequential
 
     key = str(Path(folder).resolve())
@@ -52,7 +52,6 @@ def start_job(model_spec: str, config, methods: list[str], folder: str, hparams:
 
     def work() -> None:
         try:
-            wb = workbench(model_spec)
             run_sequential(wb, config, methods, folder, hparams=hparams,
                            progress=lambda m, s, f, msg: job.__setitem__("progress", (m, s, f, msg)))
         except Exception as exc:  # noqa: BLE001 - shown on the page, the app keeps running
@@ -110,7 +109,7 @@ def run_folders() -> list[str]:
 
 
 def new_run_form() -> None:
-    from editors.sequential import available_sequential
+    from editors.sequential import available_sequential, get_sequential
     from editors.sequential_run import StreamConfig, check_run_folder, make_stream
 
     with st.form("seq-form"):
@@ -153,7 +152,10 @@ def new_run_form() -> None:
     if not out.strip():
         raise InputError("Give a run folder.")
     check_run_folder(out.strip(), config, {"spec": current_model_spec()})
-    start_job(current_model_spec(), config, list(methods), out.strip(), hparams)
+    wb = workbench(current_model_spec())          # loaded here (the script's thread), used by the run's thread
+    for name in methods:
+        get_sequential(name, hparams.get(name)).hparams_for(wb)   # bad hyper-parameters: an error box now
+    start_job(wb, config, list(methods), out.strip(), hparams)
     st.session_state["seq-folder"] = out.strip()
 
 
@@ -272,7 +274,10 @@ def show_run(folder: str) -> None:
 
 mode = st.radio("Mode", ["Run a stream", "Open a run folder"], horizontal=True, key="seq-mode", label_visibility="collapsed")
 with user_errors():
-    new_run_form() if mode == "Run a stream" else open_run_form()
+    if mode == "Run a stream":
+        new_run_form()
+    else:
+        open_run_form()
 
 current = st.session_state.get("seq-folder")
 if current:
@@ -285,4 +290,4 @@ if current:
         if interval is not None and not running(current):
             st.rerun()                      # the stream ended: redraw the whole page once, without polling
 
-    st.fragment(live_part, run_every=interval)()
+    _ = st.fragment(live_part, run_every=interval)()
