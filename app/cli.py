@@ -614,7 +614,7 @@ def sequential(model: str = ModelOpt,
 
     _runs.write_text(Path(out) / "tables.md", text)
     typer.echo(text)
-    typer.echo(f"run folder: {out} (run.json, baseline.json, <method>/steps.jsonl, <method>/state, tables.md)")
+    typer.echo(f"run folder: {out} (sequential.json, baseline.json, <method>/steps.jsonl, <method>/state, tables.md)")
 
 
 @cli.command()

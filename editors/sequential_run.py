@@ -29,7 +29,7 @@ Measured after every step (§4.1.2, §4.3-4.4), on the model carrying the state
     fine-tuned heads this offline tool does not have.
 
 Run folder (resumable)
-    ``run.json`` (the configuration, the model, the methods), ``baseline.json``
+    ``sequential.json`` (the configuration, the model, the methods, the stream), ``baseline.json``
     (step 0: the unedited model's scores and perplexities) and per method
     ``<method>/state`` (:class:`editors.sequential.SequentialState`, saved
     atomically after every step) and ``<method>/steps.jsonl`` (one line per step,
@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from analysis.model import Workbench
 
 RUN_FORMAT = "neuroglot-sequential-run"
-RUN_JSON = "run.json"
+RUN_JSON = "sequential.json"
 BASELINE_JSON = "baseline.json"
 STEPS_FILE = "steps.jsonl"
 ORDERS = ("blocks", "interleaved")

@@ -288,6 +288,34 @@ CASES = [
      "different evaluations", ()),
     ("evaluate-merge-into-other-evaluation", lambda f: ["evaluate", "--merge", f.eval_a, *out(f, "eval_other")],
      "another evaluation", ()),
+    # ---- sequential
+    ("sequential-method", lambda f: ["sequential", *M(f), "--methods", "rome", "--dataset", f.data,
+                                     "--languages", "en,de", "--batch", "1", "--steps", "2", *out(f)],
+     "Unknown sequential", ()),
+    ("sequential-order", lambda f: ["sequential", *M(f), "--dataset", f.data, "--languages", "en,de",
+                                    "--batch", "1", "--steps", "2", "--order", "random", *out(f)], "--order", ()),
+    ("sequential-batch", lambda f: ["sequential", *M(f), "--dataset", f.data, "--languages", "en,de",
+                                    "--batch", "0", *out(f)], "--batch", ()),
+    ("sequential-languages-twice", lambda f: ["sequential", *M(f), "--dataset", f.data, "--languages", "en,en",
+                                              "--batch", "1", "--steps", "1", *out(f)], "twice", ()),
+    ("sequential-too-few-records", lambda f: ["sequential", *M(f), "--dataset", f.data, "--languages", "en,de",
+                                              "--batch", "2", "--steps", "2", *out(f)], "the stream needs 4", ()),
+    ("sequential-records", lambda f: ["sequential", *M(f), "--dataset", f.data, "--languages", "en,de",
+                                      "--batch", "1", "--steps", "1", "--records", "5-2", *out(f)], "range", ()),
+    ("sequential-dataset-missing", lambda f: ["sequential", *M(f), "--dataset", "/nope", "--languages", "en,de",
+                                              "--batch", "1", "--steps", "1", *out(f)], "/nope", ()),
+    ("sequential-hparams-method", lambda f: ["sequential", *M(f), "--methods", "langedit", "--dataset", f.data,
+                                             "--languages", "en,de", "--batch", "1", "--steps", "1", "--hparams",
+                                             '{"memit": {"layers": [0]}}', *out(f)], "not in --methods", ()),
+    ("sequential-hparams-value", lambda f: ["sequential", *M(f), "--methods", "langedit", "--dataset", f.data,
+                                            "--languages", "en,de", "--batch", "1", "--steps", "1", "--hparams",
+                                            '{"langedit": {"nullspace_threshold": -1, "layers": [0]}}', *out(f)],
+     "nullspace_threshold", ()),
+    ("sequential-out-atlas", lambda f: ["sequential", *M(f), "--dataset", f.data, "--languages", "en,de",
+                                        "--batch", "1", "--steps", "1", *out(f, "atlas")], "no sequential run", ()),
+    ("sequential-rollback-no-out", lambda f: ["sequential", "--rollback", "1"], "--out", ()),
+    ("sequential-rollback-not-a-run", lambda f: ["sequential", "--rollback", "1", *out(f, "atlas")],
+     "no sequential run", ()),
     # ---- app: checked before the server starts
     ("app-port", lambda f: ["app", "--port", "0"], "--port", ()),
     ("app-address", lambda f: ["app", "--address", " "], "--address", ()),
@@ -331,7 +359,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(f, args, fragment, absent):
 def test_the_table_is_large_and_covers_every_command():
     assert len(CASES) >= 60
     assert {c[0].split("-")[0] for c in CASES} == {"info", "corpus", "neurons", "attribute", "trace", "edit",
-                                                   "evaluate", "app"}
+                                                   "evaluate", "sequential", "app"}
 
 
 @pytest.mark.parametrize("args", [

@@ -69,7 +69,7 @@ def start_job(wb, config, methods: list[str], folder: str, hparams: dict) -> Non
 
 def run_stamp(folder: str) -> float:
     p = Path(folder)
-    files = [p / "run.json", p / "baseline.json", *p.glob("*/steps.jsonl"), *p.glob("*/state/state.json")]
+    files = [p / "sequential.json", p / "baseline.json", *p.glob("*/steps.jsonl"), *p.glob("*/state/state.json")]
     return max((f.stat().st_mtime for f in files if f.is_file()), default=0.0)
 
 
@@ -102,7 +102,7 @@ def state_zip(folder: str, method: str, stamp: float) -> bytes:
 
 
 def run_folders() -> list[str]:
-    return sorted(str(p.parent) for p in RUNS.glob("*/run.json")) if RUNS.is_dir() else []
+    return sorted(str(p.parent) for p in RUNS.glob("*/sequential.json")) if RUNS.is_dir() else []
 
 
 # ------------------------------------------------------------------ the page
@@ -173,7 +173,7 @@ def open_run_form() -> None:
         from editors.sequential_run import is_run_folder
 
         if not is_run_folder(folder):
-            raise InputError(f"{folder} holds no sequential run (no run.json).")
+            raise InputError(f"{folder} holds no sequential run (no sequential.json).")
         st.session_state["seq-folder"] = folder
 
 

@@ -1,0 +1,123 @@
+"""The Sequential editing page used as a user does, in headless Chromium on the embedded model (issue 14): start
+a short stream (LangEdit and MEMIT, en then zh, 2 steps of 2 dev records, cheap hyper-parameters), watch its
+progress, read the curves, switch the metric and the interference view, download a state, leave and come
+back, open the run in a second browser session, run the same stream again (nothing is recomputed), roll
+back, make a mistake. Every wait is for what the page says."""
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import pytest
+
+from tests.browser import assert_clean, commit, download, go_to, settled, shot, shown, submit
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+TALL = {"width": 1400, "height": 3000}
+LONG = 600_000
+CHEAP = dict(layers=[5, 6], v_num_grad_steps=4, context_template_length_params=[[5, 1]], mom2_n_tokens=4000)
+HPARAMS = {"langedit": CHEAP, "memit": CHEAP}
+
+
+def pick(page, label: str, option: str) -> None:
+    box = page.locator("[data-testid='stSelectbox']").filter(has_text=label).first
+    box.click()
+    page.get_by_role("option", name=option, exact=True).click()
+    settled(page)
+
+
+def set_methods(page, wanted: list[str]) -> None:
+    box = page.locator("[data-testid='stMultiSelect']").filter(has_text="Methods").first
+    for name in ("langedit", "alphaedit", "memit"):        # remove the defaults not wanted
+        chip = box.get_by_role("button", name=f"Remove {name}")
+        if name not in wanted and chip.count():
+            chip.first.click()
+            settled(page)
+
+
+def curve_names(page) -> set[str]:
+    data = page.evaluate("() => Array.from(document.querySelectorAll('.js-plotly-plot'))[0].data.map(t => t.name)")
+    return set(data)
+
+
+def test_a_stream_runs_live_and_survives_switches_downloads_a_second_session_and_rollback(app_url, browser, tmp_path):
+    out = str(tmp_path / "stream")
+    page = browser.new_page(viewport=TALL)
+    page.goto(app_url + "/sequential")
+    shown(page, "Run the stream", timeout=LONG)
+    assert_clean(page, "opening the page")
+
+    # a mistake first: a stream that asks for more records than the range holds
+    set_methods(page, ["langedit", "memit"])
+    commit(page, page.get_by_label("Run folder"), out)
+    commit(page, page.get_by_label("Records"), "100-101")
+    page.get_by_label("Hyper-parameters over the presets (JSON, optional)").fill(json.dumps(HPARAMS))
+    submit(page, "Run the stream")
+    shown(page, "the stream needs", timeout=LONG)
+    assert_clean(page, "a stream too long for its records")
+
+    # the real stream: 2 steps of 2 edits, en then zh; its progress shows while it runs
+    commit(page, page.get_by_label("Records"), "100-149")
+    commit(page, page.get_by_label("Edits per step"), "2")
+    commit(page, page.get_by_label("FLORES sentences per language"), "3")
+    submit(page, "Run the stream")
+    shown(page, "running ·", timeout=LONG)
+    shot(page, "sequential_running.png")
+    shown(page, "langedit 2/2, memit 2/2", "After each method's last measured step", timeout=LONG)
+    settled(page)
+    assert_clean(page, "the finished stream")
+    assert {"en", "zh", "all languages"} <= curve_names(page)
+    assert page.locator(".js-plotly-plot").count() == 3
+    shot(page, "sequential_done.png", full_page=True)
+
+    # switch the metric and the interference view
+    page.get_by_text("Generality", exact=True).first.click()
+    settled(page)
+    page.get_by_text("change since the batch's own step", exact=True).click()
+    settled(page)
+    pick(page, "Method", "memit")
+    shown(page, "memit: Efficacy − right after its own step")
+    assert_clean(page, "switching views")
+
+    # the state as a zip
+    archive = zipfile.ZipFile(io.BytesIO(download(page, page, "Download the langedit state")))
+    assert sorted(archive.namelist()) == ["langedit-state/state.json", "langedit-state/state.safetensors"]
+    state = json.loads(archive.read("langedit-state/state.json"))
+    assert len(state["steps"]) == 2 and [s["language"] for s in state["steps"]] == ["en", "zh"]
+
+    # leave and come back: the run is shown again
+    go_to(page, "Home")
+    shown(page, "Facts per relation × language", timeout=LONG)
+    go_to(page, "Sequential editing")
+    shown(page, "langedit 2/2, memit 2/2", timeout=LONG)
+    assert_clean(page, "leaving and coming back")
+
+    # a second browser session opens the same folder
+    other = browser.new_context(viewport=TALL)
+    second = other.new_page()
+    second.goto(app_url + "/sequential")
+    shown(second, "Run the stream", timeout=LONG)
+    second.get_by_text("Open a run folder", exact=True).click()
+    settled(second)
+    commit(second, second.get_by_label("…or another folder"), out)
+    submit(second, "Open")
+    shown(second, "langedit 2/2, memit 2/2", timeout=LONG)
+    assert_clean(second, "a second session")
+    other.close()
+
+    # the same stream again: the folder holds it, nothing is recomputed, the page shows it at once
+    submit(page, "Run the stream")
+    shown(page, "langedit 2/2, memit 2/2", timeout=LONG)
+    settled(page)
+    assert_clean(page, "the same stream again")
+
+    # roll back to step 1
+    box = page.get_by_label("Roll back to step")
+    commit(page, box, "1")
+    submit(page, "Roll back every method")
+    shown(page, "langedit 1/2, memit 1/2", timeout=LONG)
+    assert_clean(page, "rollback")
+    shot(page, "sequential_rolled_back.png", full_page=True)
+    page.close()
