@@ -18,7 +18,7 @@ import typer
 
 from analysis.attribution import AttributionParams
 from analysis.causal_trace import TraceParams
-from analysis.errors import InputError
+from analysis.errors import InputError, NeuroglotError
 from analysis.neurons import CountParams
 from app import forms
 from app.cli_errors import on_interrupt, user_errors
@@ -568,13 +568,15 @@ def sequential(model: str = ModelOpt,
                rollback: Optional[int] = typer.Option(None, "--rollback", help="Only roll every method's saved "
                                                                                "state in --out back to this step "
                                                                                "(its later measurements go too)."),
+               png: bool = typer.Option(True, "--png/--no-png", help="Also write the figures as PNG (needs "
+                                                                     "Chromium; HTML is always written)."),
                device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
     """Multilingual sequential editing (LangEdit, AlphaEdit, MEMIT): a stream of batches, measured after every step."""
     from tqdm import tqdm
 
     from analysis.model import load_model
     from editors.sequential_run import (StreamConfig, check_run_folder, make_stream, read_run, report,
-                                        rollback_run, run_sequential)
+                                        rollback_run, run_sequential, sequential_figures)
 
     if rollback is not None:
         if out is None:
@@ -609,12 +611,20 @@ def sequential(model: str = ModelOpt,
             bar.refresh()
 
         run_sequential(wb, config, names, out, hparams=overrides, overwrite=overwrite, progress=progress)
-    text = report(read_run(out))
+    view = read_run(out)
+    text = report(view)
     from analysis import runs as _runs
 
     _runs.write_text(Path(out) / "tables.md", text)
     typer.echo(text)
-    typer.echo(f"run folder: {out} (sequential.json, baseline.json, <method>/steps.jsonl, <method>/state, tables.md)")
+    figures_dir = Path(out) / "figures"
+    figures_dir.mkdir(exist_ok=True)
+    try:
+        save_figures(figures_dir, sequential_figures(view), png)
+    except NeuroglotError as exc:
+        typer.echo(f"note: {exc}", err=True)
+    typer.echo(f"run folder: {out} (sequential.json, baseline.json, <method>/steps.jsonl, <method>/state, tables.md, "
+               "figures/)")
 
 
 @cli.command()

@@ -672,3 +672,26 @@ def rollback_run(out: str | Path, step: int) -> dict[str, int]:
         os.replace(tmp, out / method / STEPS_FILE)
         kept[method] = step
     return kept
+
+
+def sequential_figures(view: RunView) -> dict[str, Any]:
+    """The run's figures by file stem: the curves of each metric, each method's interference matrix (efficacy,
+    after the last step and as the change since each batch's own step) and the null-space ranks."""
+    import pandas as pd
+
+    from analysis import stream_figures as sf
+
+    curves = pd.DataFrame(curve_rows(view))
+    figs: dict[str, Any] = {}
+    if curves.empty:
+        return figs
+    for metric in sf.METRIC_TITLES:
+        figs[f"curves_{metric}"] = sf.curves_figure(curves, metric, list(view.steps))
+    for method in view.steps:
+        for rel, suffix, title in (("value", "", ""), ("own step", "_change", " − right after its own step")):
+            labels, langs, matrix = interference_matrix(view, method, "efficacy", relative_to=rel)
+            if labels:
+                figs[f"interference_{method}{suffix}"] = sf.interference_figure(
+                    labels, langs, matrix, f"{method}: Efficacy{title}", diverging=rel != "value")
+    figs["nullspace"] = sf.nullspace_figure(pd.DataFrame(nullspace_rows(view)))
+    return figs

@@ -287,3 +287,35 @@ def test_on_the_embedded_model_a_short_langedit_stream_edits_its_facts(tmp_path)
         assert own[(b, lang)] >= base[(b, lang)] + 30, (b, lang, own, base)
     state = json.loads((tmp_path / "run" / "langedit" / "state" / "state.json").read_text())
     assert len(state["steps"]) == 2 and os.path.getsize(tmp_path / "run" / "langedit" / "state" / "state.safetensors") > 0
+
+
+def test_the_cli_runs_resumes_and_rolls_back_a_stream(tmp_path):
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+    from tests.tiny import save_tiny_checkpoint, write_dataset
+
+    model = tmp_path / "tiny"
+    save_tiny_checkpoint("llama", model)
+    (tmp_path / "data").mkdir()
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    hp = json.dumps({"langedit": TINY_HP["langedit"], "memit": TINY_HP["memit"]})
+    args = ["sequential", "--model", str(model), "--methods", "langedit,memit", "--dataset", data,
+            "--languages", "en,de", "--batch", "1", "--steps", "2", "--flores-sentences", "2", "--hparams", hp,
+            "--out", str(out), "--no-png"]
+    runner = CliRunner()
+    first = runner.invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert "## After the last step" in first.output and "| langedit | 2 | mean |" in first.output
+    assert (out / "tables.md").is_file() and (out / "figures" / "curves_efficacy.html").is_file()
+    assert (out / "figures" / "interference_langedit_change.html").is_file()
+    lines = (out / "langedit" / "steps.jsonl").read_text()
+    again = runner.invoke(cli, args)                       # the same command: resumed, nothing recomputed
+    assert again.exit_code == 0 and (out / "langedit" / "steps.jsonl").read_text() == lines
+    back = runner.invoke(cli, ["sequential", "--out", str(out), "--rollback", "1"])
+    assert back.exit_code == 0, back.output
+    assert len(SequentialState.load(out / "langedit" / "state")) == 1
+    assert len((out / "memit" / "steps.jsonl").read_text().splitlines()) == 1
+    bad = runner.invoke(cli, ["sequential", "--out", str(out), "--rollback", "7"])
+    assert bad.exit_code == 2 and "--rollback must be a step from 0 to 1" in bad.output
