@@ -241,38 +241,123 @@ def _fact_rows(wb: Workbench, fact: FactContexts) -> _FactRows:
     return _FactRows(b, init_row, kl_row)
 
 
-class _Batch:
-    """The padded batch of the still active facts: every fact's rows one after the other.
+@dataclass
+class _Row:
+    """One row of the batched optimisation: a fact's context (+ target), bare prompt or KL prompt."""
 
-    Index tensors: ``cols`` (the patched column of every row), ``owner`` (the
-    fact, as a position in ``active``, of every row), the target tokens (rows,
-    columns, ids, weights, owner) and the KL rows (one per fact, in order)."""
+    fact: int                      # the fact's index in ``facts``
+    ids: list[int]
+    col: int                       # the subject's last token: where δ is added
+    targets: list[tuple[int, int, float]]   # (column, token id, weight) of the teacher-forced target tokens
+    is_init: bool                  # v_0 is read here
+    is_kl: bool                    # the KL prompt
 
-    def __init__(self, wb: Workbench, parts: list[_FactRows], active: list[int]):
+
+def _rows_of(parts: list[_FactRows]) -> list[_Row]:
+    rows: list[_Row] = []
+    for i, part in enumerate(parts):
+        b = part.rows
+        targets: dict[int, list[tuple[int, int, float]]] = {}
+        for r, c, t, w in zip(b.target_rows, b.target_cols, b.target_ids, b.target_weights):
+            targets.setdefault(r, []).append((c, t, w))
+        for r, seq in enumerate(b.seqs):
+            rows.append(_Row(i, list(seq), b.patch_cols[r], targets.get(r, []), r == part.init_row, r == part.kl_row))
+    return rows
+
+
+def _groups(rows: list[int], lengths: list[int], slack: float = 0.85) -> list[list[int]]:
+    """``rows`` split into padded batches of similar length (longest first; a row joins the current group while
+    its length is at least ``slack`` × the group's width), so that little of each forward is padding."""
+    order = sorted(rows, key=lambda r: -lengths[r])
+    groups: list[list[int]] = []
+    for r in order:
+        if groups and lengths[r] >= slack * lengths[groups[-1][0]]:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
+class _Group:
+    """One padded forward of rows of the still active facts; index tensors for the hook and the losses."""
+
+    def __init__(self, wb: Workbench, rows: list[_Row], members: list[int], position: dict[int, int]):
         dev = wb.device
-        seqs, cols, owner, t_rows, t_cols, t_ids, t_w, t_owner, kl_rows, kl_cols, init_rows = ([] for _ in range(11))
-        for j, i in enumerate(active):
-            part = parts[i].rows
-            base = len(seqs)
-            seqs += part.seqs
-            cols += part.patch_cols
-            owner += [j] * len(part.seqs)
-            t_rows += [base + r for r in part.target_rows]
-            t_cols += part.target_cols
-            t_ids += part.target_ids
-            t_w += part.target_weights
-            t_owner += [j] * len(part.target_ids)
-            kl_rows.append(base + parts[i].kl_row)
-            kl_cols.append(part.patch_cols[parts[i].kl_row])
-            init_rows.append(base + parts[i].init_row)
-        self.input_ids, self.mask = pad_sequences(seqs, wb.tokenizer.pad_token_id, device=dev)
+        self.members = members
+        sel = [rows[m] for m in members]
+        self.input_ids, self.mask = pad_sequences([r.ids for r in sel], wb.tokenizer.pad_token_id, device=dev)
+        self.width = int(self.input_ids.shape[1])
         as_long = lambda v: torch.tensor(v, dtype=torch.long, device=dev)  # noqa: E731
-        self.rows, self.cols, self.owner = as_long(list(range(len(seqs)))), as_long(cols), as_long(owner)
-        self.read_rows, self.read_cols = as_long(t_rows + kl_rows), as_long(t_cols + kl_cols)
-        self.target_ids, self.target_owner = as_long(t_ids), as_long(t_owner)
-        self.weights = torch.tensor(t_w, dtype=torch.float32, device=dev)
-        self.init_rows = init_rows
-        self.n_targets, self.n_facts = len(t_ids), len(active)
+        self.rows = as_long(list(range(len(sel))))
+        self.cols = as_long([r.col for r in sel])
+        self.owner = as_long([position[r.fact] for r in sel])            # position of the fact among the active
+        t_rows = [k for k, r in enumerate(sel) for _ in r.targets]
+        t_cols = [c for r in sel for c, _, _ in r.targets]
+        self.kl_rows = [k for k, r in enumerate(sel) if r.is_kl]
+        self.read_rows = as_long(t_rows + self.kl_rows)
+        self.read_cols = as_long(t_cols + [sel[k].col for k in self.kl_rows])
+        self.target_ids = as_long([t for r in sel for _, t, _ in r.targets])
+        self.target_owner = as_long([position[r.fact] for r in sel for _ in r.targets])
+        self.weights = torch.tensor([w for r in sel for _, _, w in r.targets], dtype=torch.float32, device=dev)
+        self.kl_owner = [position[sel[k].fact] for k in self.kl_rows]
+        self.init_rows = [k for k, r in enumerate(sel) if r.is_init]
+        self.init_owner = [position[sel[k].fact] for k in self.init_rows]
+        self.n_targets = len(t_rows)
+
+
+class _SkipBelow:
+    """After the first step of :func:`compute_targets` at a layer's output (MEMIT's z site), the decoder layers
+    up to that layer are not run again: their output does not depend on δ (which is added after them), so the
+    first step's output of the z layer is kept per row and returned in their place (padding columns hold
+    zeros: with right padding no real token reads them). Only where the decoder layers return a plain tensor
+    (checked on the first step); otherwise every step runs them all."""
+
+    def __init__(self, wb: Workbench, layer: int):
+        self.modules = [wb.arch.layer_module(wb.model, i) for i in range(layer + 1)]
+        self.below: dict[int, torch.Tensor] = {}       # row → [its length, d_model], the z layer's output
+        self.enabled = True
+        self.current: torch.Tensor | None = None
+        self.patched = False
+
+    def __enter__(self) -> "_SkipBelow":
+        return self
+
+    def keep(self, members: list[int], lengths: list[int], hidden: torch.Tensor) -> None:
+        for k, m in enumerate(members):
+            self.below[m] = hidden[k, :lengths[m]].detach()
+
+    def use(self, members: list[int], width: int) -> bool:
+        """Return the kept states for these rows (padded to ``width``) instead of running the layers; False when
+        that is not possible (nothing kept for a row, or the layers return tuples)."""
+        if not self.enabled or any(m not in self.below for m in members):
+            self.release()
+            return False
+        first = self.below[members[0]]
+        batch = first.new_zeros((len(members), width, first.shape[-1]))
+        for k, m in enumerate(members):
+            batch[k, :self.below[m].shape[0]] = self.below[m]
+        self.current = batch
+        if not self.patched:
+            def passthrough(*args: Any, **kwargs: Any) -> Any:
+                return args[0] if args else kwargs["hidden_states"]
+
+            def cached(*args: Any, **kwargs: Any) -> Any:
+                return self.current
+
+            for m in self.modules[:-1]:
+                m.forward = passthrough
+            self.modules[-1].forward = cached
+            self.patched = True
+        return True
+
+    def release(self) -> None:
+        if self.patched:
+            for m in self.modules:
+                m.__dict__.pop("forward", None)
+            self.patched = False
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def compute_targets(wb: Workbench, facts: list[FactContexts], layer: int, site: str, hp: KeyValueHParams,
@@ -293,20 +378,25 @@ def compute_targets(wb: Workbench, facts: list[FactContexts], layer: int, site: 
     is below ``early_stop_loss`` or at the last iteration (which only
     evaluates). A fact that has stopped leaves the batch: its rows are no
     longer run. So the result equals optimising the facts one by one, up to
-    float rounding (rows padded to another length, batched matmuls). Each
-    iteration is one forward and backward of the active facts' rows.
-    ``progress(fraction, message)`` after every iteration.
+    float rounding (rows padded to another length, batched matmuls).
+
+    Work saved per iteration (both are exact): the rows of all active facts run
+    in padded forwards of similar length (:func:`_groups`), and at MEMIT's z
+    site the decoder layers up to ``layer`` run only in the first iteration
+    (:class:`_SkipBelow`). ``progress(fraction, message)`` after every iteration.
     """
     if not facts:
         return []
     dev = wb.device
     parts = [_fact_rows(wb, f) for f in facts]
+    rows = _rows_of(parts)
+    lengths = [len(r.ids) for r in rows]
     n, d_site = len(facts), wb.d_model
     delta = torch.zeros(n, d_site, dtype=torch.float32, device=dev)
     exp_avg, exp_avg_sq = torch.zeros_like(delta), torch.zeros_like(delta)
     beta1, beta2, eps = 0.9, 0.999, 1e-8                          # torch.optim.Adam's defaults
     init = torch.zeros(n, d_site, dtype=torch.float32, device=dev)
-    kl_init = [None] * n
+    kl_init: list[torch.Tensor | None] = [None] * n
     records: list[dict[str, Any]] = [
         {"case_id": f.case_id, "language": f.language, "contexts": len(f.contexts), "layer": int(layer),
          "site": site, "steps": 0} for f in facts]
@@ -314,31 +404,50 @@ def compute_targets(wb: Workbench, facts: list[FactContexts], layer: int, site: 
     active = list(range(n))
     state: dict[str, Any] = {}
 
-    def add_delta(module: Any, args: tuple, output: Any) -> Any:
-        hidden = first_tensor(output)
-        batch, shift = state["batch"], state["shift"]
-        if state["first"]:
-            state["init"] = hidden[batch.init_rows, batch.cols[batch.init_rows]].detach().float()
-        shifted = hidden.index_put((batch.rows, batch.cols), shift[batch.owner].to(hidden.dtype), accumulate=True)
-        return _with_output(output, shifted)
+    with contextlib.ExitStack() as stack:
+        skip = stack.enter_context(_SkipBelow(wb, layer))
 
-    with Hooks().forward(module, add_delta), torch.enable_grad():
+        def add_delta(module: Any, args: tuple, output: Any) -> Any:
+            hidden = first_tensor(output)
+            group, shift = state["group"], state["shift"]
+            if state["first"]:
+                if group.init_rows:
+                    init[torch.tensor([state["active"][j] for j in group.init_owner], device=dev)] = \
+                        hidden[group.init_rows, group.cols[group.init_rows]].detach().float()
+                if site == "layer" and isinstance(output, torch.Tensor):
+                    skip.keep(group.members, lengths, hidden)    # nothing up to here depends on δ
+                else:
+                    skip.enabled = False
+            shifted = hidden.index_put((group.rows, group.cols), shift[group.owner].to(hidden.dtype), accumulate=True)
+            return _with_output(output, shifted)
+
+        stack.enter_context(Hooks().forward(module, add_delta))
+        stack.enter_context(torch.enable_grad())
         for it in range(hp.v_num_grad_steps):
-            batch = _Batch(wb, parts, active)
             idx = torch.tensor(active, dtype=torch.long, device=dev)
+            position = {i: j for j, i in enumerate(active)}
             shift = delta[idx].clone().requires_grad_(True)
-            state.update(batch=batch, shift=shift, first=(it == 0))
-            logits = wb.logits_at(wb.forward_inputs(batch.input_ids, batch.mask), (batch.read_rows, batch.read_cols))
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            target_logp, kl_logp = logp[:batch.n_targets], logp[batch.n_targets:]
-            if it == 0:
-                init[idx] = state["init"]
-                for j, i in enumerate(active):
-                    kl_init[i] = kl_logp[j:j + 1].detach().clone()
-            picked = -target_logp.gather(1, batch.target_ids[:, None]).squeeze(1) * batch.weights
-            nll = torch.zeros(batch.n_facts, dtype=picked.dtype, device=dev).index_add(0, batch.target_owner, picked)
-            kl0 = torch.cat([kl_init[i] for i in active])
-            kl = (kl_logp.exp() * (kl_logp - kl0)).sum(-1)                     # KL(P_δ || P_0) per fact, as the code
+            state.update(shift=shift, first=(it == 0), active=active)
+            nll = torch.zeros(len(active), dtype=torch.float32, device=dev)
+            kl = torch.zeros(len(active), dtype=torch.float32, device=dev)
+            live = [r for r in range(len(rows)) if rows[r].fact in position]
+            for members in _groups(live, lengths):
+                group = _Group(wb, rows, members, position)
+                state["group"] = group
+                if it > 0:
+                    skip.use(members, group.width)
+                logits = wb.logits_at(wb.forward_inputs(group.input_ids, group.mask), (group.read_rows, group.read_cols))
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                target_logp, kl_logp = logp[:group.n_targets], logp[group.n_targets:]
+                picked = -target_logp.gather(1, group.target_ids[:, None]).squeeze(1) * group.weights
+                nll = nll.index_add(0, group.target_owner, picked)
+                if group.kl_owner:
+                    if it == 0:
+                        for k, j in enumerate(group.kl_owner):
+                            kl_init[active[j]] = kl_logp[k:k + 1].detach().clone()
+                    kl0 = torch.cat([kl_init[active[j]] for j in group.kl_owner])
+                    per = (kl_logp.exp() * (kl_logp - kl0)).sum(-1)            # KL(P_δ || P_0), as the code
+                    kl = kl.index_add(0, torch.tensor(group.kl_owner, dtype=torch.long, device=dev), per)
             init_norm = init[idx].norm(dim=1).clamp_min(1e-12)
             decay = hp.v_weight_decay * (shift.norm(dim=1) / init_norm ** 2)
             loss = nll + hp.kl_factor * kl + decay
@@ -359,19 +468,19 @@ def compute_targets(wb: Workbench, facts: list[FactContexts], layer: int, site: 
             grad, = torch.autograd.grad(loss[keep].sum(), shift)
             with torch.no_grad():
                 step = it + 1                      # every fact still active has taken exactly ``it`` steps
-                rows = idx[keep]
+                kept_rows = idx[keep]
                 g = grad[keep]
-                m = exp_avg[rows].mul_(beta1).add_(g, alpha=1 - beta1)
-                v = exp_avg_sq[rows].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                exp_avg[rows], exp_avg_sq[rows] = m, v
+                m = exp_avg[kept_rows].mul_(beta1).add_(g, alpha=1 - beta1)
+                v = exp_avg_sq[kept_rows].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                exp_avg[kept_rows], exp_avg_sq[kept_rows] = m, v
                 bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
                 denom = (v.sqrt() / (bias2 ** 0.5)).add_(eps)
-                new = delta[rows].addcdiv(m, denom, value=-hp.v_lr / bias1)
+                new = delta[kept_rows].addcdiv(m, denom, value=-hp.v_lr / bias1)
                 if hp.clamp_norm_factor > 0:
-                    limit = hp.clamp_norm_factor * init[rows].norm(dim=1, keepdim=True)
+                    limit = hp.clamp_norm_factor * init[kept_rows].norm(dim=1, keepdim=True)
                     norms = new.norm(dim=1, keepdim=True)
                     new = torch.where((norms > limit) & (limit > 0), new * (limit / norms), new)   # clamp_norm_ per fact
-                delta[rows] = new
+                delta[kept_rows] = new
             for j in keep:
                 records[active[j]]["steps"] = it + 1
             active = [active[j] for j in keep]
