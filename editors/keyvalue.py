@@ -265,16 +265,20 @@ def _rows_of(parts: list[_FactRows]) -> list[_Row]:
     return rows
 
 
-def _groups(rows: list[int], lengths: list[int], slack: float = 0.85) -> list[list[int]]:
-    """``rows`` split into padded batches of similar length (longest first; a row joins the current group while
-    its length is at least ``slack`` × the group's width), so that little of each forward is padding."""
+def _groups(rows: list[int], lengths: list[int], slack: float = 0.8, min_rows: int = 16) -> list[list[int]]:
+    """``rows`` split into padded batches of similar length (longest first): a new batch starts only when the
+    current one has ``min_rows`` rows and the next row is shorter than ``slack`` × its width, so that little of
+    each forward is padding while no forward is so small that its per-call overhead dominates (the rows of one
+    fact, a handful, stay one forward)."""
     order = sorted(rows, key=lambda r: -lengths[r])
     groups: list[list[int]] = []
     for r in order:
-        if groups and lengths[r] >= slack * lengths[groups[-1][0]]:
+        if groups and (len(groups[-1]) < min_rows or lengths[r] >= slack * lengths[groups[-1][0]]):
             groups[-1].append(r)
         else:
             groups.append([r])
+    if len(groups) > 1 and len(groups[-1]) < min_rows:      # a short tail rides with the batch before it
+        groups[-2].extend(groups.pop())
     return groups
 
 

@@ -229,7 +229,7 @@ def held_out_sentences(languages: Sequence[str], n: int) -> dict[str, list[str]]
 
 
 @torch.no_grad()
-def perplexities(wb: Workbench, sentences: Mapping[str, Sequence[str]], batch_size: int = 8) -> dict[str, float]:
+def perplexities(wb: Workbench, sentences: Mapping[str, Sequence[str]], batch_size: int = 4) -> dict[str, float]:
     """exp(mean token NLL) of each language's sentences (every token after the first, BOS included)."""
     tok = wb.tokenizer
     out: dict[str, float] = {}
