@@ -6,7 +6,7 @@ Each configuration edits the same short stream (en then zh, ``--steps`` steps of
 Efficacy, Generality and Specificity after the last step (papers/langedit.md Table 1's three editing metrics),
 with the first batch's efficacy at the end (retention) beside it.
 
-    python bench/sweep_langedit.py [--batch 8] [--steps 2]
+    python bench/sweep_langedit.py [--batch 6] [--steps 2]
 
 Run folders go to ``runs/sweep-langedit/<config>`` and are resumed; the table goes to
 ``bench/results/langedit_sweep.csv``.
@@ -28,7 +28,7 @@ GRID = [(2e-2, 1.0), (2e-2, 10.0), (5e-3, 1.0)]
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "mzsre" / "dev"))
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=6)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--languages", default="en,zh")
     ap.add_argument("--records", default="100-149")

@@ -319,12 +319,25 @@ class RunResult:
     seconds: float = 0.0
 
 
+def _over_preset(wb: Workbench, method: str, overrides: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The method's preset for ``wb`` with ``overrides`` (field values) over it; None (the preset) without."""
+    if not overrides:
+        return None
+    cls = get_sequential(method).hparams_class
+    try:
+        base = cls.preset(wb).to_dict()
+    except InputError:                  # no preset for this model: the overrides and the class defaults
+        base = {}
+    base.update(dict(overrides))
+    return base
+
+
 def run_sequential(wb: Workbench, config: StreamConfig, methods: Sequence[str], out: str | Path,
                    hparams: Mapping[str, Mapping[str, Any]] | None = None, overwrite: bool = False,
                    progress: RunProgress | None = None, stop_after: int | None = None) -> RunResult:
     """Run (or continue) the stream for every method in ``methods``; returns what the folder now holds.
 
-    ``hparams``: per method, fields that replace the preset's. ``stop_after``: stop each method after that
+    ``hparams``: per method, field values over the method's preset for the model. ``stop_after``: stop each method after that
     many steps in this call (to interrupt on purpose; a later call continues).
     """
     started = time.perf_counter()
@@ -336,7 +349,7 @@ def run_sequential(wb: Workbench, config: StreamConfig, methods: Sequence[str], 
     unknown = [m for m in names if m not in known]
     if unknown:
         raise InputError(f"Unknown sequential method(s) {', '.join(unknown)}; known: {', '.join(known)}.")
-    method_objs = {m: get_sequential(m, (hparams or {}).get(m)) for m in names}
+    method_objs = {m: get_sequential(m, _over_preset(wb, m, (hparams or {}).get(m))) for m in names}
     for obj in method_objs.values():
         obj.hparams_for(wb)                                     # bad hyper-parameters: before any work
     model = model_meta(wb)

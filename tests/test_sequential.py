@@ -319,3 +319,16 @@ def test_the_cli_runs_resumes_and_rolls_back_a_stream(tmp_path):
     assert len((out / "memit" / "steps.jsonl").read_text().splitlines()) == 1
     bad = runner.invoke(cli, ["sequential", "--out", str(out), "--rollback", "7"])
     assert bad.exit_code == 2 and "--rollback must be a step from 0 to 1" in bad.output
+
+
+def test_run_overrides_sit_on_the_preset(wb):
+    from types import SimpleNamespace
+
+    from editors.sequential_run import _over_preset
+
+    embedded = SimpleNamespace(spec="embedded", name="embedded")
+    merged = _over_preset(embedded, "langedit", {"l2": 3.0})
+    assert merged["l2"] == 3.0 and merged["layers"] == LangEditHParams.PRESETS["embedded"]["layers"]
+    assert merged["mom2_n_tokens"] == LangEditHParams.PRESETS["embedded"]["mom2_n_tokens"]
+    assert _over_preset(embedded, "langedit", None) is None
+    assert _over_preset(wb, "memit", {"layers": [0]})["layers"] == [0]      # no preset for a tiny model
