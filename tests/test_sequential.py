@@ -34,8 +34,11 @@ TINY_HP = {"memit": dict(TINY, mom2_update_weight=1.0),
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("NEUROGLOT_CACHE", str(tmp_path_factory.getbasetemp() / "sequential-cache"))
+def _private_cache(request, tmp_path_factory, monkeypatch):
+    """Tiny models' key statistics go to a temporary cache; the embedded model (slow tests) keeps the user's
+    cache, where its conversion and statistics already are."""
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv("NEUROGLOT_CACHE", str(tmp_path_factory.getbasetemp() / "sequential-cache"))
 
 
 @pytest.fixture(scope="module")
