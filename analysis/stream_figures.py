@@ -72,12 +72,17 @@ def nullspace_figure(rows: pd.DataFrame) -> go.Figure:
     fig = make_subplots(rows=1, cols=max(len(methods), 1), shared_yaxes=True,
                         subplot_titles=methods or ["no method projects (MEMIT keeps no null space)"])
     layers = sorted(set(rows["layer"])) if len(rows) else []
+    shown: set[int] = set()
     for col, method in enumerate(methods, start=1):
         mine = rows[rows["method"] == method]
         for i, layer in enumerate(layers):
             part = mine[mine["layer"] == layer].sort_values("step")
+            if part.empty:
+                continue
+            first = layer not in shown
+            shown.add(layer)
             fig.add_trace(go.Scatter(x=part["step"].tolist(), y=part["nullspace_dim"].tolist(), mode="lines+markers",
-                                     name=f"layer {layer}", legendgroup=str(layer), showlegend=col == 1,
+                                     name=f"layer {layer}", legendgroup=str(layer), showlegend=first,
                                      line=dict(color=_PALETTE[i % len(_PALETTE)]),
                                      hovertemplate=f"{method} · layer {layer}<br>step %{{x}}: rank %{{y}}<extra></extra>"),
                           row=1, col=col)

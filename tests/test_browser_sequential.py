@@ -1,5 +1,5 @@
 """The Sequential editing page used as a user does, in headless Chromium on the embedded model (issue 14): start
-a short stream (LangEdit and MEMIT, en then zh, 2 steps of 2 dev records, cheap hyper-parameters), watch its
+a short stream (LangEdit, AlphaEdit and MEMIT, en then zh, 2 steps of 2 dev records, cheap hyper-parameters), watch its
 progress, read the curves, switch the metric and the interference view, download a state, leave and come
 back, open the run in a second browser session, run the same stream again (nothing is recomputed), roll
 back, make a mistake. Every wait is for what the page says."""
@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 TALL = {"width": 1400, "height": 3000}
 LONG = 600_000
 CHEAP = dict(layers=[5, 6], v_num_grad_steps=4, context_template_length_params=[[5, 1]], mom2_n_tokens=4000)
-HPARAMS = {"langedit": CHEAP, "memit": CHEAP}
+HPARAMS = {"langedit": CHEAP, "alphaedit": CHEAP, "memit": CHEAP}
 
 
 def pick(page, label: str, option: str) -> None:
@@ -26,15 +26,6 @@ def pick(page, label: str, option: str) -> None:
     box.click()
     page.get_by_role("option", name=option, exact=True).click()
     settled(page)
-
-
-def set_methods(page, wanted: list[str]) -> None:
-    box = page.locator("[data-testid='stMultiSelect']").filter(has_text="Methods").first
-    for name in ("langedit", "alphaedit", "memit"):        # remove the defaults not wanted
-        chip = box.get_by_role("button", name=f"Remove {name}")
-        if name not in wanted and chip.count():
-            chip.first.click()
-            settled(page)
 
 
 def curve_names(page) -> set[str]:
@@ -50,22 +41,22 @@ def test_a_stream_runs_live_and_survives_switches_downloads_a_second_session_and
     assert_clean(page, "opening the page")
 
     # a mistake first: a stream that asks for more records than the range holds
-    set_methods(page, ["langedit", "memit"])
-    commit(page, page.get_by_label("Run folder"), out)
-    commit(page, page.get_by_label("Records"), "100-101")
-    page.get_by_label("Hyper-parameters over the presets (JSON, optional)").fill(json.dumps(HPARAMS))
+    shown(page, "langedit", "alphaedit", "memit")          # the three methods are chosen by default
+    commit(page, page.get_by_role("textbox", name="Run folder", exact=True), out)
+    commit(page, page.get_by_role("textbox", name="Records", exact=True), "100-101")
+    page.get_by_role("textbox", name="Hyper-parameters over the presets (JSON, optional)", exact=True).fill(json.dumps(HPARAMS))
     submit(page, "Run the stream")
     shown(page, "the stream needs", timeout=LONG)
     assert_clean(page, "a stream too long for its records")
 
     # the real stream: 2 steps of 2 edits, en then zh; its progress shows while it runs
-    commit(page, page.get_by_label("Records"), "100-149")
-    commit(page, page.get_by_label("Edits per step"), "2")
-    commit(page, page.get_by_label("FLORES sentences per language"), "3")
+    commit(page, page.get_by_role("textbox", name="Records", exact=True), "100-149")
+    commit(page, page.get_by_role("spinbutton", name="Edits per step", exact=True), "2")
+    commit(page, page.get_by_role("spinbutton", name="FLORES sentences per language", exact=True), "3")
     submit(page, "Run the stream")
     shown(page, "running ·", timeout=LONG)
     shot(page, "sequential_running.png")
-    shown(page, "langedit 2/2, memit 2/2", "After each method's last measured step", timeout=LONG)
+    shown(page, "langedit 2/2, alphaedit 2/2, memit 2/2", "After each method's last measured step", timeout=LONG)
     settled(page)
     assert_clean(page, "the finished stream")
     assert {"en", "zh", "all languages"} <= curve_names(page)
@@ -91,7 +82,7 @@ def test_a_stream_runs_live_and_survives_switches_downloads_a_second_session_and
     go_to(page, "Home")
     shown(page, "Facts per relation × language", timeout=LONG)
     go_to(page, "Sequential editing")
-    shown(page, "langedit 2/2, memit 2/2", timeout=LONG)
+    shown(page, "langedit 2/2, alphaedit 2/2, memit 2/2", timeout=LONG)
     assert_clean(page, "leaving and coming back")
 
     # a second browser session opens the same folder
@@ -101,23 +92,23 @@ def test_a_stream_runs_live_and_survives_switches_downloads_a_second_session_and
     shown(second, "Run the stream", timeout=LONG)
     second.get_by_text("Open a run folder", exact=True).click()
     settled(second)
-    commit(second, second.get_by_label("…or another folder"), out)
+    commit(second, second.get_by_role("textbox", name="…or another folder", exact=True), out)
     submit(second, "Open")
-    shown(second, "langedit 2/2, memit 2/2", timeout=LONG)
+    shown(second, "langedit 2/2, alphaedit 2/2, memit 2/2", timeout=LONG)
     assert_clean(second, "a second session")
     other.close()
 
     # the same stream again: the folder holds it, nothing is recomputed, the page shows it at once
     submit(page, "Run the stream")
-    shown(page, "langedit 2/2, memit 2/2", timeout=LONG)
+    shown(page, "langedit 2/2, alphaedit 2/2, memit 2/2", timeout=LONG)
     settled(page)
     assert_clean(page, "the same stream again")
 
     # roll back to step 1
-    box = page.get_by_label("Roll back to step")
+    box = page.get_by_role("spinbutton", name="Roll back to step", exact=True)
     commit(page, box, "1")
     submit(page, "Roll back every method")
-    shown(page, "langedit 1/2, memit 1/2", timeout=LONG)
+    shown(page, "langedit 1/2, alphaedit 1/2, memit 1/2", timeout=LONG)
     assert_clean(page, "rollback")
     shot(page, "sequential_rolled_back.png", full_page=True)
     page.close()
