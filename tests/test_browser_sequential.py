@@ -93,7 +93,7 @@ def test_a_stream_runs_live_and_survives_switches_downloads_a_second_session_and
     second.get_by_text("Open a run folder", exact=True).click()
     settled(second)
     commit(second, second.get_by_role("textbox", name="…or another folder", exact=True), out)
-    submit(second, "Open")
+    submit(second, "Open the run")
     shown(second, "langedit 2/2, alphaedit 2/2, memit 2/2", timeout=LONG)
     assert_clean(second, "a second session")
     other.close()

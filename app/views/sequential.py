@@ -166,7 +166,7 @@ def open_run_form() -> None:
                           placeholder="none found" if not found else "choose a run")
     typed = c1.text_input("…or another folder", key="seq-typed")
     c2.write("")
-    if c2.button("Open", key="seq-open"):
+    if c2.button("Open the run", key="seq-open"):
         folder = typed.strip() or choice
         if not folder:
             raise InputError("Choose or type a run folder.")
