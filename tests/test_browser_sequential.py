@@ -105,8 +105,7 @@ def test_a_stream_runs_live_and_survives_switches_downloads_a_second_session_and
     assert_clean(page, "the same stream again")
 
     # roll back to step 1
-    box = page.get_by_role("spinbutton", name="Roll back to step", exact=True)
-    commit(page, box, "1")
+    pick(page, "Roll back to step", "1")
     submit(page, "Roll back every method")
     shown(page, "langedit 1/2, alphaedit 1/2, memit 1/2", timeout=LONG)
     assert_clean(page, "rollback")

@@ -119,7 +119,7 @@ def test_run_watch_switch_download_reopen_and_roll_back(tiny_spec, tmp_path):
     wait_until_done(at)
     assert steps_file.read_text() == before and not errors(at)
     # roll back to step 1: the later steps go, the page says so and still draws
-    at.number_input(key="seq-rollback-step").set_value(1).run()
+    at.selectbox(key="seq-rollback-step-2").set_value(1).run()
     at.button(key="seq-rollback").click().run()
     assert not errors(at), errors(at)
     assert len(steps_file.read_text().splitlines()) == 1

@@ -260,8 +260,8 @@ def show_run(folder: str) -> None:
         c1.download_button(f"Download the {which} state (zip: safetensors + JSON)",
                            data=state_zip(folder, which, stamp), file_name=f"{which}-state.zip",
                            mime="application/zip", key="seq-dl")
-    back = c2.number_input("Roll back to step", min_value=0, max_value=max(data["steps"].values()),
-                           value=max(data["steps"].values()), key="seq-rollback-step")
+    last = max(data["steps"].values())
+    back = c2.selectbox("Roll back to step", list(range(last + 1)), index=last, key=f"seq-rollback-step-{last}")
     c3.write("")
     if c3.button("Roll back every method", key="seq-rollback"):
         from editors.sequential_run import rollback_run
