@@ -605,7 +605,7 @@ def sequential(model: str = ModelOpt,
         order_of = {m: i for i, m in enumerate(names)}
 
         def progress(method: str, step: int, fraction: float, message: str) -> None:
-            base = 0 if method == "unedited" else 1 + order_of.get(method, 0) * steps + max(step - 1, 0)
+            base = 0 if method == "unedited" else 1 + max(step - 1, 0) * len(names) + order_of.get(method, 0)
             bar.n = min(total, round(base + (fraction if step else 0)))
             bar.set_postfix_str(f"{method} step {step}: {message}"[:70])
             bar.refresh()

@@ -379,29 +379,36 @@ def run_sequential(wb: Workbench, config: StreamConfig, methods: Sequence[str], 
             ppl = perplexities(wb, sentences)
         _write_json(out / BASELINE_JSON, {"scores": scores, "perplexity": ppl})
 
-    done: dict[str, int] = {}
-    for name, method in method_objs.items():
+    # every method's state first; then step after step, every method at that step (a run cut short leaves
+    # every method at about the same step, so what is there compares like with like)
+    states: dict[str, SequentialState] = {}
+    measured: dict[str, set[int]] = {}
+    for name in list(method_objs):
         folder = out / name
         folder.mkdir(exist_ok=True)
         state_dir = folder / "state"
         if (state_dir / "state.json").is_file():
             state = SequentialState.load(state_dir, device=wb.device)
             check_state_for(state, wb, name)
-            method = get_sequential(name, state.hparams)        # a resumed stream keeps its hyper-parameters
+            method_objs[name] = get_sequential(name, state.hparams)   # a resumed stream keeps its hyper-parameters
         else:
             report(name, 0, 0.0, "key statistics K_0 of the edited layers")
-            state = new_state(wb, method, config.languages,
+            state = new_state(wb, method_objs[name], config.languages,
                               progress=lambda d, p, n=name: report(n, 0, d / max(p, 1),
                                                                    f"key statistics: {d:,}/{p:,} tokens"))
             state.save(state_dir)
-        rows = read_steps(folder)
-        measured = {int(r["step"]) for r in rows}
-        computed_now = 0
-        for step in stream:
-            t = step.index
+        states[name] = state
+        measured[name] = {int(r["step"]) for r in read_steps(folder)}
+    computed_now = dict.fromkeys(method_objs, 0)
+    for step in stream:
+        t = step.index
+        for name, method in method_objs.items():
+            state, folder = states[name], out / name
             if t > len(state):
-                if stop_after is not None and computed_now >= stop_after:
-                    break
+                if stop_after is not None and computed_now[name] >= stop_after:
+                    continue
+                if t > len(state) + 1:
+                    continue                                       # an earlier step of this method is missing
                 requests = step_requests(records, step, step.language)
 
                 def step_progress(f: float, message: str, t: int = t, n: str = name) -> None:
@@ -409,9 +416,9 @@ def run_sequential(wb: Workbench, config: StreamConfig, methods: Sequence[str], 
 
                 record = sequential_step(wb, method, state, requests, progress=step_progress)
                 state.append(record)
-                state.save(state_dir)
-                computed_now += 1
-            if t not in measured:
+                state.save(folder / "state")
+                computed_now[name] += 1
+            if t <= len(state) and t not in measured[name]:
                 report(name, t, 0.85, f"measuring {t * config.batch} edits in {len(config.languages)} languages")
                 t0 = time.perf_counter()
                 with state.edit(t).applied(wb):
@@ -425,9 +432,9 @@ def run_sequential(wb: Workbench, config: StreamConfig, methods: Sequence[str], 
                     "measure_seconds": round(time.perf_counter() - t0, 3),
                     "nullspace": {str(k): v for k, v in s.nullspace.items()}, "scores": scores, "perplexity": ppl,
                     "notes": s.meta.get("notes", [])})
-                measured.add(t)
+                measured[name].add(t)
                 report(name, t, 1.0, "step done")
-        done[name] = len(state)
+    done = {name: len(state) for name, state in states.items()}
     return RunResult(out, names, done, time.perf_counter() - started)
 
 
