@@ -22,11 +22,32 @@ CHEAP = dict(layers=[5, 6], v_num_grad_steps=4, context_template_length_params=[
 HPARAMS = {"langedit": CHEAP, "alphaedit": CHEAP, "memit": CHEAP}
 
 
-def pick(page, label: str, option: str) -> None:
-    box = page.locator("[data-testid='stSelectbox']").filter(has_text=label).first
-    box.click()
-    page.get_by_role("option", name=option, exact=True).click()
+def idle(page) -> None:
+    """Wait until no stream runs for this page (its progress bar is gone) and the page has finished redrawing:
+    while a stream runs the page redraws its results every 2 s."""
+    running = page.get_by_text("running ·", exact=False)
+    deadline = time.time() + LONG / 1000
+    while running.count() and time.time() < deadline:
+        page.wait_for_timeout(500)
     settled(page)
+
+
+def pick(page, label: str, option: str) -> None:
+    """Choose ``option`` in the select box ``label``; a redraw that closes the list while it is open is retried."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    for attempt in range(4):
+        idle(page)
+        box = page.locator("[data-testid='stSelectbox']").filter(has_text=label).first
+        try:
+            box.click()
+            page.get_by_role("option", name=option, exact=True).click(timeout=10_000)
+            settled(page)
+            return
+        except PlaywrightError:
+            if attempt == 3:
+                raise
+            page.keyboard.press("Escape")
 
 
 def curve_names(page) -> set[str]:
@@ -106,7 +127,7 @@ def test_a_stream_runs_live_and_survives_switches_downloads_a_second_session_and
     # the same stream again: the folder holds it, nothing is recomputed, the page shows it at once
     submit(page, "Run the stream")
     shown(page, "langedit 2/2, alphaedit 2/2, memit 2/2", timeout=LONG)
-    settled(page)
+    idle(page)
     assert_clean(page, "the same stream again")
 
     # roll back to step 1
