@@ -514,12 +514,7 @@ def evaluate(model: str = ModelOpt,
         get_editor(name)                                   # unknown names fail before the model loads
     edit_langs = list(parse_language_sets(edit_languages, "--edit-languages")[0])
     tests = list(parse_language_sets(test_languages, "--test-languages")[0])
-    overrides = read_json(hparams, "--hparams") or {}
-    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
-        raise InputError('--hparams must be a JSON object {"method": {"field": value}}.')
-    unknown = sorted(set(overrides) - set(names))
-    if unknown:
-        raise InputError(f"--hparams names {unknown[0]!r}, which is not in --methods.")
+    overrides = forms.method_hparams(hparams, names)
     sets = [list(s) for s in edit_sets_for(edit_langs, monolingual)]
     records = load_records(dataset, list(dict.fromkeys(edit_langs + tests)), n, offset)
     config = EvalConfig(dataset=str(Path(dataset).resolve()), methods=names, edit_sets=sets, test_languages=tests,
@@ -588,12 +583,7 @@ def sequential(model: str = ModelOpt,
     names = list(dict.fromkeys(split_list(methods) or []))
     config = StreamConfig(dataset=str(dataset), languages=split_list(languages) or [], batch=batch, steps=steps,
                           order=order, seed=seed, records=records, flores_sentences=flores).validate()
-    overrides = read_json(hparams, "--hparams") or {}
-    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
-        raise InputError('--hparams must be a JSON object {"method": {"field": value}}.')
-    unknown = sorted(set(overrides) - set(names))
-    if unknown:
-        raise InputError(f"--hparams names {unknown[0]!r}, which is not in --methods.")
+    overrides = forms.method_hparams(hparams, names)
     make_stream(config)                                       # a stream the data cannot fill fails before the model
     if out is None:
         out = Path("runs") / f"sequential-{'-'.join(names)}-{'+'.join(config.languages)}-b{batch}x{steps}"

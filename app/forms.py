@@ -147,6 +147,19 @@ def _utf8_file(path: Path, what: str) -> str:
                          "give a JSON file saved as UTF-8.") from None
 
 
+def method_hparams(value: Optional[str], methods: list[str], what: str = "--hparams",
+                   among: str = "--methods") -> dict[str, dict]:
+    """``{"method": {"field": value}}`` given inline or as a file (:func:`read_json`), every method among
+    ``methods``; {} when not given."""
+    overrides = read_json(value, what) or {}
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise InputError(f'{what} must be a JSON object {{"method": {{"field": value}}}}.')
+    unknown = sorted(set(overrides) - set(methods))
+    if unknown:
+        raise InputError(f"{what} names {unknown[0]!r}, which is not in {among}.")
+    return overrides
+
+
 def read_json(value: Optional[str], what: str) -> Any:
     """A JSON value given inline or as the path of a JSON file; None when not given."""
     if value is None or not value.strip():

@@ -176,9 +176,10 @@ def _editable(record: Any, languages: Sequence[str]) -> bool:
     return True
 
 
-def make_stream(config: StreamConfig) -> list[StreamStep]:
+def make_stream(config: StreamConfig, loaded: tuple[list[Any], list[int]] | None = None) -> list[StreamStep]:
+    """The stream's steps; ``loaded``: what :func:`load_stream_records` returned, when the caller has it."""
     config.validate()
-    _, pool = load_stream_records(config)
+    _, pool = loaded if loaded is not None else load_stream_records(config)
     need = config.batch * config.steps
     if len(pool) < need:
         raise InputError(f"{config.dataset}: the stream needs {need} records ({config.steps} steps of "
@@ -319,7 +320,7 @@ class RunResult:
     seconds: float = 0.0
 
 
-def _over_preset(wb: Workbench, method: str, overrides: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def over_preset(wb: Workbench, method: str, overrides: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The method's preset for ``wb`` with ``overrides`` (field values) over it; None (the preset) without."""
     if not overrides:
         return None
@@ -349,13 +350,14 @@ def run_sequential(wb: Workbench, config: StreamConfig, methods: Sequence[str], 
     unknown = [m for m in names if m not in known]
     if unknown:
         raise InputError(f"Unknown sequential method(s) {', '.join(unknown)}; known: {', '.join(known)}.")
-    method_objs = {m: get_sequential(m, _over_preset(wb, m, (hparams or {}).get(m))) for m in names}
+    method_objs = {m: get_sequential(m, over_preset(wb, m, (hparams or {}).get(m))) for m in names}
     for obj in method_objs.values():
         obj.hparams_for(wb)                                     # bad hyper-parameters: before any work
     model = model_meta(wb)
     mode = check_run_folder(out, config, model, overwrite)
-    stream = make_stream(config)
-    records, _ = load_stream_records(config)
+    loaded = load_stream_records(config)
+    stream = make_stream(config, loaded)
+    records = loaded[0]
     sentences = held_out_sentences(config.languages, config.flores_sentences)
     out = Path(out)
     if mode == "replace":
@@ -512,7 +514,7 @@ def final_rows(view: RunView) -> list[dict[str, Any]]:
     curves = curve_rows(view)
     ppl0 = (view.baseline or {}).get("perplexity", {})
     out: list[dict[str, Any]] = []
-    pre: list[dict[str, Any]] = []
+    pre: dict[tuple[str, int], dict[str, Any]] = {}   # the unedited model on the same edits, once each
     for method, rows in view.steps.items():
         if not rows:
             continue
@@ -531,12 +533,9 @@ def final_rows(view: RunView) -> list[dict[str, Any]]:
                 dppl = 100 * (ppl[lang] / ppl0[lang] - 1) if lang in ppl and lang in ppl0 else None
             out.append({"method": method, "step": t, "edits": c["edits"], "language": lang,
                         **{k: c[k] for k in KINDS}, "ppl_change_pct": dppl})
-            if not any(r["method"] == "unedited" and r["language"] == lang and r["edits"] == c["edits"] for r in out):
-                pre.append({"method": "unedited", "step": 0, "edits": c["edits"], "language": lang,
-                            **{k: c[f"{k}_unedited"] for k in KINDS}, "ppl_change_pct": 0.0})
-    seen: set[tuple[str, int]] = set()
-    pre = [r for r in pre if (r["language"], r["edits"]) not in seen and not seen.add((r["language"], r["edits"]))]
-    return pre + out
+            pre.setdefault((lang, c["edits"]), {"method": "unedited", "step": 0, "edits": c["edits"], "language": lang,
+                                                **{k: c[f"{k}_unedited"] for k in KINDS}, "ppl_change_pct": 0.0})
+    return list(pre.values()) + out
 
 
 def retention_rows(view: RunView) -> list[dict[str, Any]]:

@@ -327,11 +327,11 @@ def test_the_cli_runs_resumes_and_rolls_back_a_stream(tmp_path):
 def test_run_overrides_sit_on_the_preset(wb):
     from types import SimpleNamespace
 
-    from editors.sequential_run import _over_preset
+    from editors.sequential_run import over_preset
 
     embedded = SimpleNamespace(spec="embedded", name="embedded")
-    merged = _over_preset(embedded, "langedit", {"l2": 3.0})
+    merged = over_preset(embedded, "langedit", {"l2": 3.0})
     assert merged["l2"] == 3.0 and merged["layers"] == LangEditHParams.PRESETS["embedded"]["layers"]
     assert merged["mom2_n_tokens"] == LangEditHParams.PRESETS["embedded"]["mom2_n_tokens"]
-    assert _over_preset(embedded, "langedit", None) is None
-    assert _over_preset(wb, "memit", {"layers": [0]})["layers"] == [0]      # no preset for a tiny model
+    assert over_preset(embedded, "langedit", None) is None
+    assert over_preset(wb, "memit", {"layers": [0]})["layers"] == [0]      # no preset for a tiny model

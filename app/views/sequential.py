@@ -110,7 +110,7 @@ def run_folders() -> list[str]:
 
 def new_run_form() -> None:
     from editors.sequential import available_sequential, get_sequential
-    from editors.sequential_run import StreamConfig, check_run_folder, make_stream
+    from editors.sequential_run import StreamConfig, check_run_folder, make_stream, over_preset
 
     with st.form("seq-form"):
         c1, c2, c3 = st.columns(3)
@@ -140,12 +140,7 @@ def new_run_form() -> None:
         return
     if not methods:
         raise InputError("Choose at least one method.")
-    hparams = forms.read_json(hparams_text.strip() or None, "Hyper-parameters") or {}
-    if not isinstance(hparams, dict) or not all(isinstance(v, dict) for v in hparams.values()):
-        raise InputError('Hyper-parameters must be a JSON object {"method": {"field": value}}.')
-    if set(hparams) - set(methods):
-        raise InputError(f"The hyper-parameters name {sorted(set(hparams) - set(methods))[0]!r}, which is not "
-                         "among the methods.")
+    hparams = forms.method_hparams(hparams_text.strip() or None, list(methods), "Hyper-parameters", "the methods")
     config = StreamConfig(dataset=dataset.strip(), languages=list(languages), batch=int(batch), steps=int(steps),
                           order=order, seed=int(seed), records=records.strip(), flores_sentences=int(flores)).validate()
     make_stream(config)
@@ -154,7 +149,7 @@ def new_run_form() -> None:
     check_run_folder(out.strip(), config, {"spec": current_model_spec()})
     wb = workbench(current_model_spec())          # loaded here (the script's thread), used by the run's thread
     for name in methods:
-        get_sequential(name, hparams.get(name)).hparams_for(wb)   # bad hyper-parameters: an error box now
+        get_sequential(name, over_preset(wb, name, hparams.get(name))).hparams_for(wb)   # bad ones: an error box now
     start_job(wb, config, list(methods), out.strip(), hparams)
     st.session_state["seq-folder"] = out.strip()
 
