@@ -223,3 +223,31 @@ def trained_neurons(table: pd.DataFrame, n_layers: int, title: str | None = None
     fig.update_xaxes(title_text="layer", dtick=1 if n_layers < 25 else None)
     fig.update_yaxes(title_text="knowledge neurons edited", rangemode="tozero")
     return fig
+
+
+def patch_activations(table: pd.DataFrame, memory_max: float | None = None, title: str | None = None) -> go.Figure:
+    """Does a patch neuron fire on the edit question in each language? (mpn Eq. 7: ``a_p = σ(q·k_p + b_p)``.)
+
+    ``table`` has one row per (patch, language) with ``activation (last token)`` (the position that predicts the
+    answer's first token) and ``activation (max)`` (over the question's tokens). ``memory_max`` -- the patch's
+    largest activation on its memory set, as trained -- is drawn as the line above which it fires."""
+    table = _check_table(table, ["patch", "language", "activation (last token)", "activation (max)"],
+                         "The patch-activation table", numeric=["activation (last token)", "activation (max)"])
+    fig = go.Figure()
+    for patch, part in table.groupby("patch", sort=False):
+        fig.add_bar(x=part["language"], y=part["activation (last token)"], name=f"{patch}: last token",
+                    marker=dict(color=[language_colour(lang) for lang in part["language"]]),
+                    text=[f"{v:.2f}" for v in part["activation (last token)"]], textposition="outside",
+                    hovertemplate="%{x}: a_p at the last token = %{y:.3f}<extra></extra>")
+        fig.add_scatter(x=part["language"], y=part["activation (max)"], mode="markers", name=f"{patch}: max",
+                        marker=dict(symbol="diamond", size=10, color="#333333"),
+                        hovertemplate="%{x}: largest a_p over the question = %{y:.3f}<extra></extra>")
+    if memory_max is not None and np.isfinite(memory_max):
+        fig.add_hline(y=float(memory_max), line_dash="dash", line_color="#d62728",
+                      annotation_text=f"largest activation on the memory set ({memory_max:.2f})",
+                      annotation_position="top left")
+    _layout(fig, title or "The patch neuron's activation on the edit question, per language (mpn Eq. 7)",
+            barmode="group", legend=dict(title="patch"))
+    fig.update_xaxes(title_text="language of the question")
+    fig.update_yaxes(title_text="a_p = σ(q·k_p + b_p)")
+    return fig

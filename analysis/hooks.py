@@ -38,6 +38,12 @@ class Hooks:
         self.handles.append(module.register_forward_pre_hook(hook, **options))
         return self
 
+    def extend(self, other: "Hooks") -> "Hooks":
+        """Take over every hook of ``other`` (removed with these from now on)."""
+        self.handles.extend(other.handles)
+        other.handles = []
+        return self
+
     def remove(self) -> None:
         """Remove every hook registered so far (latest first); safe to call twice."""
         while self.handles:

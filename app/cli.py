@@ -481,9 +481,11 @@ def evaluate(model: str = ModelOpt,
              overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in an --out folder that holds "
                                                                        "another evaluation or another command's "
                                                                        "results (refused otherwise)."),
-             table: str = typer.Option("all", "--table", help="Tables to print: all, or memla (ES / PS / NS per "
+             table: str = typer.Option("all", "--table", help="Tables to print: all, memla (ES / PS / NS per "
                                                                  "test language and their cross-lingual averages, "
-                                                                 "per edit language set)."),
+                                                                 "per edit language set), or mpn (mpn Table 1: "
+                                                                 "Reliability, MLG, CLG, Locality, patches; the "
+                                                                 "first edit language is the source)."),
              device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
     """The papers' comparison: edit n records with each method, score every test language, print the tables."""
     from tqdm import tqdm
@@ -491,9 +493,9 @@ def evaluate(model: str = ModelOpt,
     from analysis.model import load_model
     from editors.base import get_editor
     from editors.evaluate import (EvalConfig, check_run_folder, edit_sets_for, load_records, memla_report,
-                                  merge_runs, parse_language_sets, report, run_evaluation)
+                                  merge_runs, mpn_report, parse_language_sets, report, run_evaluation)
 
-    tables = {"all": report, "memla": memla_report}
+    tables = {"all": report, "memla": memla_report, "mpn": mpn_report}
     if table not in tables:
         raise InputError(f"--table must be one of: {', '.join(tables)}; got {table!r}.")
     print_tables = tables[table]

@@ -47,6 +47,16 @@ Activation patches (lu-lafns Eq. 11)
     * A patch's subjects are matched together, whatever their language: the
       patch applies wherever any subject of S_G occurs.
 
+Added neurons (mpn Eq. 7-8: Transformer-Patcher and MPN patch neurons)
+    An :class:`~editors.edit.AddedNeurons` of layer ``L`` adds ``σ(q K_p^T + b_p) V_p`` to the FFN output
+    of ``L`` at every token, ``q`` being the FFN input (the input of the layer's first projection, read by
+    a forward pre-hook) and ``σ`` the layer's own activation function (its module's ``forward``, called
+    directly so that hooks on the neuron site, e.g. a trace, never see the added neurons' activations mixed
+    with the layer's own). It changes no parameter; leaving the application removes the hooks, so the model
+    is bit-exactly as before. Each AddedNeurons is its own hook, in order, so a composition adds exactly
+    what nested applications add. A neuron that is silent (``σ(...) = 0``) adds exactly zero: outputs are
+    bit-identical to the unedited model's. :func:`added_neuron_activations` reads the activations.
+
 Prompt contexts (in-context edits: IKE, ReMaKE)
     A :class:`~editors.edit.PromptContext` changes no parameter and registers no
     hook: while its edit is applied, :func:`in_context_prompts` (called by
@@ -71,7 +81,7 @@ import torch
 
 from analysis.errors import InputError, NeuroglotError
 from analysis.hooks import Hooks
-from editors.edit import ActivationPatch, Edit, PromptContext, WeightDelta
+from editors.edit import ActivationPatch, AddedNeurons, Edit, PromptContext, WeightDelta
 from editors.prompting import Rewritten, rewrite_prompts
 from editors.subjects import SubjectMatcher
 
@@ -155,6 +165,7 @@ class AppliedEdit:
         targets = self._weight_targets()
         self._check_contexts()
         plan = _PatchPlan(self.edit.patches, self.wb)
+        neuron_plan = _NeuronPlan(self.edit.neurons, self.wb)
         unique: dict[int, torch.nn.Parameter] = {}
         for _, param, _ in targets:
             unique.setdefault(id(param), param)
@@ -166,6 +177,7 @@ class AppliedEdit:
                     for term in terms:
                         param.add_(term.materialize(param.device))
                 self._hooks = plan.register()
+                self._hooks.extend(neuron_plan.register())
             except BaseException:
                 self._undo()
                 raise
@@ -209,6 +221,12 @@ class AppliedEdit:
                 param.copy_(saved)
         self._saved = []
         self.active = False
+
+
+def active_edits(wb: Workbench) -> list[Edit]:
+    """The edits applied to ``wb``'s model now, oldest first."""
+    with _ACTIVE_LOCK:
+        return [application.edit for application in _ACTIVE.get(wb.model, [])]
 
 
 def active_contexts(wb: Workbench) -> list[PromptContext]:
@@ -315,3 +333,124 @@ class _PatchPlan:
             return output.index_put((rows[:, None], cols[:, None], neurons[None, :]), values, accumulate=True)
 
         return add_delta
+
+
+# ================================================================= added neurons (mpn Eq. 7-8)
+
+
+def activation_function(wb: Workbench, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """σ of ``layer``'s FFN: the neuron-site module's own ``forward`` (no hooks run)."""
+    module = wb.arch.site(wb.model, layer, "neuron")
+    return module.forward
+
+
+def added_activation(act: Callable[[torch.Tensor], torch.Tensor], q: torch.Tensor, keys: torch.Tensor,
+                     bias: torch.Tensor) -> torch.Tensor:
+    """``a_p = σ(q · k_p + b_p)`` for every added neuron (mpn Eq. 7): ``q`` [..., d_model] -> [..., n]."""
+    return act(q @ keys.to(q.dtype).T + bias.to(q.dtype))
+
+
+def added_output(a: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``Σ_p a_p v_p``, what the added neurons add to the FFN output (mpn Eq. 8): [..., n] -> [..., d_model]."""
+    return a @ values.to(a.dtype)
+
+
+def _plus(output: Any, extra: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output + extra
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (output[0] + extra,) + tuple(output[1:])
+    raise NeuroglotError(f"The FFN output is a {type(output).__name__}; added neurons cannot be placed.")
+
+
+class _NeuronPlan:
+    """The hooks of an edit's added neurons on one model (validated on construction)."""
+
+    def __init__(self, neurons: Sequence[AddedNeurons], wb: Workbench):
+        self.wb, self.neurons = wb, list(neurons)
+        self.inputs: dict[int, torch.Tensor | None] = {}
+        n_layers, d_model = int(wb.n_layers), int(wb.d_model)
+        for added in self.neurons:
+            if added.layer >= n_layers:
+                raise InputError(f"This edit adds neurons to layer {added.layer}, but {wb.name} has {n_layers} "
+                                 f"layers (0-{n_layers - 1}).")
+            if added.d_model != d_model:
+                raise InputError(f"This edit's added neurons are {added.d_model} wide, but {wb.name} has d_model "
+                                 f"{d_model}: they were computed for another model.")
+
+    def register(self) -> Hooks:
+        hooks = Hooks()
+        if not self.neurons:
+            return hooks
+        model, arch = self.wb.model, self.wb.arch
+        try:
+            for layer in dict.fromkeys(a.layer for a in self.neurons):
+                hooks.pre(arch.site(model, layer, "first_proj"), self._reader(layer))
+            for added in self.neurons:
+                hooks.forward(arch.ffn_output_module(model, added.layer), self._adder(added))
+        except BaseException:
+            hooks.remove()
+            raise
+        return hooks
+
+    def _reader(self, layer: int) -> Callable:
+        def read(module: Any, args: tuple) -> None:
+            self.inputs[layer] = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            return None
+
+        return read
+
+    def _adder(self, added: AddedNeurons) -> Callable:
+        act = activation_function(self.wb, added.layer)
+
+        def add(module: Any, args: tuple, output: Any) -> Any:
+            q = self.inputs.get(added.layer)
+            if q is None:
+                raise NeuroglotError(f"The FFN input of layer {added.layer} was not seen; the added neurons "
+                                     "cannot be placed.")
+            a = added_activation(act, q, added.keys.to(q.device), added.bias.to(q.device))
+            return _plus(output, added_output(a, added.values.to(q.device)))
+
+        return add
+
+
+@torch.no_grad()
+def ffn_inputs(wb: Workbench, layer: int, prompts: Sequence[str], batch_size: int = 16
+               ) -> list[torch.Tensor]:
+    """The FFN input ``q`` of ``layer`` at every token of each prompt ([tokens, d_model] each, float32),
+    read on the model as it is now (with the BOS token where the tokenizer adds one)."""
+    from analysis.tokens import pad_sequences
+
+    tok = wb.tokenizer
+    out: list[torch.Tensor] = []
+    seen: dict[str, torch.Tensor] = {}
+    module = wb.arch.site(wb.model, layer, "first_proj")
+
+    def read(mod: Any, args: tuple) -> None:
+        seen["q"] = args[0].detach()
+        return None
+
+    with wb.lock, Hooks().pre(module, read):
+        for start in range(0, len(prompts), batch_size):
+            seqs = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts[start:start + batch_size]]
+            ids, mask = pad_sequences(seqs, tok.pad_token_id, device=wb.device)
+            wb.base_model()[0](**wb.forward_inputs(ids, mask))
+            for row, seq in enumerate(seqs):
+                out.append(seen["q"][row, :len(seq)].float().cpu())
+    return out
+
+
+def added_neuron_activations(wb: Workbench, added: AddedNeurons, prompts: Sequence[str],
+                             where: str = "last") -> torch.Tensor:
+    """Each added neuron's activation ``a_p`` (mpn Eq. 7) on each prompt: at its last token (``"last"``,
+    [prompts, n]) or the largest over its tokens (``"max"``). Read with earlier edits as they are applied now."""
+    if where not in ("last", "max"):
+        raise InputError(f"where must be 'last' or 'max', got {where!r}.")
+    act = activation_function(wb, added.layer)
+    rows = []
+    for q in ffn_inputs(wb, added.layer, prompts):
+        with torch.no_grad():
+            a = added_activation(act, q.to(wb.device), added.keys.to(wb.device).float(),
+                                 added.bias.to(wb.device).float()).float().cpu()
+        rows.append(a[-1] if where == "last" else a.max(dim=0).values)
+    return torch.stack(rows) if rows else torch.zeros(0, added.n)

@@ -86,6 +86,8 @@ class Editor(abc.ABC):
 
     name: ClassVar[str] = ""
     hparams_class: ClassVar[type[HParams]] = HParams
+    #: False for editors that never read the subject (its presence in the prompt is then not checked).
+    needs_subject: ClassVar[bool] = True
 
     def __init__(self, hparams: HParams | Mapping[str, Any] | None = None):
         if isinstance(hparams, Mapping):
@@ -111,7 +113,7 @@ class Editor(abc.ABC):
         ``progress(fraction, message)`` is called as the work goes (see the class).
         """
         report = progress or _no_progress
-        checked = validate_requests(requests, wb)
+        checked = validate_requests(requests, wb, self.needs_subject)
         hparams = self.hparams_for(wb)
         hparams.validate(wb)
         report(0.0, "waiting for the model (another computation holds it)")
@@ -140,7 +142,7 @@ class Editor(abc.ABC):
 _REGISTRY: dict[str, type[Editor]] = {}
 #: Editor modules of this package (each exists), imported on first lookup so that they register themselves.
 #: A new editor module is added here when it is written.
-BUILTIN_EDITOR_MODULES = ("lu_lafns", "memit", "lora_ft", "memla", "in_context", "langedit")
+BUILTIN_EDITOR_MODULES = ("lu_lafns", "memit", "lora_ft", "memla", "in_context", "langedit", "mpn")
 
 
 def register(name: str) -> Callable[[type[Editor]], type[Editor]]:

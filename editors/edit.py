@@ -5,11 +5,13 @@ holds weight deltas (:class:`WeightDelta`: full tensors, or low-rank factors
 ``(u, v)`` with ``delta = u @ v``), activation patches
 (:class:`ActivationPatch`, the LU-LAFNs cache of lu-lafns Eq. 11) and/or
 prompt contexts (:class:`PromptContext`: in-context edits, which change what the
-model is told before a question and no weight; :mod:`editors.prompting`).
+model is told before a question and no weight; :mod:`editors.prompting`) and/or
+added FFN neurons (:class:`AddedNeurons`: Transformer-Patcher / MPN patch
+neurons, mpn Eq. 7-8, which add ``a_p * v_p`` to a layer's FFN output).
 Only :meth:`Edit.applied` ever changes a model (:mod:`editors.apply`).
 
 * ``Edit.compose(e1, e2)`` (or ``e1 + e2``) keeps, per parameter, the list of
-  terms in order and the union (concatenation) of the patches, so applying the
+  terms in order and the union (concatenation) of the patches and added neurons, so applying the
   composition is bit-identical to applying e1 and then e2 (nested). The total
   change of a parameter is :meth:`Edit.delta`. Low-rank terms stay low-rank.
 * Deltas are in the parameter's own layout (GPT-2's ``Conv1D`` weights are
@@ -254,6 +256,60 @@ class PromptContext:
                 "threshold": self.threshold, "layer": self.layer}
 
 
+@dataclass(eq=False)
+class AddedNeurons:
+    """FFN neurons added to ``layer`` (Transformer-Patcher's patch neurons; papers/mpn.md Eq. 7-8).
+
+    ``keys`` [n, d_model], ``bias`` [n] and ``values`` [n, d_model]: neuron ``j`` fires
+    ``a_j = σ(q · keys[j] + bias[j])`` on the FFN input ``q`` (mpn Eq. 7, σ the layer's own activation
+    function) and adds ``a_j * values[j]`` to the FFN output (mpn Eq. 8), at every token. In a gated FFN
+    (``act(q W_gate) * (q W_up)``) the added neuron has the gate branch only: its activation is then the
+    quantity the atlas reads for every other neuron (``act_fn(h W1)``, lu-lafns Eq. 2-3), and it can be
+    silent (σ near 0 for a negative pre-activation), which the memory loss of Transformer-Patcher relies
+    on; a bilinear up branch would let it fire with either sign. ``labels`` name each neuron (the edit it
+    was trained for); :mod:`editors.apply` applies them.
+    """
+
+    layer: int
+    keys: torch.Tensor
+    bias: torch.Tensor
+    values: torch.Tensor
+    labels: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        try:
+            self.layer = operator.index(self.layer)
+        except TypeError:
+            raise InputError(f"Added neurons need a whole layer number, got {self.layer!r}.") from None
+        if self.layer < 0:
+            raise InputError(f"Added neurons' layer must be 0 or more, got {self.layer}.")
+        keys, bias, values = (torch.as_tensor(t).detach() for t in (self.keys, self.bias, self.values))
+        if not (keys.is_floating_point() and bias.is_floating_point() and values.is_floating_point()):
+            raise InputError("Added neurons' keys, bias and values must be floating point tensors.")
+        if keys.ndim != 2 or values.ndim != 2 or bias.ndim != 1 or not (
+                keys.shape[0] == bias.shape[0] == values.shape[0]) or keys.shape[1] != values.shape[1]:
+            raise InputError(f"Added neurons need keys [n, d_model], bias [n] and values [n, d_model]; got "
+                             f"{tuple(keys.shape)}, {tuple(bias.shape)} and {tuple(values.shape)}.")
+        if keys.shape[0] == 0:
+            raise InputError("Added neurons: at least one neuron.")
+        self.keys, self.bias, self.values = keys, bias, values
+        labels = [str(x) for x in (self.labels or [])]
+        if labels and len(labels) != self.n:
+            raise InputError(f"Added neurons: {self.n} neurons but {len(labels)} labels.")
+        self.labels = labels or [f"patch {j}" for j in range(self.n)]
+
+    @property
+    def n(self) -> int:
+        return int(self.keys.shape[0])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.keys.shape[1])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layer": self.layer, "n": self.n, "labels": self.labels}
+
+
 def _texts_by_language(value: Any, what: str) -> dict[str, list[str]]:
     if not isinstance(value, Mapping):
         raise InputError(f"A patch's {what} must be a dict {{language: [text, ...]}}.")
@@ -272,18 +328,20 @@ def _texts_by_language(value: Any, what: str) -> dict[str, list[str]]:
 
 
 class Edit:
-    """Weight deltas and/or activation patches computed by an editor; applied only inside :meth:`applied`.
+    """Weight deltas, activation patches, prompt contexts and/or added neurons computed by an editor;
+    applied only inside :meth:`applied`.
 
     ``weights`` maps a parameter name (as ``model.named_parameters()`` /
     ``state_dict()`` spell it; tied names work) to a delta: a tensor of the
     parameter's shape, a pair ``(u, v)`` of low-rank factors, or a list of such
     terms added in order. ``patches`` are :class:`ActivationPatch` es (applied in
-    order). ``meta`` is plain data (method, hyper-parameters, requests, model,
-    created, versions) filled by :meth:`Editor.compute`.
+    order). ``neurons`` are :class:`AddedNeurons` (mpn Eq. 7-8). ``meta`` is plain data (method,
+    hyper-parameters, requests, model, created, versions) filled by :meth:`Editor.compute`.
     """
 
     def __init__(self, weights: Mapping[str, Any] | None = None, patches: Iterable[ActivationPatch] = (),
-                 meta: Mapping[str, Any] | None = None, contexts: Iterable[PromptContext] = ()):
+                 meta: Mapping[str, Any] | None = None, contexts: Iterable[PromptContext] = (),
+                 neurons: Iterable[AddedNeurons] = ()):
         self.weights: dict[str, list[WeightDelta]] = {}
         for name, value in (weights or {}).items():
             terms = value if isinstance(value, list) else [value]
@@ -298,6 +356,10 @@ class Edit:
         for context in self.contexts:
             if not isinstance(context, PromptContext):
                 raise InputError(f"An edit's contexts must be PromptContext objects, got {type(context).__name__}.")
+        self.neurons: list[AddedNeurons] = list(neurons)
+        for added in self.neurons:
+            if not isinstance(added, AddedNeurons):
+                raise InputError(f"An edit's added neurons must be AddedNeurons objects, got {type(added).__name__}.")
         self.meta: dict[str, Any] = dict(meta or {})
 
     # --- views ------------------------------------------------------------------
@@ -310,7 +372,14 @@ class Edit:
         return str(self.meta.get("method", ""))
 
     def is_empty(self) -> bool:
-        return not self.weights and not self.patches and not self.contexts
+        return not self.weights and not self.patches and not self.contexts and not self.neurons
+
+    def added_neurons(self) -> dict[int, int]:
+        """How many neurons this edit adds to each layer."""
+        out: dict[int, int] = {}
+        for added in self.neurons:
+            out[added.layer] = out.get(added.layer, 0) + added.n
+        return dict(sorted(out.items()))
 
     def delta(self, name: str, dtype: torch.dtype = torch.float32, device: Any = "cpu") -> torch.Tensor:
         """The total change of parameter ``name`` (its terms summed in ``dtype``), for inspection."""
@@ -335,15 +404,19 @@ class Edit:
             "patched_neurons": sum(int(p.neurons.numel()) for p in self.patches),
             "prompt_contexts": len(self.contexts),
             "context_facts": sum(len(c.facts) for c in self.contexts),
+            "added_neurons": sum(a.n for a in self.neurons),
+            "added_neuron_layers": sorted({a.layer for a in self.neurons}),
             "stored_values": (sum(t.stored_values() for t in terms)
-                              + sum(2 * int(p.neurons.numel()) for p in self.patches)),
+                              + sum(2 * int(p.neurons.numel()) for p in self.patches)
+                              + sum(a.keys.numel() + a.bias.numel() + a.values.numel() for a in self.neurons)),
         }
 
     def __repr__(self) -> str:
         s = self.summary()
         return (f"Edit(method={s['method']!r}, parameters={s['parameters']} "
                 f"({s['low_rank_deltas']} low-rank terms), patches={s['patches']}, "
-                f"prompt_contexts={s['prompt_contexts']}, stored_values={s['stored_values']})")
+                f"prompt_contexts={s['prompt_contexts']}, added_neurons={s['added_neurons']}, "
+                f"stored_values={s['stored_values']})")
 
     # --- composition ------------------------------------------------------------
     @classmethod
@@ -351,11 +424,12 @@ class Edit:
         """One edit that does what ``edits`` do one after the other.
 
         Per parameter the terms are kept in order (so applying the composition is
-        bit-identical to nesting the applications); patches and prompt contexts are concatenated.
+        bit-identical to nesting the applications); patches, prompt contexts and added neurons are concatenated.
         """
         weights: dict[str, list[WeightDelta]] = {}
         patches: list[ActivationPatch] = []
         contexts: list[PromptContext] = []
+        neurons: list[AddedNeurons] = []
         for edit in edits:
             if not isinstance(edit, Edit):
                 raise InputError(f"Only edits can be composed, got {type(edit).__name__}.")
@@ -363,8 +437,9 @@ class Edit:
                 weights.setdefault(name, []).extend(terms)
             patches.extend(edit.patches)
             contexts.extend(edit.contexts)
+            neurons.extend(edit.neurons)
         meta = {"method": "compose", "parts": [dict(e.meta) for e in edits]}
-        return cls(weights, patches, meta, contexts)
+        return cls(weights, patches, meta, contexts, neurons)
 
     def __add__(self, other: "Edit") -> "Edit":
         if not isinstance(other, Edit):
@@ -438,13 +513,18 @@ class Edit:
             if context.retrieve:
                 put(f"contexts/{i}/keys", context.keys)
                 put(f"contexts/{i}/center", context.center)
+        for i, added in enumerate(self.neurons):
+            put(f"neurons/{i}/keys", added.keys)
+            put(f"neurons/{i}/bias", added.bias)
+            put(f"neurons/{i}/values", added.values)
         try:
             meta = plain(self.meta)
         except (TypeError, ValueError) as exc:
             raise InputError(f"The edit's meta must be plain data (JSON) to be saved: {exc}") from None
         layout = {"format": EDIT_FORMAT, "version": EDIT_FORMAT_VERSION, "weights": weights_layout,
                   "patches": [p.to_json() for p in self.patches],
-                  "contexts": [c.to_json() for c in self.contexts], "meta": meta}
+                  "contexts": [c.to_json() for c in self.contexts],
+                  "neurons": [a.to_json() for a in self.neurons], "meta": meta}
         return tensors, layout
 
     @classmethod
@@ -483,7 +563,10 @@ class Edit:
             contexts = [PromptContext(c["facts"], c.get("demonstrations") or [], c["retrieve"], c["threshold"],
                                       c["layer"], tensors.get(f"contexts/{i}/keys"), tensors.get(f"contexts/{i}/center"))
                         for i, c in enumerate(layout.get("contexts") or [])]
-            return cls(weights, patches, layout.get("meta") or {}, contexts)
+            neurons = [AddedNeurons(a["layer"], tensors[f"neurons/{i}/keys"], tensors[f"neurons/{i}/bias"],
+                                    tensors[f"neurons/{i}/values"], a.get("labels") or [])
+                       for i, a in enumerate(layout.get("neurons") or [])]
+            return cls(weights, patches, layout.get("meta") or {}, contexts, neurons)
         except NeuroglotError as exc:
             raise NeuroglotError(f"{folder} holds a damaged edit: {exc}") from None
         except Exception as exc:  # safetensors errors, missing keys, wrong types in a hand-edited JSON

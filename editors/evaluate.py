@@ -64,7 +64,7 @@ from editors.requests import EditRequest
 from editors.metrics import exact_match, token_f1
 from editors.tables import (  # noqa: F401 - the tables, re-exported where they always were
     KIND_TITLES, KINDS, METHOD_TITLES, UNEDITED, format_table, format_table2, langedit_table, mean_em,
-    memla_report, memla_table, metric_value, report, table1, table2, transfer_matrix)
+    memla_report, memla_table, metric_value, mpn_report, mpn_table, report, table1, table2, transfer_matrix)
 
 if TYPE_CHECKING:
     from analysis.model import Workbench
@@ -174,7 +174,7 @@ def before_after(wb: Workbench, request: EditRequest, edit: Any,
     "after" the greedy answer, F1, EM and (edit prompts) P(new target). The
     model is edited only inside this call (``edit.applied``).
     """
-    request = request.validate(wb)
+    request = request.validate(wb, need_subject=False)  # probes never read the subject
     items = probes(request, languages)
     with wb.lock:
         answers = unedited_answers(wb, items)
@@ -350,10 +350,11 @@ def _run_jobs(wb: Workbench, config: EvalConfig, out: Path, records: Sequence[An
     rows_path = out / ROWS_FILE
     eval_folders.drop_derived(out)  # written again from the rows when the run ends or stops
     total = len(records) * (1 + len(jobs))
+    need_subject = any(getattr(e, "needs_subject", True) for e in editors.values())
     step = 0
     before_cache: dict[str, tuple[list[Probe], list[tuple[str, list[int]]]]] = {}
     for record in records:
-        test_request = EditRequest.from_record(record, config.test_languages).validate(wb)
+        test_request = EditRequest.from_record(record, config.test_languages).validate(wb, need_subject)
         items = probes(test_request)
         rid = test_request.case_id
         if (UNEDITED, "-", rid) not in done or any((m, "+".join(s), rid) not in done for m, s in jobs):
@@ -468,7 +469,8 @@ def rows_frame(out: str | Path) -> pd.DataFrame:
     flat = []
     for (method, label, rid), r in latest.items():
         for p in r["probes"]:
-            flat.append({"method": method, "edit_languages": label, "record": rid, "seconds": r.get("seconds"), **p})
+            flat.append({"method": method, "edit_languages": label, "record": rid, "seconds": r.get("seconds"),
+                         "patches": (r.get("diagnostics") or {}).get("patches_added"), **p})
     return pd.DataFrame(flat)
 
 

@@ -309,7 +309,7 @@ class _Group:
         self.n_targets = len(t_rows)
 
 
-class _SkipBelow:
+class SkipBelow:
     """After the first step of :func:`compute_targets` at a layer's output (MEMIT's z site), the decoder layers
     up to that layer are not run again: their output does not depend on δ (which is added after them), so the
     first step's output of the z layer is kept per row and returned in their place (padding columns hold
@@ -323,7 +323,7 @@ class _SkipBelow:
         self.current: torch.Tensor | None = None
         self.patched = False
 
-    def __enter__(self) -> "_SkipBelow":
+    def __enter__(self) -> "SkipBelow":
         return self
 
     def keep(self, members: list[int], lengths: list[int], hidden: torch.Tensor) -> None:
@@ -387,7 +387,7 @@ def compute_targets(wb: Workbench, facts: list[FactContexts], layer: int, site: 
     Work saved per iteration (both are exact): the rows of all active facts run
     in padded forwards of similar length (:func:`_groups`), and at MEMIT's z
     site the decoder layers up to ``layer`` run only in the first iteration
-    (:class:`_SkipBelow`). ``progress(fraction, message)`` after every iteration.
+    (:class:`SkipBelow`). ``progress(fraction, message)`` after every iteration.
     """
     if not facts:
         return []
@@ -409,7 +409,7 @@ def compute_targets(wb: Workbench, facts: list[FactContexts], layer: int, site: 
     state: dict[str, Any] = {}
 
     with contextlib.ExitStack() as stack:
-        skip = stack.enter_context(_SkipBelow(wb, layer))
+        skip = stack.enter_context(SkipBelow(wb, layer))
 
         def add_delta(module: Any, args: tuple, output: Any) -> Any:
             hidden = first_tensor(output)

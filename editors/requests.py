@@ -93,14 +93,15 @@ class EditRequest:
         """Per language, the request's texts that contain the subject (see :meth:`LanguageFact.contexts`)."""
         return {lang: fact.contexts() for lang, fact in self.facts.items()}
 
-    def validate(self, wb: Workbench | None = None) -> "EditRequest":
+    def validate(self, wb: Workbench | None = None, need_subject: bool = True) -> "EditRequest":
         """A checked copy with ISO language codes; InputError with a message for users otherwise.
 
         Checks: at least one language; every language code known (normalised with
         :func:`data.corpus.normalize_language`, "cz" -> "cs") and given once; prompt,
         subject and new target not empty; the subject occurs in its prompt and (with
         ``wb``) some token of the prompt covers it; paraphrases, locality and
-        portability entries are non-empty texts.
+        portability entries are non-empty texts. ``need_subject=False`` (editors that never read the subject,
+        e.g. Transformer-Patcher and MPN) skips the two subject checks.
         """
         label = self.label
         if not isinstance(self.facts, Mapping) or not self.facts:
@@ -111,7 +112,7 @@ class EditRequest:
             code = language_code(raw, label)
             if code in facts:
                 raise InputError(f"{label} gives language {code!r} twice ({raw!r} is {code!r} too).")
-            facts[code] = _checked_fact(fact, f"{label}, language {code!r}", wb)
+            facts[code] = _checked_fact(fact, f"{label}, language {code!r}", wb, need_subject)
         return EditRequest(facts, str(self.case_id or ""))
 
     @classmethod
@@ -161,7 +162,8 @@ class EditRequest:
         return cls(facts, case_id)
 
 
-def validate_requests(requests: EditRequest | Sequence[EditRequest], wb: Workbench | None = None) -> list[EditRequest]:
+def validate_requests(requests: EditRequest | Sequence[EditRequest], wb: Workbench | None = None,
+                      need_subject: bool = True) -> list[EditRequest]:
     """Checked copies of ``requests`` (one request or a sequence); InputError for an empty list."""
     if isinstance(requests, EditRequest):
         requests = [requests]
@@ -171,7 +173,7 @@ def validate_requests(requests: EditRequest | Sequence[EditRequest], wb: Workben
     for i, request in enumerate(requests):
         if not isinstance(request, EditRequest):
             raise InputError(f"Edit request {i} is a {type(request).__name__}, not an EditRequest.")
-    return [request.validate(wb) for request in requests]
+    return [request.validate(wb, need_subject) for request in requests]
 
 
 def language_code(raw: Any, label: str) -> str:
@@ -204,7 +206,7 @@ def _pairs(value: Any, what: str, where: str) -> list[tuple[str, str]]:
     return out
 
 
-def _checked_fact(fact: Any, where: str, wb: Workbench) -> LanguageFact:
+def _checked_fact(fact: Any, where: str, wb: Workbench, need_subject: bool = True) -> LanguageFact:
     if isinstance(fact, Mapping):
         fact = LanguageFact.from_dict(fact, where)
     if not isinstance(fact, LanguageFact):
@@ -217,9 +219,10 @@ def _checked_fact(fact: Any, where: str, wb: Workbench) -> LanguageFact:
     if not fact.target_new.strip():
         raise InputError(f"{where}: empty target; give the new answer the edited model should produce.")
     try:
-        subject_char_span(prompt, subject)
-        if wb is not None:
-            encode(wb.tokenizer, [prompt], [subject])
+        if need_subject:
+            subject_char_span(prompt, subject)
+            if wb is not None:
+                encode(wb.tokenizer, [prompt], [subject])
     except InputError as exc:
         message = str(exc)
         raise InputError(f"{where}: {message[:1].lower()}{message[1:]}") from None

@@ -4,8 +4,9 @@
 values, as lu-lafns Table 2), :func:`table1` (mean EM of the four metrics,
 monolingual vs multilingual editing, lu-lafns Table 1), :func:`transfer_matrix`
 (edit-language sets × test languages; memla's transferability), :func:`memla_table`
-(memla App. B and Tables 3-4: ES / PS / NS with cross-lingual averages) and
-:func:`langedit_table` (LangEdit §4.1.2 top-1 accuracies); :func:`report` puts them
+(memla App. B and Tables 3-4: ES / PS / NS with cross-lingual averages),
+:func:`langedit_table` (LangEdit §4.1.2 top-1 accuracies) and :func:`mpn_table` (mpn Table 1:
+Reliability, MLG, CLG per language, Locality, patch count); :func:`report` puts them
 in one Markdown text. The rows come from :func:`editors.evaluate.rows_frame`; what
 each metric means is in :mod:`editors.evaluate`.
 """
@@ -25,6 +26,7 @@ KIND_TITLES = {"reliability": "Reliability", "generality": "Generality", "locali
 #: Display names of methods in tables; a multilingual edit with ROME/MEMIT is their M- adaptation.
 METHOD_TITLES = {"lu-lafns": "LU-LAFNs", "rome": "M-ROME", "memit": "M-MEMIT", "alphaedit": "M-AlphaEdit",
                  "lora-ft": "LoRA-FT", "memla": "MEMLA", "ike": "IKE", "remake": "ReMaKE (retrieval)",
+                 "t-patcher": "T-Patcher", "mpn": "MPN (only)", "mpn-all": "MPN (all)", "ffn-ft": "Fine-tuning",
                  "unedited": "Unedited"}
 UNEDITED = "unedited"
 
@@ -191,8 +193,54 @@ def langedit_table(frame: pd.DataFrame, edit_languages: str, test_languages: Seq
                                 ("Specificity", "locality", "top1")])
 
 
+def mpn_table(frame: pd.DataFrame, edit_languages: str, test_languages: Sequence[str],
+              source: str = "en") -> pd.DataFrame:
+    """mpn Table 1 (mpn Eq. 10-13) for edits whose source is ``source``: Reliability (EM of the source edit
+    question, %), MLG (EM of its rephrase), CLG (EM of the same question in each other test language) and
+    their average, Locality (agreement with the unedited model's answer on the source language's locality
+    questions, EM), the patches added over the run and seconds per edit.
+
+    The paper's metrics are accuracies of a classifier's label; here each is the exact match of the greedy
+    answer (an LM answering MzsRE questions), the indicator of mpn Eq. 10-13."""
+    others = [lang for lang in test_languages if lang != source]
+    out = []
+    for method in _methods(frame):
+        part = _method_rows(frame, method, edit_languages)
+        if part.empty:
+            continue
+        patches = (part.drop_duplicates("record")["patches"] if "patches" in part else pd.Series(dtype=float))
+        patches = pd.to_numeric(patches, errors="coerce").dropna()
+        row: dict[str, Any] = {"method": METHOD_TITLES.get(method, method),
+                               "patches": int(patches.sum()) if method != UNEDITED else 0,
+                               f"Reliability ({source})": metric_value(part, "reliability", source, "em"),
+                               "MLG": metric_value(part, "generality", source, "em")}
+        for lang in others:
+            row[f"CLG {lang}"] = metric_value(part, "reliability", lang, "em")
+        row["CLG avg"] = (sum(row[f"CLG {lang}"] for lang in others) / len(others)) if others else math.nan
+        row["Locality"] = metric_value(part, "locality", source, "em")
+        seconds = pd.to_numeric(part.drop_duplicates("record")["seconds"], errors="coerce").dropna()
+        row["s/edit"] = float(seconds.mean()) if method != UNEDITED and len(seconds) else math.nan
+        row["records"] = int(part["record"].nunique())
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def mpn_report(frame: pd.DataFrame, config: EvalConfig) -> str:
+    """``neuroglot evaluate --table mpn``: mpn Table 1 for every edit-language set of the run (the source is
+    the set's first language; its other languages are the parallel pool MPN trains with)."""
+    tests = list(config.test_languages)
+    parts = []
+    for edit_set in config.edit_sets:
+        label = "+".join(edit_set)
+        parts += [f"## mpn Table 1 style (EM %), source {edit_set[0]}, parallel pool {', '.join(edit_set[1:]) or '-'}, "
+                  f"tested in {', '.join(tests)}, {frame['record'].nunique()} records",
+                  format_table(mpn_table(frame, label, tests, edit_set[0]))]
+    return "\n\n".join(parts) + "\n"
+
+
 def _methods(frame: pd.DataFrame) -> list[str]:
-    order = [UNEDITED, "lu-lafns", "memla", "memit", "rome", "alphaedit", "lora-ft", "ike", "remake"]
+    order = [UNEDITED, "lu-lafns", "memla", "memit", "rome", "alphaedit", "lora-ft", "ike", "remake",
+             "ffn-ft", "t-patcher", "mpn", "mpn-all"]
     present = list(dict.fromkeys(frame["method"])) if not frame.empty else []
     return [m for m in order if m in present] + [m for m in present if m not in order]
 
@@ -258,4 +306,7 @@ def report(frame: pd.DataFrame, config: EvalConfig) -> str:
                   format_table(es)]
     parts += [f"## LangEdit §4.1.2: top-1 accuracy (%), editing {multi}",
               format_table(langedit_table(frame, multi, tests))]
+    if set(_methods(frame)) & {"t-patcher", "mpn", "mpn-all", "ffn-ft"}:
+        parts += [f"## mpn Table 1 style (EM %), source {multi_langs[0]}, parallel pool "
+                  f"{', '.join(multi_langs[1:]) or '-'}", format_table(mpn_table(frame, multi, tests, multi_langs[0]))]
     return "\n\n".join(parts) + "\n"

@@ -309,3 +309,30 @@ def test_in_context_edits_show_what_the_model_reads_and_change_no_weight(tiny_sp
     assert len(edit_rows) == 2 and (reads["fact put before it"] != "–").all()
     code = [c.value for c in at.code]
     assert code and "New Fact:" in code[-1] and code[-1].rstrip().endswith(reads.iloc[0]["question"])
+
+
+def test_an_mpn_edit_shows_whether_its_patch_fires_in_each_language(tiny_spec, tmp_path):
+    """MPN in the Edit lab: beside the before/after table, the patch neuron's activation on the edit question
+    in every language of the fact; a second MPN edit stacks its own patch; both revert."""
+    at = new_page(tiny_spec, tmp_path)
+    at.run()
+    at.selectbox(key="el-editor").set_value("mpn").run()
+    assert not at.exception, at.exception
+    hp = dict(layers=[2], parallel="one", steps=5, lr=5e-2, memory_facts=4, memory_sentences=2,
+              only_mistakes=False)
+    fill_typed_fact(at, editor="mpn", hparams=hp)
+    at.button(key="el-apply").click().run()
+    assert not at.exception, at.exception
+    assert not [e for e in errors(at) if "preset" not in e], errors(at)
+    entries = at.session_state["el_edits"]
+    assert [e["editor"] for e in entries] == ["mpn"] and entries[0]["summary"]["added_neurons"] == 1
+    assert len(at.get("plotly_chart")) == 2                       # P(new) bars and the patch activations
+    table = next(d.value for d in at.dataframe if "activation (last token)" in d.value.columns)
+    assert list(table["language"]) == ["en", "de"]
+    at.button(key="el-apply").click().run()                       # the same edit again: a second patch on top
+    assert not at.exception, at.exception
+    assert [e["summary"]["added_neurons"] for e in at.session_state["el_edits"]] == [1, 1]
+    assert len(at.get("plotly_chart")) == 2
+    at.button(key="el-revert-all").click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["el_edits"] == []

@@ -26,6 +26,10 @@ TINY_HPARAMS = {
     "remake": dict(k=2, threshold=0.0, layers=[1]),
     "langedit": dict(layers=[0, 1], v_num_grad_steps=3, context_template_length_params=[[2, 1]],
                      mom2_n_tokens=500, nullspace_threshold=0.05, nullspace_relative=True),
+    "t-patcher": dict(layers=[2], parallel="none", steps=3, memory_facts=4, memory_sentences=2),
+    "mpn": dict(layers=[2], parallel="one", steps=3, memory_facts=4, memory_sentences=2),
+    "mpn-all": dict(layers=[1], parallel="all", steps=3, memory_facts=4, memory_sentences=2),
+    "ffn-ft": dict(layers=[2], steps=3),
 }
 
 

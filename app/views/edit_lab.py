@@ -18,6 +18,7 @@ its next step.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -41,6 +42,7 @@ from editors.edit import Edit
 from editors.requests import EditRequest
 from editors.evaluate import probes as request_probes
 from editors.evaluate import score_probes, unedited_answers
+from editors.mpn import patch_activation_table
 
 if TYPE_CHECKING:
     from analysis.model import Workbench
@@ -444,6 +446,38 @@ def trained_neurons_panel(entry: dict, index: int, n_layers: int, model_spec: st
                          key=f"el-memla-drill-{index}")
 
 
+def patch_panel(entry: dict, index: int, entries: list[dict], folder: Path, wb: Workbench,
+                model_spec: str) -> None:
+    """Beside the before/after table of a Transformer-Patcher / MPN edit: each patch neuron's activation on
+    the edit question in every language of the fact (does it fire in zh, de, ...?), read with the session's
+    earlier edits in place; cached per stack of edits."""
+    if not entry.get("summary", {}).get("added_neurons"):
+        return
+    cache = st.session_state.setdefault("el_patch", {})
+    key = (model_spec, tuple(e["id"] for e in entries[:index + 1]))
+    if key not in cache:
+        with st.spinner("Reading the patch neurons' activations..."):
+            edits = [load_edit(folder, e["id"]) for e in entries[:index + 1]]
+            request = EditRequest.from_dict(entry["request"])
+            with Edit.compose(*edits[:-1]).applied(wb) if index else contextlib.nullcontext():
+                cache[key] = patch_activation_table(wb, edits[-1], request)
+    rows = pd.DataFrame(cache[key])
+    records = [r for r in entry["details"]["meta"].get("mpn_edits", []) if isinstance(r, dict) and r.get("added")]
+    memory_max = max((float(r["memory_activation_max"]) for r in records), default=None)
+    st.markdown(f"**Patch neurons of this edit** ({entry['summary']['added_neurons']} added to layer(s) "
+                f"{', '.join(map(str, entry['summary']['added_neuron_layers']))}; numbered after the layer's own "
+                "neurons) · does the patch fire on the question in each language?")
+    fig = fact_figures.patch_activations(rows, memory_max)
+    left, right = st.columns([3, 2])
+    left.plotly_chart(fig, width="stretch", key=f"el-patch-{entry['id']}")
+    right.dataframe(rows.drop(columns=["question"]).round(3), hide_index=True, width="stretch", height=340,
+                    key=f"el-patch-rows-{entry['id']}")
+    st.caption("a_p = σ(q·k_p + b_p) (mpn Eq. 7) with q the FFN input: bars at the question's last token (which "
+               "predicts the answer), diamonds the largest over its tokens. Above the dashed line the patch fires "
+               "more than on any text of its memory set (unrelated inputs it was trained to stay silent on).")
+    downloads(fig, f"patch_activations_{entry['id'][:8]}", rows, key=f"el-patch-dl-{entry['id']}")
+
+
 # ========================================================================= page
 
 with user_errors():
@@ -518,8 +552,8 @@ with user_errors():
             if request is None:
                 raise InputError("Choose a fact to edit first (a record and at least one language).")
             hp = hparams_from_text(editor_name, hp_text, wb)
-            checked = request.validate(wb)
             editor = get_editor(editor_name, hp)
+            checked = request.validate(wb, editor.needs_subject)
             edit, seconds = compute_with_progress(
                 editor, wb, checked, f"Computing the {editor_name} edit of {', '.join(checked.languages)}")
             edit_id = save_edit(folder, edit)
@@ -569,6 +603,8 @@ with user_errors():
     st.plotly_chart(fig, width="stretch", key="el-bars")
     downloads(fig, f"edit_lab_{entries[shown]['editor']}_{len(entries)}_edits", table)
     trained_neurons_panel(entries[shown], shown, wb.n_layers, model_spec)
+    with user_errors():
+        patch_panel(entries[shown], shown, entries, folder, wb, model_spec)
     in_context_panel(shown_request, st.session_state.get("el_reads", {}).get(
         (model_spec, request_key(shown_request.to_dict()), tuple(e["id"] for e in entries)), []))
     for i, entry in enumerate(entries):
