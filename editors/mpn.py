@@ -20,7 +20,8 @@ Transformer-Patcher (Huang et al. 2023, as papers/mpn.md §3.2 uses it)
 
     The patch starts with ``v_p = 0`` and the key and bias of :func:`initial_key`; training stops as soon as
     every trained answer token is the model's top-1 (the edit succeeded) and both aims of the memory loss are
-    reached (memory pre-activations below β and below the edit's by -γ), or after ``steps``. As in Transformer-Patcher, a patch is added only for a *mistake*: when the model already
+    reached (memory pre-activations below β and below the edit's by -γ), or after ``steps``. As in
+    Transformer-Patcher, a patch is added only for a *mistake*: when the model already
     gives every trained answer as top-1, the edit adds no neuron (``only_mistakes``). Patches accumulate:
     each request of a call gets its own neuron, trained with the earlier ones in place, and an edit computed
     on a model that carries earlier patch edits trains on top of them (sequential editing by nature).
@@ -118,7 +119,9 @@ class PatcherHParams(HParams):
         "meta-llama/Llama-3.1-8B": dict(layers=[-1]),
         "Qwen/Qwen2.5-7B": dict(layers=[-1]),
         "EleutherAI/gpt-j-6b": dict(layers=[-1]),
-        "embedded": dict(layers=[-1]),
+        # bench/sweep_mpn.py, MPN-only on dev records 100-104 (bench/results/mpn_sweep.csv): lr 1e-2 scores
+        # 76.0 (mean of Reliability, MLG, CLG avg, Locality), lr 1e-1 57.0 (locality 40): the defaults.
+        "embedded": dict(layers=[-1], lr=1e-2, steps=40),
     }
 
     def validate(self, wb: Workbench | None = None) -> None:
@@ -447,7 +450,8 @@ class _PatcherBase(Editor):
             inner = None if progress is None else (
                 lambda f, m, i=i: progress((i + f) / len(plans), m))
             with Edit(neurons=list(added)).applied(wb):          # earlier patches of this call in place
-                neuron, record = train_patch(wb, rows, memory, hp, layer, request.label, inner)
+                neuron, record = train_patch(wb, rows, memory, hp, layer, request.case_id or request.label,
+                                             inner)
             records.append(record)
             if neuron is not None:
                 added.append(neuron)
@@ -541,9 +545,57 @@ def patch_activation_table(wb: Workbench, edit: Edit, request: EditRequest) -> l
         with Edit(neurons=edit.neurons[:i]).applied(wb):
             last = added_neuron_activations(wb, added, prompts, "last")
             peak = added_neuron_activations(wb, added, prompts, "max")
+        first = int(wb.arch.d_ff(wb.model, added.layer)) + sum(a.n for a in edit.neurons[:i] if a.layer == added.layer)
         for j, label in enumerate(added.labels):
             for r, lang in enumerate(langs):
-                out.append({"patch": f"{label} (layer {added.layer}, neuron {int(wb.arch.d_ff(wb.model, added.layer)) + sum(a.n for a in edit.neurons[:i]) + j})",
+                out.append({"patch": f"{label} (layer {added.layer}, neuron {first + j})",
                             "language": lang, "question": prompts[r],
                             "activation (last token)": float(last[r, j]), "activation (max)": float(peak[r, j])})
     return out
+
+
+def patch_drilldown(wb: Workbench, corpus: Any, edit: Edit, index: int, languages: list[str], k: int = 5,
+                    max_texts: int = 100, seed: int = 0) -> tuple[Any, Any]:
+    """The atlas drill-down of patch neuron ``index`` of ``edit`` (counted over its added neurons in order), as
+    an extra neuron of its layer: the corpus statements of each language on which it fires most (its
+    activation ``a_p``, mpn Eq. 7, the max over the text's tokens) and the tokens its value ``v_p`` promotes and
+    suppresses through the unembedding -- the tables :func:`analysis.neurons.top_activating_texts` and
+    :func:`analysis.neurons.neuron_top_tokens` give for the layer's own neurons. Earlier patches of the edit are
+    in place while it is read."""
+    import numpy as np
+    import pandas as pd
+
+    from analysis.neurons import corpus_texts
+
+    flat = [(i, j) for i, added in enumerate(edit.neurons) for j in range(added.n)]
+    if not 0 <= index < len(flat):
+        raise InputError(f"This edit has {len(flat)} patch neuron(s); there is no patch {index}.")
+    i, j = flat[index]
+    added = edit.neurons[i]
+    act = activation_function(wb, added.layer)
+    rng = np.random.default_rng(seed)
+    rows = []
+    with Edit(neurons=edit.neurons[:i]).applied(wb):
+        for lang in languages:
+            texts = list(dict.fromkeys(corpus_texts(corpus, lang, "statement")[0]))
+            if len(texts) > max_texts:
+                texts = [texts[t] for t in sorted(rng.choice(len(texts), max_texts, replace=False))]
+            if not texts:
+                continue
+            for text, q in zip(texts, ffn_inputs(wb, added.layer, texts)):
+                with torch.no_grad():
+                    a = added_activation(act, q.to(wb.device), added.keys[j:j + 1].to(wb.device).float(),
+                                         added.bias[j:j + 1].to(wb.device).float())[:, 0].float().cpu()
+                where = int(a.argmax())
+                ids = wb.tokenizer(text, add_special_tokens=True)["input_ids"]
+                rows.append((lang, text, float(a[where]), wb.tokenizer.decode([int(ids[where])])))
+    top = pd.DataFrame(rows, columns=["language", "text", "activation", "token"])
+    top = (top.sort_values("activation", ascending=False).groupby("language", sort=False).head(k)
+           .sort_values(["language", "activation"], ascending=[True, False]).reset_index(drop=True))
+    with torch.no_grad():
+        unembed = wb.arch.lm_head_module(wb.model).weight.float()
+        logits = unembed @ added.values[j].float().to(unembed.device)
+    up, down = torch.topk(logits, 12), torch.topk(-logits, 12)
+    tokens = [(wb.tokenizer.decode([int(t)]), float(v), "promoted") for v, t in zip(up.values, up.indices)]
+    tokens += [(wb.tokenizer.decode([int(t)]), -float(v), "suppressed") for v, t in zip(down.values, down.indices)]
+    return top, pd.DataFrame(tokens, columns=["token", "logit", "direction"])

@@ -25,8 +25,10 @@ CHEAP = {
     "lu-lafns": dict(layers=[9, 17], steps=2, n_prefixes=1, prefix_length=2, paraphrase_sources=["prompt"]),
     "lora-ft": dict(steps=3),
     "memla": dict(paraphrases=0, ig_steps=4, steps=8, c=1.0),
+    "mpn": dict(steps=10, memory_facts=8, memory_sentences=4),
 }
-MARKER = {"lu-lafns": "beta", "lora-ft": "rank", "memla": "independent_mask", "remake": "threshold", "ike": "corpus"}   # a field only that editor's hyper-parameters have
+MARKER = {"lu-lafns": "beta", "lora-ft": "rank", "memla": "independent_mask", "remake": "threshold", "ike": "corpus",
+          "mpn": "memory_topk"}   # a field only that editor's hyper-parameters have
 LONG = 600_000                               # a loaded machine: wait for what the page says, up to 10 minutes
 
 
@@ -258,4 +260,39 @@ def test_in_context_edits_show_what_the_model_reads_through_row_clicks_revert_an
     settled(page)
     assert "New Fact:" in page.locator("[data-testid='stCode']").last.inner_text()   # IKE: before every question
     assert_clean(page, "applying IKE")
+    page.close()
+
+
+def test_an_mpn_edit_shows_where_its_patch_fires_and_each_patch_row_opens_its_drilldown(app_url, browser):
+    """MPN in the Edit lab: the patch neuron's activation on the question in every language of the fact,
+    beside the before/after table; a row opens the drill-down of the patch as an extra neuron of its layer; a
+    second row, a second stacked MPN edit (a second patch), then revert."""
+    page = browser.new_page(viewport=TALL)
+    open_record(page, app_url)
+    choose_editor(page, "mpn")
+    cheap_hparams(page, "mpn")
+    apply_and_watch(page, "mpn")
+    shown(page, "Patch neurons of this edit", "Edit 1: mpn · mzsre:0", timeout=LONG)
+    assert_clean(page, "applying MPN")
+    chart = page.locator(".js-plotly-plot").nth(1)
+    xs = chart.evaluate("el => el.data[0].x")
+    assert list(xs) == ["en", "zh"], xs
+    table = page.locator("[data-testid='stDataFrame']").last            # the patch activations
+    select_first_row(page, table)
+    shown(page, "promoted", timeout=LONG)
+    assert "Patch neuron L17.2048" in page.locator("body").inner_text()  # layer 17 has 2048 neurons: 0-2047
+    assert_clean(page, "the patch neuron's drill-down")
+    shot(page, "edit_lab_mpn.png", full_page=True)
+    select_row(page, page.locator("[data-testid='stDataFrame']").last, 1)
+    settled(page)
+    shown(page, "promoted", timeout=LONG)
+    assert_clean(page, "a second row")
+    page.get_by_role("button", name="Apply edit", exact=True).click()
+    shown(page, "Applied the mpn edit", "Edit 2: mpn · mzsre:0", timeout=LONG)
+    settled(page)
+    assert_clean(page, "a second MPN edit")
+    page.get_by_role("button", name="Revert all", exact=True).click()
+    shown(page, "Reverted 2 edit", timeout=LONG)
+    settled(page)
+    assert page.get_by_text("Patch neurons of this edit").count() == 0
     page.close()

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import streamlit as st
 
-from analysis import fact_figures
+from analysis import fact_figures, figures
 from analysis.errors import InputError, NeuroglotError
 from app.edit_store import edit_zip, load_edit, remove_edit, save_edit, session_folder
 from app.forms import default_languages, edit_request, edit_request_from_boxes, hparams_from_text, language_name
@@ -42,7 +42,7 @@ from editors.edit import Edit
 from editors.requests import EditRequest
 from editors.evaluate import probes as request_probes
 from editors.evaluate import score_probes, unedited_answers
-from editors.mpn import patch_activation_table
+from editors.mpn import patch_activation_table, patch_drilldown
 
 if TYPE_CHECKING:
     from analysis.model import Workbench
@@ -470,12 +470,43 @@ def patch_panel(entry: dict, index: int, entries: list[dict], folder: Path, wb: 
     fig = fact_figures.patch_activations(rows, memory_max)
     left, right = st.columns([3, 2])
     left.plotly_chart(fig, width="stretch", key=f"el-patch-{entry['id']}")
-    right.dataframe(rows.drop(columns=["question"]).round(3), hide_index=True, width="stretch", height=340,
-                    key=f"el-patch-rows-{entry['id']}")
+    event = right.dataframe(rows.drop(columns=["question"]).round(3), hide_index=True, width="stretch",
+                            height=340, key=f"el-patch-rows-{entry['id']}", on_select="rerun",
+                            selection_mode="single-row")
     st.caption("a_p = σ(q·k_p + b_p) (mpn Eq. 7) with q the FFN input: bars at the question's last token (which "
                "predicts the answer), diamonds the largest over its tokens. Above the dashed line the patch fires "
                "more than on any text of its memory set (unrelated inputs it was trained to stay silent on).")
     downloads(fig, f"patch_activations_{entry['id'][:8]}", rows, key=f"el-patch-dl-{entry['id']}")
+    picked = [i for i in (event.selection.rows if event is not None else []) if i < len(rows)]
+    if picked:
+        patch_drilldown_panel(entry, index, entries, folder, wb, rows.iloc[picked[0]]["patch"],
+                              list(rows["patch"].drop_duplicates()))
+
+
+def patch_drilldown_panel(entry: dict, index: int, entries: list[dict], folder: Path, wb: Workbench,
+                          patch: str, patches: list[str]) -> None:
+    """The atlas drill-down of a patch neuron, as an extra neuron of its layer: the corpus statements it fires
+    on most per language, and what its value vector promotes. Cached per stack of edits and patch."""
+    from data import load_corpus
+
+    number = patches.index(patch)
+    languages = list(entry["request"]["facts"])
+    cache = st.session_state.setdefault("el_patch_drill", {})
+    key = (tuple(e["id"] for e in entries[:index + 1]), number, current_corpus_spec(), tuple(languages))
+    if key not in cache:
+        with st.spinner(f"Reading {patch} over the corpus..."):
+            edits = [load_edit(folder, e["id"]) for e in entries[:index + 1]]
+            corpus = load_corpus(current_corpus_spec(), languages=languages)
+            with Edit.compose(*edits[:-1]).applied(wb) if index else contextlib.nullcontext():
+                cache[key] = patch_drilldown(wb, corpus, edits[-1], number, languages)
+    top, tokens = cache[key]
+    layer = int(entry["summary"]["added_neuron_layers"][0])
+    neuron = int(patch.rsplit("neuron ", 1)[-1].rstrip(")"))
+    fig = figures.neuron_drilldown(top, tokens, layer, neuron,
+                                   title=f"Patch neuron L{layer}.{neuron}: the corpus statements it fires on, and "
+                                         "the tokens its value promotes")
+    st.plotly_chart(fig, width="stretch", key=f"el-patch-drill-{entry['id']}")
+    downloads(fig, f"patch_neuron_L{layer}_{neuron}", top, key=f"el-patch-drill-dl-{entry['id']}")
 
 
 # ========================================================================= page
