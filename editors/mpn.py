@@ -419,19 +419,38 @@ def initial_key(q_e: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, 
     return k.detach(), b.reshape(())
 
 
+@dataclass
+class TPatcherHParams(PatcherHParams):
+    """Transformer-Patcher: the source example only (``parallel`` is "none")."""
+
+    parallel: str = "none"
+
+    BOUNDS: ClassVar[dict[str, Constraint]] = {"parallel": Options("parallel mode of t-patcher", ("none",))}
+
+
+@dataclass
+class MPNOnlyHParams(PatcherHParams):
+    """MPN-only: the source example and one sampled parallel example (``parallel`` is "one")."""
+
+    parallel: str = "one"
+
+    BOUNDS: ClassVar[dict[str, Constraint]] = {"parallel": Options("parallel mode of mpn", ("one",))}
+
+
+@dataclass
+class MPNAllHParams(PatcherHParams):
+    """MPN-all: the source example and every parallel example (``parallel`` is "all")."""
+
+    parallel: str = "all"
+
+    BOUNDS: ClassVar[dict[str, Constraint]] = {"parallel": Options("parallel mode of mpn-all", ("all",))}
+
+
 class _PatcherBase(Editor):
-    """Transformer-Patcher / MPN; subclasses fix the default of ``parallel``."""
+    """Transformer-Patcher / MPN; each editor's hyper-parameter class fixes ``parallel``."""
 
     hparams_class = PatcherHParams
-    default_parallel: ClassVar[str] = "one"
     needs_subject = False
-
-    def hparams_for(self, wb: Workbench) -> PatcherHParams:
-        if self.hparams is not None:
-            return self.hparams
-        hp = self.hparams_class.preset(wb)
-        hp.parallel = self.default_parallel
-        return hp
 
     def _compute(self, wb: Workbench, requests: list[EditRequest], hparams: HParams,
                  progress: Callable[[float, str], None] | None = None) -> Edit:
@@ -465,21 +484,21 @@ class _PatcherBase(Editor):
 class TPatcherEditor(_PatcherBase):
     """Transformer-Patcher (papers/mpn.md §3.2): a patch neuron trained on the source-language edit only."""
 
-    default_parallel = "none"
+    hparams_class = TPatcherHParams
 
 
 @register("mpn")
 class MPNEditor(_PatcherBase):
     """MPN-only (papers/mpn.md §3.3, Eq. 9): the edit and one sampled parallel example train the patch."""
 
-    default_parallel = "one"
+    hparams_class = MPNOnlyHParams
 
 
 @register("mpn-all")
 class MPNAllEditor(_PatcherBase):
     """MPN-all (papers/mpn.md Table 1): the edit and every parallel example of the request train the patch."""
 
-    default_parallel = "all"
+    hparams_class = MPNAllHParams
 
 
 @register("ffn-ft")

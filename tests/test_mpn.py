@@ -205,3 +205,15 @@ def test_on_the_embedded_model_mpn_edits_english_and_fires_on_chinese():
     fires = {r["language"]: r["activation (last token)"] for r in patch_activation_table(wb, edit, req.validate())}
     assert fires["zh"] > info["memory_activation_max"]           # it fires on the Chinese question
     assert fires["en"] > info["memory_activation_max"]
+
+
+@pytest.mark.parametrize("name, mode", [("t-patcher", "none"), ("mpn", "one"), ("mpn-all", "all")])
+def test_each_editor_keeps_its_own_parallel_mode_through_presets_and_overrides(name, mode):
+    from editors.evaluate import resolve_hparams
+
+    wb = tiny_workbench("llama")
+    assert resolve_hparams(wb, name, {"steps": 3}).parallel == mode     # the evaluation's path
+    assert get_editor(name).hparams_for(wb).parallel == mode            # the preset's path
+    other = next(m for m in ("none", "one", "all") if m != mode)
+    with pytest.raises(InputError, match="parallel mode"):
+        resolve_hparams(wb, name, {"parallel": other}).validate()
