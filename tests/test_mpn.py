@@ -213,7 +213,7 @@ def test_each_editor_keeps_its_own_parallel_mode_through_presets_and_overrides(n
 
     wb = tiny_workbench("llama")
     assert resolve_hparams(wb, name, {"steps": 3}).parallel == mode     # the evaluation's path
-    assert get_editor(name).hparams_for(wb).parallel == mode            # the preset's path
+    assert get_editor(name).hparams_class.preset("embedded").parallel == mode   # the preset's path
     other = next(m for m in ("none", "one", "all") if m != mode)
     with pytest.raises(InputError, match="parallel mode"):
         resolve_hparams(wb, name, {"parallel": other}).validate()
