@@ -441,8 +441,10 @@ def edit(model: str = ModelOpt,
     from analysis.model import load_model
 
     wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    from editors.base import get_editor
+
+    req = req.validate(wb, get_editor(method).needs_subject)
     editor = forms.editor_with(wb, method, hparams, preset)
-    req = req.validate(wb, editor.needs_subject)
     typer.echo(f"editing {', '.join(req.languages)} with {editor.name} ...")
     started = time.perf_counter()
     result = editor.compute(wb, req)

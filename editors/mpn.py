@@ -64,7 +64,7 @@ from analysis.errors import InputError
 from analysis.hooks import Hooks
 from analysis.tokens import answer_ids, pad_sequences
 from editors.apply import activation_function, active_edits, added_activation, added_output, ffn_inputs
-from editors.base import Editor, register
+from editors.base import Editor, frozen, register
 from editors.edit import AddedNeurons, Edit
 from editors.hparams import Constraint, HParams, Interval, Options
 from editors.keyvalue import SkipBelow
@@ -460,6 +460,16 @@ class _PatcherBase(Editor):
         added: list[AddedNeurons] = []
         records = []
         plans = [(r, training_examples(r, hp.source, hp.parallel, hp.seed)) for r in requests]
+        with frozen(wb.model):
+            self._train_all(wb, plans, hp, layer, added, records, progress)
+        seconds = round(time.perf_counter() - started, 3)
+        meta = {"mpn": {"patches": len(added), "layer": layer, "parallel": hp.parallel},
+                "mpn_edits": records, "patches_added": len(added), "seconds": seconds}
+        return Edit(neurons=added, meta=meta)
+
+    @staticmethod
+    def _train_all(wb: Workbench, plans: list, hp: PatcherHParams, layer: int, added: list, records: list,
+                   progress: Callable[[float, str], None] | None) -> None:
         for i, (request, examples) in enumerate(plans):
             languages = sorted({lang for lang, _, _ in examples})
             if progress is not None:
@@ -474,10 +484,6 @@ class _PatcherBase(Editor):
             records.append(record)
             if neuron is not None:
                 added.append(neuron)
-        seconds = round(time.perf_counter() - started, 3)
-        meta = {"mpn": {"patches": len(added), "layer": layer, "parallel": hp.parallel},
-                "mpn_edits": records, "patches_added": len(added), "seconds": seconds}
-        return Edit(neurons=added, meta=meta)
 
 
 @register("t-patcher")
@@ -529,7 +535,7 @@ class FFNFineTuneEditor(Editor):
 
         opt = torch.optim.Adam([delta], lr=hp.lr)
         losses, steps = [], 0
-        with _Forward(wb, rows, layer) as fwd, Hooks() as hooks:
+        with frozen(wb.model), _Forward(wb, rows, layer) as fwd, Hooks() as hooks:
             hooks.forward(down, add)
             with torch.enable_grad():
                 for step in range(hp.steps):

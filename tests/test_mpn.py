@@ -109,6 +109,7 @@ def test_accumulated_patches_compose_save_load_and_revert_bit_exactly(tmp_path):
     assert not torch.equal(nested, before)
     assert_bit_identical(wb.model, original)
     assert hook_count(wb.model) == hooks
+    assert all(p.grad is None for p in wb.model.parameters())          # only the patch was trained
     assert torch.equal(logits(wb), before)
 
 
