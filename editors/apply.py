@@ -355,7 +355,8 @@ def added_output(a: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return a @ values.to(a.dtype)
 
 
-def _plus(output: Any, extra: torch.Tensor) -> Any:
+def add_to_output(output: Any, extra: torch.Tensor) -> Any:
+    """``extra`` added to a module's output (a tensor, or the first tensor of a tuple)."""
     if isinstance(output, torch.Tensor):
         return output + extra
     if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
@@ -409,7 +410,7 @@ class _NeuronPlan:
                 raise NeuroglotError(f"The FFN input of layer {added.layer} was not seen; the added neurons "
                                      "cannot be placed.")
             a = added_activation(act, q, added.keys.to(q.device), added.bias.to(q.device))
-            return _plus(output, added_output(a, added.values.to(q.device)))
+            return add_to_output(output, added_output(a, added.values.to(q.device)))
 
         return add
 
@@ -440,17 +441,17 @@ def ffn_inputs(wb: Workbench, layer: int, prompts: Sequence[str], batch_size: in
     return out
 
 
-def added_neuron_activations(wb: Workbench, added: AddedNeurons, prompts: Sequence[str],
-                             where: str = "last") -> torch.Tensor:
-    """Each added neuron's activation ``a_p`` (mpn Eq. 7) on each prompt: at its last token (``"last"``,
-    [prompts, n]) or the largest over its tokens (``"max"``). Read with earlier edits as they are applied now."""
-    if where not in ("last", "max"):
-        raise InputError(f"where must be 'last' or 'max', got {where!r}.")
+def added_neuron_activations(wb: Workbench, added: AddedNeurons, prompts: Sequence[str]
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each added neuron's activation ``a_p`` (mpn Eq. 7) on each prompt, read in one pass: at its last token
+    and the largest over its tokens (both [prompts, n]). Read with earlier edits as they are applied now."""
     act = activation_function(wb, added.layer)
-    rows = []
+    last, peak = [], []
     for q in ffn_inputs(wb, added.layer, prompts):
         with torch.no_grad():
             a = added_activation(act, q.to(wb.device), added.keys.to(wb.device).float(),
                                  added.bias.to(wb.device).float()).float().cpu()
-        rows.append(a[-1] if where == "last" else a.max(dim=0).values)
-    return torch.stack(rows) if rows else torch.zeros(0, added.n)
+        last.append(a[-1])
+        peak.append(a.max(dim=0).values)
+    empty = torch.zeros(0, added.n)
+    return (torch.stack(last), torch.stack(peak)) if last else (empty, empty.clone())

@@ -63,7 +63,8 @@ import torch
 from analysis.errors import InputError
 from analysis.hooks import Hooks
 from analysis.tokens import answer_ids, pad_sequences
-from editors.apply import activation_function, active_edits, added_activation, added_output, ffn_inputs
+from editors.apply import (activation_function, active_edits, add_to_output, added_activation, added_output,
+                           ffn_inputs)
 from editors.base import Editor, frozen, register
 from editors.edit import AddedNeurons, Edit
 from editors.hparams import Constraint, HParams, Interval, Options
@@ -344,8 +345,7 @@ def train_patch(wb: Workbench, rows: Rows, memory: torch.Tensor, hp: PatcherHPar
             return None
         q = state["q"]
         a = added_activation(act, q.float(), state["k"][None], state["b"][None])
-        extra = added_output(a, state["v"][None]).to(q.dtype)
-        return output + extra if isinstance(output, torch.Tensor) else (output[0] + extra,) + tuple(output[1:])
+        return add_to_output(output, added_output(a, state["v"][None]).to(q.dtype))
 
     with _Forward(wb, rows, layer) as fwd, Hooks() as hooks:
         hooks.pre(first_proj, read)
@@ -568,8 +568,7 @@ def patch_activation_table(wb: Workbench, edit: Edit, request: EditRequest) -> l
     prompts = [request.facts[lang].prompt for lang in langs]
     for i, added in enumerate(edit.neurons):
         with Edit(neurons=edit.neurons[:i]).applied(wb):
-            last = added_neuron_activations(wb, added, prompts, "last")
-            peak = added_neuron_activations(wb, added, prompts, "max")
+            last, peak = added_neuron_activations(wb, added, prompts)
         first = int(wb.arch.d_ff(wb.model, added.layer)) + sum(a.n for a in edit.neurons[:i] if a.layer == added.layer)
         for j, label in enumerate(added.labels):
             for r, lang in enumerate(langs):
