@@ -22,6 +22,7 @@ navigation = st.navigation([
     st.Page(str(PAGES / "edit_lab.py"), title="Edit lab", icon=":material/edit_note:", url_path="edit-lab"),
     st.Page(str(PAGES / "sequential.py"), title="Sequential editing", icon=":material/stacked_line_chart:",
             url_path="sequential"),
+    st.Page(str(PAGES / "runs.py"), title="Runs", icon=":material/folder_open:", url_path="runs"),
 ])
 with user_errors():  # whatever a page lets escape becomes an error box, never a raw traceback
     navigation.run()
