@@ -621,6 +621,135 @@ def sequential(model: str = ModelOpt,
                "figures/)")
 
 
+runs_cli = typer.Typer(no_args_is_help=True, help="Finished run folders (evaluate, sequential): list them, print "
+                                                     "their tables and probes, write their figures (the Runs page).")
+cli.add_typer(runs_cli, name="runs")
+
+
+@runs_cli.command("list")
+@user_errors
+def runs_list(roots: Optional[list[Path]] = typer.Argument(None, help="Folders to look in (default: ./runs and "
+                                                                       "NEUROGLOT_RUNS).")) -> None:
+    """List the evaluation and sequential run folders (two levels deep) with their kind."""
+    from app import run_browser as rb
+
+    found = rb.find_run_folders(roots or rb.run_roots())
+    if not found:
+        raise InputError(f"No run folder under {', '.join(str(r) for r in (roots or rb.run_roots()))}.")
+    for folder, kind in found:
+        typer.echo(f"{kind:<11} {folder}")
+
+
+@runs_cli.command("show")
+@user_errors
+def runs_show(folder: Path = typer.Argument(..., help="An evaluate or sequential run folder."),
+              table: str = typer.Option("all", "--table", help="Tables to print: all, memla, mpn (evaluate runs) "
+                                                                "or none."),
+              transfer: bool = typer.Option(False, "--transfer", help="Print each method's transfer matrix (edit "
+                                                                      "languages × test languages) of --metric and "
+                                                                      "--score."),
+              metric: str = typer.Option("reliability", "--metric", help="Transfer matrices and figures: reliability, "
+                                                                         "generality, locality or portability."),
+              score: str = typer.Option("em", "--score", help="Transfer matrices and figures: em, f1 or top1."),
+              probes: bool = typer.Option(False, "--probes", help="Print the probes (implied by any filter): the "
+                                                                  "question, expected answer, answers before and "
+                                                                  "after; sequential runs: the scores after every "
+                                                                  "step."),
+              method: Optional[str] = typer.Option(None, "--method", help="Only these methods (comma-separated)."),
+              edit_languages: Optional[str] = typer.Option(None, "--edit-languages",
+                                                           help="Only these edit sets, e.g. en+zh,en."),
+              language: Optional[str] = typer.Option(None, "--language", help="Only these test languages (sequential:"
+                                                                              " asked in)."),
+              kind: Optional[str] = typer.Option(None, "--kind", help="Only these probe kinds, e.g. "
+                                                                      "reliability,locality."),
+              failures: bool = typer.Option(False, "--failures", help="Only probes where the edited model is wrong "
+                                                                      "(EM < 1) or a locality answer changed."),
+              limit: int = typer.Option(50, "--limit", help="Probe rows printed (the CSV gets all)."),
+              csv: Optional[Path] = typer.Option(None, "--csv", help="Write the (filtered) probes here as CSV."),
+              figures_dir: Optional[Path] = typer.Option(None, "--figures", help="Write the page's figures here "
+                                                                                 "(HTML and PNG)."),
+              png: bool = typer.Option(True, "--png/--no-png", help="Also write the figures as PNG (needs Chromium).")
+              ) -> None:
+    """Print a finished (or still running) run folder's tables, transfer matrices and probes; write its figures."""
+    import pandas as pd
+
+    from analysis import runs as run_files
+    from app import run_browser as rb
+
+    if limit < 0:
+        raise InputError(f"--limit must be 0 or more; got {limit}.")
+    for path in (csv, figures_dir):
+        if path is not None:
+            run_files.check_writable(path, "--csv" if path is csv else "--figures")
+    run_kind = rb.run_kind(folder)
+    filters = dict(methods=split_list(method), edit_languages=split_list(edit_languages),
+                   languages=split_list(language), kinds=split_list(kind))
+    probes = probes or failures or any(filters.values())
+    figs: dict = {}
+    if run_kind == rb.SEQUENTIAL:
+        from editors.sequential_run import read_run, sequential_figures
+
+        if filters["edit_languages"] or filters["kinds"] or failures:
+            raise InputError("--edit-languages, --kind and --failures are for evaluation runs; a sequential run "
+                             "filters by --method and --language.")
+        data = rb.read_sequential(folder)
+        if table != "none":
+            typer.echo(data["report"] or f"{folder} holds no measured step yet.")
+        rows = data["step_scores"]
+        for column, wanted in (("method", filters["methods"]), ("asked_in", filters["languages"])):
+            if wanted:
+                rows = rows[rows[column].isin(wanted)]
+        if figures_dir is not None:
+            figs = sequential_figures(read_run(folder))
+    else:
+        from analysis import run_figures
+        from editors.evaluate import memla_report, mpn_report
+
+        tables = {"all": None, "memla": memla_report, "mpn": mpn_report, "none": None}
+        if table not in tables:
+            raise InputError(f"--table must be one of: {', '.join(tables)}; got {table!r}.")
+        if score not in rb.SCORE_TITLES:
+            raise InputError(f"--score must be one of: {', '.join(rb.SCORE_TITLES)}; got {score!r}.")
+        view = rb.read_evaluate(folder)
+        if view.frame.empty:
+            raise InputError(f"{folder} holds no finished record yet.")
+        if metric not in rb.kinds_of(view.frame):
+            raise InputError(f"--metric must be one of: {', '.join(rb.kinds_of(view.frame))}; got {metric!r}.")
+        if not view.finished:
+            typer.echo(f"note: {folder} has no tables.md: it is still being written (or was interrupted); these are "
+                       "the records finished so far.", err=True)
+        if table == "all":
+            typer.echo(view.report)
+        elif table != "none":
+            typer.echo(tables[table](view.frame, rb.eval_config(view.config)))
+        matrices = rb.transfer_matrices(view, metric, score)
+        title = f"{metric.capitalize()} {rb.SCORE_TITLES[score]}"
+        if transfer:
+            for name, matrix in matrices.items():
+                typer.echo(f"## Transfer matrix, {name}: {title} (%)\n{matrix.round(1).to_string(index=False)}\n")
+        if figures_dir is not None:
+            figs = {f"transfer_{name}_{metric}_{score}": run_figures.transfer_heatmap(matrix, f"{name}: {title}", title)
+                    for name, matrix in matrices.items()}
+            figs[f"methods_{score}"] = run_figures.method_scores_bars(
+                rb.method_scores(view, score), f"Every metric, editing {view.main_edit_set}", rb.SCORE_TITLES[score])
+            figs[f"languages_{metric}_{score}"] = run_figures.language_scores_bars(
+                rb.language_scores(view, metric, score), f"{title} per test language, editing {view.main_edit_set}",
+                title)
+        rows = rb.filter_probes(rb.probe_table(view.frame), failures_only=failures, **filters)
+    if probes:
+        with pd.option_context("display.max_colwidth", 40, "display.width", 200):
+            typer.echo(f"{len(rows):,} rows" + (f" (the first {limit} shown)" if len(rows) > limit else ""))
+            if limit and len(rows):
+                typer.echo(rows.head(limit).to_string(index=False))
+    if csv is not None:
+        save_table(rows, csv, index=False)
+        typer.echo(f"wrote {csv} ({len(rows):,} rows)")
+    if figures_dir is not None:
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        save_figures(figures_dir, figs, png)
+        typer.echo(f"wrote {len(figs)} figures to {figures_dir}")
+
+
 @cli.command()
 @user_errors
 def app(model: str = ModelOpt, corpus: str = typer.Option("demo", "--corpus", "-c", help="Corpus shown first."),

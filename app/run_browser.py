@@ -136,7 +136,7 @@ class EvaluateView:
         return max(sets, key=lambda s: len(s.split("+")))
 
 
-def _eval_config(config: dict[str, Any]):
+def eval_config(config: dict[str, Any]):
     from editors.evaluate import EvalConfig
 
     known = {k: config[k] for k in EvalConfig.__dataclass_fields__ if k in config}
@@ -163,7 +163,7 @@ def read_evaluate(folder: str | Path) -> EvaluateView:
     text = ""
     if not frame.empty:
         try:
-            text = report(frame, _eval_config(config))
+            text = report(frame, eval_config(config))
         except (KeyError, ValueError) as exc:
             raise InputError(f"{path}: the rows do not make the run's tables ({exc}); is rows.jsonl damaged?") from None
     counts = frame.groupby("method")["record"].nunique().to_dict() if not frame.empty else {}
