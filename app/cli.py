@@ -467,7 +467,9 @@ def edit(model: str = ModelOpt,
 def evaluate(model: str = ModelOpt,
              methods: str = typer.Option("lu-lafns,memit,rome,lora-ft", "--methods", help="Comma-separated editors."),
              dataset: Path = typer.Option(Path("../shared/data/mzsre/dev"), "--dataset",
-                                          help="MzsRE / Bi-ZsRE folder or file."),
+                                          help="MzsRE / Bi-ZsRE or MLaKE folder or file (told apart by their files; "
+                                               "MLaKE: single-hop questions are the edits, multi-hop ones "
+                                               "portability, subjects derived)."),
              edit_languages: str = typer.Option("en,zh", "--edit-languages", help="Edited together (Table 2)."),
              test_languages: str = typer.Option("en,zh", "--test-languages", help="Scored in each."),
              n: int = typer.Option(50, "--n", help="Records (the first n with every language)."),
@@ -520,7 +522,8 @@ def evaluate(model: str = ModelOpt,
     tests = list(parse_language_sets(test_languages, "--test-languages")[0])
     overrides = forms.method_hparams(hparams, names)
     sets = [list(s) for s in edit_sets_for(edit_langs, monolingual)]
-    records = load_records(dataset, list(dict.fromkeys(edit_langs + tests)), n, offset)
+    records = load_records(dataset, list(dict.fromkeys(edit_langs + tests)), n, offset,
+                           on_skip=lambda message: typer.echo(f"warning: {message}", err=True))
     config = EvalConfig(dataset=str(Path(dataset).resolve()), methods=names, edit_sets=sets, test_languages=tests,
                         n=n, offset=offset, hparams=overrides, model=model.strip())
     if out is None:

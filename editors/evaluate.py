@@ -61,7 +61,7 @@ from editors.apply import active_contexts, in_context_prompts
 from editors import eval_folders
 from editors.base import get_editor
 from editors.requests import EditRequest
-from editors.metrics import exact_match, token_f1
+from editors.metrics import best_exact_match, best_token_f1, token_f1
 from editors.tables import (  # noqa: F401 - the tables, re-exported where they always were
     KIND_TITLES, KINDS, METHOD_TITLES, UNEDITED, format_table, format_table2, langedit_table, mean_em,
     memla_report, memla_table, metric_value, mpn_report, mpn_table, report, table1, table2, transfer_matrix)
@@ -85,6 +85,7 @@ class Probe:
     reference: str          # what the answer is scored against (see the module table)
     gold: str = ""          # locality: the data set's answer (memla NS); others: = reference
     old: str | None = None  # reliability/generality: the old target y° given by the request
+    aliases: tuple[str, ...] = ()  # other answers scored as right (MLaKE's aliases): F1 / EM keep the best
 
 
 def probes(request: EditRequest, languages: Sequence[str] | None = None) -> list[Probe]:
@@ -94,10 +95,13 @@ def probes(request: EditRequest, languages: Sequence[str] | None = None) -> list
         if lang not in request.facts:
             raise InputError(f"{request.label} has no language {lang!r} to test.")
         fact = request.facts[lang]
-        out.append(Probe(lang, "reliability", fact.prompt, fact.target_new, fact.target_new, fact.target_old))
-        out += [Probe(lang, "generality", p, fact.target_new, fact.target_new, fact.target_old) for p in fact.paraphrases]
+        new_aliases = tuple(fact.accepted(fact.target_new)[1:])
+        out.append(Probe(lang, "reliability", fact.prompt, fact.target_new, fact.target_new, fact.target_old,
+                         new_aliases))
+        out += [Probe(lang, "generality", p, fact.target_new, fact.target_new, fact.target_old, new_aliases)
+                for p in fact.paraphrases]
         out += [Probe(lang, "locality", q, "", a) for q, a in fact.locality]
-        out += [Probe(lang, "portability", q, a, a) for q, a in fact.portability]
+        out += [Probe(lang, "portability", q, a, a, aliases=tuple(fact.accepted(a)[1:])) for q, a in fact.portability]
     return out
 
 
@@ -146,9 +150,10 @@ def score_probes(wb: Workbench, items: Sequence[Probe], before: Sequence[tuple[s
     rows = []
     for i, (p, answer, b) in enumerate(zip(items, answers, before_text)):
         reference = b if p.kind == "locality" else p.reference
+        accepted = [reference] if p.kind == "locality" else [reference, *p.aliases]  # the best of answer and aliases
         row: dict[str, Any] = {"language": p.language, "kind": p.kind, "prompt": p.prompt, "reference": reference,
-                               "answer": answer, "f1": token_f1(answer, reference, p.language),
-                               "em": exact_match(answer, reference, p.language)}
+                               "answer": answer, "f1": best_token_f1(answer, accepted, p.language),
+                               "em": best_exact_match(answer, accepted, p.language)}
         if p.kind in ("reliability", "generality"):
             new = by[(i, "new")]
             old = by.get((i, "old"))
@@ -256,16 +261,29 @@ def resolve_hparams(wb: Workbench, method: str, overrides: Mapping[str, Any] | N
     return cls.from_dict(base)
 
 
-def load_records(dataset: str | Path, languages: Sequence[str], n: int, offset: int = 0) -> list[Any]:
-    """``n`` records of an MzsRE/Bi-ZsRE folder or file that have every one of ``languages``."""
-    from data.edit_records import load_mzsre
+def load_records(dataset: str | Path, languages: Sequence[str], n: int, offset: int = 0,
+                 on_skip: Callable[[str], None] | None = None) -> list[Any]:
+    """``n`` records of an edit data set (MzsRE / Bi-ZsRE or MLaKE folder or file) that have every one of
+    ``languages`` with a subject.
 
-    records = [r for r in load_mzsre(dataset, languages) if all(lang in r.fields for lang in languages)]
+    The format is told by :func:`data.edit_records.load_edit_records`. MLaKE gives no subjects: they are
+    derived (:func:`data.edit_records.derive_subject`); records where none could be found in some of
+    ``languages`` are skipped, and ``on_skip`` (e.g. the CLI's warning line) is told how many and which.
+    """
+    from data.edit_records import load_edit_records, subject_report
+
     if offset < 0 or n < 1:
         raise InputError("--n must be at least 1 and --offset at least 0.")
+    loaded = load_edit_records(dataset, languages)
+    records = [r for r in loaded if all(lang in r.fields for lang in languages)]
+    report = subject_report(records, languages)
+    if report.skipped_records and on_skip is not None:
+        on_skip(report.skip_message())
+    records = [r for r in records if r.record_id not in report.skipped_records]
     chosen = records[offset:offset + n]
     if not chosen:
-        raise InputError(f"{dataset}: no record with all of {', '.join(languages)} at offset {offset}.")
+        raise InputError(f"{dataset}: no record with all of {', '.join(languages)} at offset {offset}"
+                         + (f" ({report.skip_message()})" if report.skipped_records else "") + ".")
     return chosen
 
 

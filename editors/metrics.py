@@ -15,12 +15,17 @@ Thai, Lao, Khmer, Myanmar, Tibetan) is a token of its own, so "沟胫天牛亚�
 has six tokens and "2006年" has "2006" and "年". Hangul is written with spaces
 and is split at them. Exact match compares the token sequences, so spacing
 differences inside Chinese text do not count.
+
+Several accepted answers (a reference and its aliases, as MLaKE gives them):
+:func:`best_token_f1` and :func:`best_exact_match` score a prediction against each
+and keep the highest, so an alias said exactly is an exact match.
 """
 from __future__ import annotations
 
 import re
 import unicodedata
 from collections import Counter
+from typing import Sequence
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -77,3 +82,13 @@ def token_f1(prediction: str, reference: str, language: str = "en") -> float:
         return 0.0
     precision, recall = same / len(pred), same / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def best_exact_match(prediction: str, references: Sequence[str], language: str = "en") -> float:
+    """The highest :func:`exact_match` over ``references`` (an answer and its aliases: any one counts)."""
+    return max((exact_match(prediction, r, language) for r in references if r is not None), default=0.0)
+
+
+def best_token_f1(prediction: str, references: Sequence[str], language: str = "en") -> float:
+    """The highest :func:`token_f1` over ``references`` (an answer and its aliases, as MLaKE accepts either)."""
+    return max((token_f1(prediction, r, language) for r in references if r is not None), default=0.0)

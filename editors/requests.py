@@ -31,6 +31,9 @@ class LanguageFact:
     the answer before the edit where known. ``paraphrases`` are rephrased
     prompts (generality), ``locality`` (prompt, answer) pairs the edit must not
     change, ``portability`` (question, answer) pairs that follow from the edit.
+    ``aliases`` maps an answer (the new target or a portability answer) to other
+    answers accepted as correct for it in F1 / EM (MLaKE's ``e_answer_aliases``);
+    saved requests without it load with none.
     """
 
     prompt: str
@@ -40,6 +43,11 @@ class LanguageFact:
     paraphrases: list[str] = field(default_factory=list)
     locality: list[tuple[str, str]] = field(default_factory=list)
     portability: list[tuple[str, str]] = field(default_factory=list)
+    aliases: dict[str, list[str]] = field(default_factory=dict)
+
+    def accepted(self, answer: str) -> list[str]:
+        """``answer`` and its aliases: every text scored as a right answer where ``answer`` is the reference."""
+        return [answer, *(a for a in self.aliases.get(answer, []) if a != answer)]
 
     def contexts(self) -> list[str]:
         """The texts of this fact that contain its subject (prompt, paraphrases, portability questions)."""
@@ -51,7 +59,8 @@ class LanguageFact:
             "prompt": self.prompt, "subject": self.subject, "target_new": self.target_new,
             "target_old": self.target_old, "paraphrases": list(self.paraphrases),
             "locality": [list(p) for p in self.locality], "portability": [list(p) for p in self.portability],
-        }
+            **({"aliases": {k: list(v) for k, v in self.aliases.items()}} if self.aliases else {}),
+        }  # no "aliases" key without aliases: the dicts (and run keys) of requests written before it stay the same
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "a language fact") -> "LanguageFact":
@@ -117,12 +126,15 @@ class EditRequest:
 
     @classmethod
     def from_record(cls, record: Any, languages: Iterable[str] | None = None) -> "EditRequest":
-        """A request from a :class:`data.edit_records.EditRecord` (MzsRE / Bi-ZsRE; MLaKE with subjects).
+        """A request from a :class:`data.edit_records.EditRecord` (MzsRE / Bi-ZsRE, MLaKE).
 
         Per language: prompt, subject, target_new; ``rephrase`` becomes the
         paraphrase, ``(loc, loc_ans)`` the locality pair, ``(port_question,
-        port_answer)`` the portability pair, MLaKE's ``target_true`` the old
-        target. ``languages`` (default: all of the record's) selects languages.
+        port_answer)`` the portability pair. MLaKE (single-hop question as the
+        edit): ``target_true`` is the old target, ``new_aliases`` the new
+        target's aliases, and every linked multi-hop question of ``portability``
+        ({question, answer, aliases}) a portability pair with its aliases.
+        ``languages`` (default: all of the record's) selects languages.
         """
         record_id = str(getattr(record, "record_id", ""))
         available = dict(getattr(record, "fields", {}) or {})
@@ -135,15 +147,23 @@ class EditRequest:
                 raise InputError(f"Record {record_id} has no language {code!r}; it has {', '.join(sorted(available))}.")
             f = available[code]
             if not f.get("subject"):
-                raise InputError(f"Record {record_id} ({code}) has no subject, which every editor needs; "
-                                 "MLaKE gives none: add a 'subject' field to its items.")
+                raise InputError(f"Record {record_id} ({code}) has no subject, which every editor needs; none "
+                                 "could be derived from its question and statements: add a 'subject' field to "
+                                 "its items.")
+            target_new = f.get("target_new") or ""
+            portability = ([(f["port_question"], f["port_answer"])]
+                           if f.get("port_question") and f.get("port_answer") else [])
+            aliases: dict[str, list[str]] = {}
+            _add_aliases(aliases, target_new, f.get("new_aliases"))
+            for hop in f.get("portability") or []:  # MLaKE: multi-hop questions linked to this single-hop edit
+                portability.append((hop["question"], hop["answer"]))
+                _add_aliases(aliases, hop["answer"], hop.get("aliases"))
             facts[code] = LanguageFact(
-                prompt=f.get("prompt") or "", subject=f["subject"], target_new=f.get("target_new") or "",
+                prompt=f.get("prompt") or "", subject=f["subject"], target_new=target_new,
                 target_old=f.get("target_true"),
                 paraphrases=[f["rephrase"]] if f.get("rephrase") else [],
                 locality=[(f["loc"], f["loc_ans"])] if f.get("loc") and f.get("loc_ans") else [],
-                portability=([(f["port_question"], f["port_answer"])]
-                             if f.get("port_question") and f.get("port_answer") else []),
+                portability=portability, aliases=aliases,
             )
         return cls(facts, case_id=record_id)
 
@@ -160,6 +180,18 @@ class EditRequest:
         facts = {str(lang): LanguageFact.from_dict(fact, f"{where}, language {lang!r}")
                  for lang, fact in data["facts"].items()}
         return cls(facts, case_id)
+
+
+def _add_aliases(aliases: dict[str, list[str]], answer: str, more: Iterable[str] | None) -> None:
+    """Add ``more`` as aliases of ``answer`` (in order, once each, never the answer itself)."""
+    if not answer or not more:
+        return
+    kept = aliases.setdefault(answer, [])
+    for alias in more:
+        if alias and alias != answer and alias not in kept:
+            kept.append(alias)
+    if not kept:
+        del aliases[answer]
 
 
 def validate_requests(requests: EditRequest | Sequence[EditRequest], wb: Workbench | None = None,
@@ -234,4 +266,23 @@ def _checked_fact(fact: Any, where: str, wb: Workbench, need_subject: bool = Tru
     if old is not None and not isinstance(old, str):
         raise InputError(f"{where}: the old target must be text.")
     return LanguageFact(prompt, subject, fact.target_new, old if old and old.strip() else None, paraphrases,
-                        _pairs(fact.locality, "locality", where), _pairs(fact.portability, "portability", where))
+                        _pairs(fact.locality, "locality", where), _pairs(fact.portability, "portability", where),
+                        _alias_map(fact.aliases, where))
+
+
+def _alias_map(value: Any, where: str) -> dict[str, list[str]]:
+    """``{answer: [alias, ...]}`` checked: texts only, empty aliases dropped."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InputError(f"{where}: aliases must be an object {{answer: [alias, ...]}}.")
+    out: dict[str, list[str]] = {}
+    for answer, alias_list in value.items():
+        if not isinstance(answer, str) or isinstance(alias_list, (str, bytes)) or not isinstance(alias_list, Iterable):
+            raise InputError(f"{where}: aliases must be an object {{answer: [alias, ...]}}; "
+                             f"got {answer!r}: {alias_list!r}.")
+        texts = [_text_field(a, f"alias of {answer!r}", where) for a in alias_list if not (isinstance(a, str)
+                                                                                          and not a.strip())]
+        if texts:
+            out[answer] = texts
+    return out
