@@ -34,6 +34,14 @@ A file may also be a dict {language: [items]}.  A folder loads every *.json
 below it; files that differ only in their language code (``en_qa.json``,
 ``de_qa.json``) are merged by item index, the same assumption MLaKE's
 parallel construction rests on; files of one group must have equal lengths.
+MLaKE gives no subjects: :func:`derive_subject` derives one per item and
+language (``subject``, ``subject_source``; None where no rule finds one, and
+:func:`subject_report` counts those). :func:`load_mlake_edits` makes edits of
+the single-hop items, each with the post-edit multi-hop questions linked to it
+as ``portability`` [{question, answer, aliases}].
+
+:func:`load_edit_records` loads either benchmark, telling them apart with
+:func:`edit_data_format`.
 """
 from __future__ import annotations
 

@@ -12,6 +12,12 @@ locality       each locality question    the *unedited* model's answer
 portability    each portability question the portability answer
 =============  =======================  ==========================================
 
+MLaKE records (:func:`data.edit_records.load_mlake_edits`): the single-hop
+question is the reliability probe, its linked multi-hop questions the
+portability probes; there are no paraphrases or locality questions. Where the
+data set gives aliases (``LanguageFact.aliases``), F1 and EM are the best over
+the reference and its aliases (:func:`editors.metrics.best_token_f1`).
+
 Answers are produced by :mod:`editors.answers` (the prompt as it is, greedy,
 as many tokens as the reference has) and compared by :mod:`editors.metrics`
 (SQuAD normalisation, characters as tokens in scripts without spaces).
