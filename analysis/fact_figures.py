@@ -25,6 +25,8 @@ __all__ = [
     "attribution_strength",
     "average_effect_heatmaps",
     "causal_trace_heatmaps",
+    "compare_summary",
+    "editor_colours",
     "edit_probability_bars",
     "knowledge_neurons_by_layer",
     "trained_neurons",
@@ -251,3 +253,55 @@ def patch_activations(table: pd.DataFrame, memory_max: float | None = None, titl
     fig.update_xaxes(title_text="language of the question")
     fig.update_yaxes(title_text="a_p = σ(q·k_p + b_p)")
     return fig
+
+
+# --------------------------------------------------------------------------- comparison of editors
+
+COMPARE_KINDS = ("reliability", "generality", "locality", "portability")
+#: Colours of the editors on the Compare page (the unedited model grey), in order of appearance.
+_EDITOR_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+                   "#bcbd22", "#7f7f7f")
+
+
+def editor_colours(methods: Sequence[str]) -> dict[str, str]:
+    """A fixed colour per editor in ``methods`` (``unedited`` grey), stable over the figures of one page."""
+    out, i = {}, 0
+    for m in methods:
+        if m == "unedited":
+            out[m] = "#b0b0b0"
+        else:
+            out[m] = _EDITOR_COLOURS[i % len(_EDITOR_COLOURS)]
+            i += 1
+    return out
+
+
+def compare_summary(summary: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """Mean success per editor and language, one panel per probe kind (reliability, generality, locality,
+    portability): bars grouped by language, one colour per editor, the unedited model first.
+
+    ``summary`` has columns ``method``, ``language``, ``kind``, ``success`` (0–100) and ``n`` (the probes
+    it averages), as ``editors.compare.summary_table`` returns."""
+    summary = _check_table(summary, ["method", "language", "kind", "success"], "The comparison summary",
+                           numeric=["success"])
+    kinds = [k for k in COMPARE_KINDS if k in set(summary["kind"])] or sorted(set(summary["kind"]))
+    methods = list(dict.fromkeys(summary["method"]))
+    colours = editor_colours(methods)
+    fig = make_subplots(rows=1, cols=max(1, len(kinds)), subplot_titles=kinds, shared_yaxes=True,
+                        horizontal_spacing=0.03)
+    for col, kind in enumerate(kinds, start=1):
+        part = summary[summary["kind"] == kind]
+        for method in methods:
+            rows = part[part["method"] == method]
+            if rows.empty:
+                continue
+            n = rows["n"] if "n" in rows else [1] * len(rows)
+            fig.add_bar(x=rows["language"], y=rows["success"], name=method, legendgroup=method,
+                        marker_color=colours[method], showlegend=col == 1,
+                        text=[f"{v:.0f}" for v in rows["success"]], textposition="outside", cliponaxis=False,
+                        customdata=np.asarray(n).reshape(-1, 1),
+                        hovertemplate=(f"{_escape(method)} · {kind} · %{{x}}: %{{y:.1f}}"
+                                       " (mean of %{customdata[0]} probe(s))<extra></extra>"), row=1, col=col)
+    fig.update_yaxes(range=[0, 112], title_text="success (token F1 %)", row=1, col=1)
+    fig.update_xaxes(title_text="language")
+    return _layout(fig, title or "Success per editor, language and probe kind (locality: answer kept)",
+                   barmode="group", height=420, legend_title_text="editor", margin=dict(t=80, b=40))

@@ -20,6 +20,7 @@ navigation = st.navigation([
     st.Page(str(PAGES / "attribution.py"), title="Attribution", icon=":material/target:", url_path="attribution"),
     st.Page(str(PAGES / "tracing.py"), title="Causal tracing", icon=":material/biotech:", url_path="tracing"),
     st.Page(str(PAGES / "edit_lab.py"), title="Edit lab", icon=":material/edit_note:", url_path="edit-lab"),
+    st.Page(str(PAGES / "compare.py"), title="Compare editors", icon=":material/compare_arrows:", url_path="compare"),
     st.Page(str(PAGES / "sequential.py"), title="Sequential editing", icon=":material/stacked_line_chart:",
             url_path="sequential"),
     st.Page(str(PAGES / "runs.py"), title="Runs", icon=":material/folder_open:", url_path="runs"),

@@ -1,8 +1,10 @@
 """Widgets more than one page uses: figure downloads, the neuron drill-down and the fact picker."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pandas as pd
 import streamlit as st
@@ -11,6 +13,7 @@ from analysis import figures
 from analysis import neurons as nr
 from app import forms
 from app.state import kept, workbench
+from editors.requests import EditRequest
 
 
 def downloads(fig, stem: str, table: pd.DataFrame | None = None, key: str | None = None) -> None:
@@ -121,3 +124,156 @@ def fact_form(prefix: str, rows: pd.DataFrame, corpus_name: str, sources: Mappin
             choice.model_answer = kept(st.checkbox, "Trace the model's own prediction instead of the corpus answer",
                                        key=f"{prefix}-use-model{'' if source == 'one' else '-many'}", default=False)
         yield choice
+
+
+# ------------------------------------------------------------------- the fact to edit (Edit lab, Compare)
+
+EDIT_SOURCES = ("A record from a data set (MzsRE, MLaKE)", "Type a fact", "A fact from the corpus")
+ROOT = Path(__file__).resolve().parents[1]
+TYPED_LANGUAGES = ["en", "zh", "de", "fr", "es", "ru", "ja", "cs", "nl", "pt", "it", "ar", "th", "tr", "vi"]
+EDIT_EXAMPLES = {
+    "en": dict(prompt="The Eiffel Tower is located in the city of", subject="Eiffel Tower", target_new="Rome",
+               target_old="Paris", paraphrases="The Eiffel Tower can be found in the city of",
+               locality="The capital of Japan is | Tokyo",
+               portability="The Eiffel Tower is located in the country of | Italy"),
+    "zh": dict(prompt="埃菲尔铁塔位于", subject="埃菲尔铁塔", target_new="罗马", target_old="巴黎",
+               paraphrases="埃菲尔铁塔坐落于", locality="日本的首都是 | 东京", portability=""),
+    "de": dict(prompt="Der Eiffelturm steht in der Stadt", subject="Eiffelturm", target_new="Rom",
+               target_old="Paris", paraphrases="Der Eiffelturm befindet sich in",
+               locality="Die Hauptstadt von Japan ist | Tokio", portability=""),
+}
+
+
+def mzsre_folder() -> Path:
+    """``NEUROGLOT_MZSRE``, else ``../shared/data/mzsre/dev`` beside the repository."""
+    return Path(os.environ.get("NEUROGLOT_MZSRE") or ROOT.parent / "shared" / "data" / "mzsre" / "dev")
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def dataset_records(path: str, stamp: float) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """The edit records of an MzsRE or MLaKE file or folder as plain data: (record_id, {language: fields}).
+    ``stamp`` (the path's modification time) reads a changed folder again. Pure: draws nothing."""
+    from data import edit_records
+
+    load = getattr(edit_records, "load_edit_records", None) or edit_records.load_mzsre
+    return [(r.record_id, dict(r.fields)) for r in load(path)]
+
+
+class _Record:
+    """The shape :meth:`EditRequest.from_record` reads."""
+
+    def __init__(self, record_id: str, fields: dict[str, dict[str, Any]]):
+        self.record_id, self.fields = record_id, fields
+
+
+def dataset_request(prefix: str, default: Sequence[str]) -> EditRequest | None:
+    """A data-set record picker (a folder of MzsRE or MLaKE files; search; record; languages)."""
+    typed = st.text_input("Data set (an MzsRE or MLaKE file or folder)", str(mzsre_folder()), key=f"{prefix}-dataset",
+                          help="Default: NEUROGLOT_MZSRE, else ../shared/data/mzsre/dev beside the repository.")
+    folder = Path(typed.strip()).expanduser()
+    if not folder.exists():
+        st.info(f"No data at `{folder}`. Give the folder of the MzsRE test files (mzsre_test_duplicate_en*.json) "
+                "or of MLaKE's files (en_qa.json ...), or set the NEUROGLOT_MZSRE environment variable; or type "
+                "a fact.")
+        return None
+    with st.spinner("Reading the records..."):
+        records = dataset_records(str(folder), folder.stat().st_mtime)
+    query = st.text_input("Search the records (subject, question or target)", key=f"{prefix}-mzsre-search")
+    query = query.strip().lower()
+    matches = [i for i, (_, fields) in enumerate(records)
+               if not query or any(query in str(v).lower() for f in fields.values() for v in f.values())]
+    if not matches:
+        st.warning(f"No record matches {query!r}.")
+        return None
+
+    def label(i: int) -> str:
+        rid, fields = records[i]
+        f = fields.get("en") or next(iter(fields.values()))
+        return f"{i} · {f.get('subject') or ''} · {f.get('prompt', '')} → {f.get('target_new', '')}"
+
+    index = st.selectbox(f"Record ({len(matches):,} of {len(records):,})", matches, format_func=label,
+                         key=f"{prefix}-mzsre-record")
+    rid, fields = records[index]
+    available = sorted(fields)
+    chosen = [lang for lang in default if lang in available] or available[:1]
+    languages = st.multiselect("Languages", available, default=chosen, key=f"{prefix}-mzsre-languages",
+                               format_func=forms.language_name)
+    request = EditRequest.from_record(_Record(rid, fields), languages) if languages else None
+    if request is not None:
+        st.dataframe(pd.DataFrame([{"language": lang, "question": f.prompt, "subject": f.subject,
+                                    "new target": f.target_new, "paraphrases": " / ".join(f.paraphrases)}
+                                   for lang, f in request.facts.items()]), hide_index=True, width="stretch")
+    return request
+
+
+def typed_edit(prefix: str, default: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Widgets for a typed fact: per language, the raw texts (checked by ``forms.edit_request_from_boxes``)."""
+    from data import LANGUAGES
+
+    options = TYPED_LANGUAGES + sorted(set(LANGUAGES) - set(TYPED_LANGUAGES))
+    languages = st.multiselect("Languages", options, default=list(default), key=f"{prefix}-typed-languages",
+                               accept_new_options=True, format_func=forms.language_name,
+                               help="Pick from the list, or type an ISO 639-1 code or an English language name.")
+    raw = {}
+    for lang in languages:
+        ex = EDIT_EXAMPLES.get(lang, {})
+        with st.container(border=True):
+            st.markdown(f"**{forms.language_name(lang)}**")
+            c = st.columns(4)
+            row = {
+                "prompt": c[0].text_input(f"Prompt ({lang})", ex.get("prompt", ""), key=f"{prefix}-prompt-{lang}"),
+                "subject": c[1].text_input(f"Subject ({lang})", ex.get("subject", ""),
+                                           key=f"{prefix}-subject-{lang}"),
+                "target_new": c[2].text_input(f"New target ({lang})", ex.get("target_new", ""),
+                                              key=f"{prefix}-new-{lang}"),
+                "target_old": c[3].text_input(f"Old target ({lang}, optional)", ex.get("target_old", ""),
+                                              key=f"{prefix}-old-{lang}"),
+            }
+            c = st.columns(3)
+            row["paraphrases"] = c[0].text_area(f"Paraphrases ({lang}, one per line)", ex.get("paraphrases", ""),
+                                                key=f"{prefix}-para-{lang}", height=80)
+            row["locality"] = c[1].text_area(f"Locality ({lang}, question | answer per line)",
+                                             ex.get("locality", ""), key=f"{prefix}-loc-{lang}", height=80)
+            row["portability"] = c[2].text_area(f"Portability ({lang}, question | answer per line)",
+                                                ex.get("portability", ""), key=f"{prefix}-port-{lang}", height=80)
+        raw[lang] = row
+    return raw
+
+
+def corpus_edit(prefix: str, rows: pd.DataFrame, corpus_name: str) -> EditRequest | None:
+    """A corpus fact in the chosen languages, with a new target typed per language."""
+    from analysis import causal_trace as ct
+
+    all_languages = sorted(rows["language"].unique())
+    languages = st.multiselect("Languages", all_languages, default=forms.default_languages(all_languages, n=1),
+                               key=f"{prefix}-corpus-languages", format_func=forms.language_name)
+    if not languages:
+        return None
+    fact = corpus_fact(rows, corpus_name, languages, key=f"{prefix}-corpus-fact", name_corpus=True)
+    if fact is None:
+        return None
+    found = ct.fact_prompt(rows, fact, languages)
+    fields = {}
+    for col, lang in zip(st.columns(len(languages)), languages):
+        prompt, subject, obj = found[lang]
+        col.caption(f"**{lang}** · {prompt} … (now: {obj})")
+        new = col.text_input(f"New target ({lang})", key=f"{prefix}-corpus-new-{lang}-{fact}")
+        fields[lang] = dict(prompt=prompt, subject=subject, target_new=new, target_old=obj)
+    return forms.edit_request(fields, case_id=str(fact))
+
+
+def edit_fact(prefix: str, corpus: Callable[[], tuple[str, pd.DataFrame]], default: Sequence[str] = ("en", "zh"),
+              ) -> tuple[EditRequest | None, dict[str, dict[str, str]] | None]:
+    """The Edit lab's and Compare page's fact picker: a data-set record, a typed fact or a corpus fact.
+
+    Returns ``(request, None)`` for a record or a corpus fact (None while incomplete) and ``(None, raw
+    boxes)`` for a typed fact, checked when the user presses the page's button
+    (``forms.edit_request_from_boxes``), so that typing does not show errors before then. ``corpus()`` gives
+    the corpus as (name, rows); it is read only when a corpus fact is asked for."""
+    source = st.radio("Source", EDIT_SOURCES, horizontal=True, key=f"{prefix}-source")
+    if source == EDIT_SOURCES[1]:
+        return None, typed_edit(prefix, default)
+    if source == EDIT_SOURCES[0]:
+        return dataset_request(prefix, default), None
+    corpus_name, rows = corpus()
+    return corpus_edit(prefix, rows, corpus_name), None

@@ -208,13 +208,14 @@ def plain_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 def compare(wb: Workbench, request: EditRequest, methods: Mapping[str, Mapping[str, Any] | None],
             test_languages: Sequence[str] | None = None, progress: Progress | None = None,
-            on_error: str = "record") -> Comparison:
+            on_error: str = "record", on_result: Callable[[EditorRun], None] | None = None) -> Comparison:
     """Every editor of ``methods`` (name -> hyper-parameter overrides, None for the preset) on ``request``,
     scored on its probes in ``test_languages`` (default: the request's languages).
 
     ``progress(fraction, message)`` goes over all editors. An editor that cannot edit this request
     (InputError: no preset, a bad value, a subject it needs) is recorded with its message and the others
-    go on (``on_error="record"``); ``on_error="raise"`` raises it.
+    go on (``on_error="record"``); ``on_error="raise"`` raises it. ``on_result(run)`` is called as each
+    editor's run is ready (the page marks it done).
     """
     if not methods:
         raise InputError("Choose at least one editor to compare.")
@@ -240,6 +241,8 @@ def compare(wb: Workbench, request: EditRequest, methods: Mapping[str, Mapping[s
                 raise
             results.append(EditorRun(method=method, edit_languages=tuple(request.languages), hparams={},
                                      folder=Path(), seconds=0.0, summary={}, rows=[], error=str(exc)))
+        if on_result is not None:
+            on_result(results[-1])
     report(1.0, "done")
     return Comparison(request=probed, test_languages=tuple(probed.languages), before=before, runs=results)
 

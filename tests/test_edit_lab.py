@@ -202,8 +202,8 @@ def test_mzsre_folder_missing_shows_an_info_box(tiny_spec, tmp_path, monkeypatch
     at = new_page(tiny_spec, tmp_path)
     at.run()
     assert not at.exception, at.exception
-    assert at.radio(key="el-source").value == "A record from MzsRE"
-    assert any("No MzsRE data" in i.value for i in at.info)
+    assert at.radio(key="el-source").value == "A record from a data set (MzsRE, MLaKE)"
+    assert any("No data at" in i.value for i in at.info)
 
 
 def _tensors_in(value, seen=None) -> list[str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -32,10 +31,10 @@ import streamlit as st
 from analysis import fact_figures, figures
 from analysis.errors import InputError, NeuroglotError
 from app.edit_store import edit_zip, load_edit, remove_edit, save_edit, session_folder
-from app.forms import default_languages, edit_request, edit_request_from_boxes, hparams_from_text, language_name
+from app.forms import edit_request_from_boxes, hparams_from_text
 from app.state import (ERROR_ICON, corpus_rows, current_corpus_spec, current_model_spec, progress_bar,
                        user_errors, workbench)
-from app.widgets import corpus_fact, downloads, neuron_drilldown
+from app.widgets import downloads, edit_fact, neuron_drilldown
 from editors.apply import in_context_prompts
 from editors.base import available_editors, get_editor
 from editors.edit import Edit
@@ -52,38 +51,11 @@ st.caption("Edit one fact in several languages and compare the model's answers b
            "in this browser session only: the shared model carries them just while this page measures it, so "
            "other sessions never see them (reloading the page starts a new session without edits).")
 
-SOURCES = ("A record from MzsRE", "Type a fact", "A fact from the corpus")
-ROOT = Path(__file__).resolve().parents[2]
-TYPED_LANGUAGES = ["en", "zh", "de", "fr", "es", "ru", "ja", "cs", "nl", "pt", "it", "ar", "th", "tr", "vi"]
-EXAMPLES = {
-    "en": dict(prompt="The Eiffel Tower is located in the city of", subject="Eiffel Tower", target_new="Rome",
-               target_old="Paris", paraphrases="The Eiffel Tower can be found in the city of",
-               locality="The capital of Japan is | Tokyo",
-               portability="The Eiffel Tower is located in the country of | Italy"),
-    "zh": dict(prompt="埃菲尔铁塔位于", subject="埃菲尔铁塔", target_new="罗马", target_old="巴黎",
-               paraphrases="埃菲尔铁塔坐落于", locality="日本的首都是 | 东京", portability=""),
-    "de": dict(prompt="Der Eiffelturm steht in der Stadt", subject="Eiffelturm", target_new="Rom",
-               target_old="Paris", paraphrases="Der Eiffelturm befindet sich in",
-               locality="Die Hauptstadt von Japan ist | Tokio", portability=""),
-}
 PROBE_LABELS = {"reliability": "edit", "generality": "paraphrase", "locality": "locality",
                 "portability": "portability"}
 P_TARGET_HELP = ("P(target) is the probability of the whole target answer after the question, under teacher "
                  "forcing: the product of the probabilities of its tokens, each given the question and the "
                  "answer's tokens before it (not just its first token).")
-
-
-def mzsre_folder() -> Path:
-    """``NEUROGLOT_MZSRE``, else ``../shared/data/mzsre/dev`` beside the repository."""
-    return Path(os.environ.get("NEUROGLOT_MZSRE") or ROOT.parent / "shared" / "data" / "mzsre" / "dev")
-
-
-@st.cache_data(show_spinner=False, max_entries=4)
-def mzsre_records(path: str) -> list[tuple[str, dict[str, dict[str, Any]]]]:
-    """MzsRE records as plain data: (record_id, {language: fields}). Pure: draws nothing."""
-    from data.edit_records import load_mzsre
-
-    return [(r.record_id, dict(r.fields)) for r in load_mzsre(path)]
 
 
 # ===================================================================== this session's edits
@@ -147,106 +119,6 @@ def compute_with_progress(editor: Any, wb: Workbench, request: EditRequest, labe
     if "error" in result:
         raise result["error"]
     return result["edit"], seconds
-
-
-# ============================================================== the fact to edit
-
-
-def typed_request() -> dict[str, dict[str, str]]:
-    """Widgets for a typed fact: per language, the raw texts (checked when the edit is applied)."""
-    from data import LANGUAGES
-
-    options = TYPED_LANGUAGES + sorted(set(LANGUAGES) - set(TYPED_LANGUAGES))
-    languages = st.multiselect("Languages", options, default=["en", "zh"], key="el-typed-languages",
-                               accept_new_options=True, format_func=language_name,
-                               help="Pick from the list, or type an ISO 639-1 code or an English language name.")
-    raw = {}
-    for lang in languages:
-        ex = EXAMPLES.get(lang, {})
-        with st.container(border=True):
-            st.markdown(f"**{language_name(lang)}**")
-            c = st.columns(4)
-            row = {
-                "prompt": c[0].text_input(f"Prompt ({lang})", ex.get("prompt", ""), key=f"el-prompt-{lang}"),
-                "subject": c[1].text_input(f"Subject ({lang})", ex.get("subject", ""), key=f"el-subject-{lang}"),
-                "target_new": c[2].text_input(f"New target ({lang})", ex.get("target_new", ""),
-                                              key=f"el-new-{lang}"),
-                "target_old": c[3].text_input(f"Old target ({lang}, optional)", ex.get("target_old", ""),
-                                              key=f"el-old-{lang}"),
-            }
-            c = st.columns(3)
-            row["paraphrases"] = c[0].text_area(f"Paraphrases ({lang}, one per line)", ex.get("paraphrases", ""),
-                                                key=f"el-para-{lang}", height=80)
-            row["locality"] = c[1].text_area(f"Locality ({lang}, question | answer per line)",
-                                             ex.get("locality", ""), key=f"el-loc-{lang}", height=80)
-            row["portability"] = c[2].text_area(f"Portability ({lang}, question | answer per line)",
-                                                ex.get("portability", ""), key=f"el-port-{lang}", height=80)
-        raw[lang] = row
-    return raw
-
-
-class _Record:
-    """The shape :meth:`EditRequest.from_record` reads."""
-
-    def __init__(self, record_id: str, fields: dict[str, dict[str, Any]]):
-        self.record_id, self.fields = record_id, fields
-
-
-def mzsre_request() -> EditRequest | None:
-    folder = mzsre_folder()
-    if not folder.exists():
-        st.info(f"No MzsRE data at `{folder}`. Put the MzsRE test files (mzsre_test_duplicate_en*.json) there, "
-                "or set the NEUROGLOT_MZSRE environment variable to their folder; or type a fact.")
-        return None
-    with st.spinner("Reading MzsRE..."):
-        records = mzsre_records(str(folder))
-    query = st.text_input("Search the records (subject, question or target)", key="el-mzsre-search").strip().lower()
-    matches = [i for i, (_, fields) in enumerate(records)
-               if not query or any(query in str(v).lower() for f in fields.values() for v in f.values())]
-    if not matches:
-        st.warning(f"No record matches {query!r}.")
-        return None
-
-    def label(i: int) -> str:
-        rid, fields = records[i]
-        f = fields.get("en") or next(iter(fields.values()))
-        return f"{i} · {f.get('subject', '')} · {f.get('prompt', '')} → {f.get('target_new', '')}"
-
-    index = st.selectbox(f"Record ({len(matches):,} of {len(records):,})", matches, format_func=label,
-                         key="el-mzsre-record")
-    rid, fields = records[index]
-    available = sorted(fields)
-    default = [lang for lang in ("en", "zh") if lang in available] or available[:1]
-    languages = st.multiselect("Languages", available, default=default, key="el-mzsre-languages",
-                               format_func=language_name)
-    request = EditRequest.from_record(_Record(rid, fields), languages) if languages else None
-    if request is not None:
-        st.dataframe(pd.DataFrame([{"language": lang, "question": f.prompt, "subject": f.subject,
-                                    "new target": f.target_new, "paraphrases": " / ".join(f.paraphrases)}
-                                   for lang, f in request.facts.items()]), hide_index=True, width="stretch")
-    return request
-
-
-def corpus_request() -> EditRequest | None:
-    from analysis import causal_trace as ct
-
-    corpus_name, rows = corpus_rows(current_corpus_spec())
-    all_languages = sorted(rows["language"].unique())
-    languages = st.multiselect("Languages", all_languages, default=default_languages(all_languages, n=1),
-                               key="el-corpus-languages", format_func=language_name)
-    if not languages:
-        return None
-    fact = corpus_fact(rows, corpus_name, languages, key="el-corpus-fact", name_corpus=True)
-    if fact is None:
-        return None
-    found = ct.fact_prompt(rows, fact, languages)
-    fields = {}
-    for col, lang in zip(st.columns(len(languages)), languages):
-        prompt, subject, obj = found[lang]
-        col.caption(f"**{lang}** · {prompt} … (now: {obj})")
-        new = col.text_input(f"New target ({lang})", key=f"el-corpus-new-{lang}-{fact}")
-        fields[lang] = dict(prompt=prompt, subject=subject, target_new=new, target_old=obj)
-    return edit_request(fields, case_id=str(fact))
 
 
 # ============================================================ before / after
@@ -520,16 +392,10 @@ with user_errors():
     entries = [e for e in all_entries if e["model"] == model_spec]
 
     st.subheader("1 · The fact")
-    source = st.radio("Source", SOURCES, horizontal=True, key="el-source")
     request: EditRequest | None = None
     typed_raw = None
     with user_errors():
-        if source == SOURCES[0]:
-            request = mzsre_request()
-        elif source == SOURCES[1]:
-            typed_raw = typed_request()
-        else:
-            request = corpus_request()
+        request, typed_raw = edit_fact("el", lambda: corpus_rows(current_corpus_spec()))
 
     st.subheader("2 · The editor")
     names = available_editors()

@@ -1,0 +1,132 @@
+"""The Compare page (app/views/compare.py) under Streamlit's AppTest, on a tiny random llama checkpoint.
+
+Two editors on a typed en+de fact: the timing table, the grid (a row per probe, a column group per editor)
+and the summary chart appear, the shared model is bit-identical afterwards; a second run of the same request
+reads every edit back from the disk cache; the transfer matrices draw one heatmap per editor; a bad
+hyper-parameter value is an error box that keeps the earlier comparison."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import assert_bit_identical, save_tiny_checkpoint, snapshot
+
+PAGE = str(Path(__file__).resolve().parent.parent / "app" / "views" / "compare.py")
+HPARAMS = {
+    "rome": dict(layers=[1], v_num_grad_steps=3, context_template_length_params=[[2, 1]], mom2_n_tokens=500),
+    "ike": dict(k=2),
+}
+FACT = {
+    "en": dict(prompt="The capital of France", subject="France", new="Berlin", old="Paris",
+               para="Capital city of France", loc="The capital of Japan is | Tokyo"),
+    "de": dict(prompt="Die Hauptstadt von Frankreich", subject="Frankreich", new="Berlin", old="Paris",
+               para="Hauptstadt von Frankreich", loc=""),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_spec(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama-compare")
+    save_tiny_checkpoint("llama", folder)
+    return str(folder)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUROGLOT_CACHE", str(tmp_path / "cache"))
+
+
+def new_page(spec: str):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(PAGE, default_timeout=180)
+    at.session_state["model_spec"] = spec
+    return at
+
+
+def fill(at, hparams=HPARAMS) -> None:
+    at.radio(key="cmp-source").set_value("Type a fact").run()
+    at.multiselect(key="cmp-typed-languages").set_value(list(FACT)).run()
+    for lang, f in FACT.items():
+        at.text_input(key=f"cmp-prompt-{lang}").set_value(f["prompt"])
+        at.text_input(key=f"cmp-subject-{lang}").set_value(f["subject"])
+        at.text_input(key=f"cmp-new-{lang}").set_value(f["new"])
+        at.text_input(key=f"cmp-old-{lang}").set_value(f["old"])
+        at.text_area(key=f"cmp-para-{lang}").set_value(f["para"])
+        at.text_area(key=f"cmp-loc-{lang}").set_value(f["loc"])
+        at.text_area(key=f"cmp-port-{lang}").set_value("")
+    at.multiselect(key="cmp-editors").set_value(list(hparams)).run()
+    for name, values in hparams.items():
+        box = next(t for t in at.text_area if str(t.key).startswith(f"cmp-hp-{name}-"))
+        box.set_value(json.dumps(values))
+    at.run()
+
+
+def errors(at) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def grid(at):
+    return next(d.value for d in at.dataframe if "ike · answer" in getattr(d.value, "columns", []))
+
+
+def test_two_editors_side_by_side_then_cached_then_transfer_matrices(tiny_spec):
+    from app.state import workbench
+
+    at = new_page(tiny_spec)
+    at.run()
+    assert not at.exception and not errors(at)
+    assert any("Run comparison" in i.value for i in at.info)
+    fill(at)
+    wb = workbench(tiny_spec)
+    before = snapshot(wb.model)
+    at.button(key="cmp-run").click().run()
+    assert not at.exception, at.exception
+    assert not errors(at), errors(at)
+    timing = next(d.value for d in at.dataframe if "from cache" in getattr(d.value, "columns", []))
+    assert list(timing["editor"]) == ["rome", "ike"] and not timing["from cache"].any()
+    table = grid(at)
+    # en: edit, paraphrase, locality; de: edit, paraphrase
+    assert list(table["language"]) == ["en", "en", "en", "de", "de"]
+    assert {"unedited · answer", "rome · answer", "rome · P(new)"} <= set(table.columns)
+    assert len(at.get("plotly_chart")) >= 1
+    assert_bit_identical(wb.model, before)
+
+    # the same request again: every edit comes back from disk
+    at.button(key="cmp-run").click().run()
+    timing = next(d.value for d in at.dataframe if "from cache" in getattr(d.value, "columns", []))
+    assert timing["from cache"].all()
+    assert grid(at).equals(table)
+
+    # transfer matrices: one heatmap per editor, edit languages en, de and all
+    at.button(key="cmp-transfer-run").click().run()
+    assert not at.exception and not errors(at), errors(at)
+    charts = at.get("plotly_chart")
+    heatmaps = [c for c in charts if "heatmap" in json.dumps(json.loads(c.proto.spec)["data"])]
+    assert len(heatmaps) == 2
+    z = json.loads(heatmaps[0].proto.spec)["data"][0]
+    assert len(z["y"]) == 3 and len(z["x"]) >= 2
+    # another metric redraws from the same runs
+    at.radio(key="cmp-transfer-metric").set_value("p_new").run()
+    assert not at.exception and not errors(at)
+    assert_bit_identical(wb.model, before)
+
+    # a bad value: an error box, and the earlier comparison stays
+    box = next(t for t in at.text_area if str(t.key).startswith("cmp-hp-rome-"))
+    box.set_value(json.dumps({**HPARAMS["rome"], "layers": [99]})).run()
+    at.button(key="cmp-run").click().run()
+    assert not at.exception
+    assert any("layer" in e.lower() for e in errors(at)), errors(at)
+    assert grid(at).equals(table)
+
+
+def test_no_fact_chosen_is_an_error_box(tiny_spec, monkeypatch, tmp_path):
+    monkeypatch.setenv("NEUROGLOT_MZSRE", str(tmp_path / "absent"))
+    at = new_page(tiny_spec)
+    at.run()
+    at.multiselect(key="cmp-editors").set_value(["ike"]).run()
+    at.button(key="cmp-run").click().run()
+    assert not at.exception
+    assert any("Choose a fact" in e for e in errors(at))
