@@ -155,7 +155,10 @@ class EditRequest:
                            if f.get("port_question") and f.get("port_answer") else [])
             aliases: dict[str, list[str]] = {}
             _add_aliases(aliases, target_new, f.get("new_aliases"))
-            for hop in f.get("portability") or []:  # MLaKE: multi-hop questions linked to this single-hop edit
+            hops = f.get("portability") if isinstance(f.get("portability"), list) else []
+            for hop in hops:  # MLaKE: the multi-hop questions linked to this single-hop edit
+                if not (isinstance(hop, Mapping) and hop.get("question") and hop.get("answer")):
+                    continue
                 portability.append((hop["question"], hop["answer"]))
                 _add_aliases(aliases, hop["answer"], hop.get("aliases"))
             facts[code] = LanguageFact(
