@@ -64,10 +64,10 @@ def transfer_heatmap(matrix: pd.DataFrame, title: str, metric: str) -> go.Figure
     height = max(260, 56 * len(rows) + 150)
     return _layout(
         fig, title,
-        xaxis=dict(title="test language", type="category", side="top", showgrid=False),
+        xaxis=dict(title="test language (x-avg: those outside the edit)", type="category", showgrid=False),
         yaxis=dict(title="edit languages", type="category", autorange="reversed", showgrid=False),
         height=height, width=max(520, 80 * len(cols) + 260),  # a width only for export; the app stretches it
-        margin=dict(l=10, r=10, t=90, b=10),
+        margin=dict(l=10, r=10, t=60, b=10),
     )
 
 
@@ -95,7 +95,7 @@ def method_scores_bars(scores: pd.DataFrame, title: str, metric: str) -> go.Figu
             hovertemplate=f"{method}<br>%{{x}}: %{{y:.1f}}%<extra></extra>"))
     return _layout(
         fig, title, barmode="group",
-        yaxis=dict(title=f"{metric} (%)", range=[0, 105]),
+        yaxis=dict(title=f"{metric} (%)", range=[0, 112]),
         xaxis=dict(title="metric"), legend=dict(title="method"), height=400,
     )
 

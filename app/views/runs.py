@@ -147,8 +147,12 @@ def show_heatmaps(folder: str, stamp: float, view: rb.EvaluateView, kind: str, c
 
 
 PROBE_CONFIG = {
-    "edit_languages": st.column_config.TextColumn("edit languages"),
-    "question": st.column_config.TextColumn("question", width="large"),
+    "method": st.column_config.TextColumn("method", width="small"),
+    "edit_languages": st.column_config.TextColumn("edit languages", width="small"),
+    "record": st.column_config.TextColumn("record", width="small"),
+    "language": st.column_config.TextColumn("language", width="small"),
+    "kind": st.column_config.TextColumn("kind", width="small"),
+    "question": st.column_config.TextColumn("question", width="medium"),
     "expected": st.column_config.TextColumn("expected"),
     "before": st.column_config.TextColumn("before", help="The unedited model's answer."),
     "after": st.column_config.TextColumn("after", help="The edited model's answer."),

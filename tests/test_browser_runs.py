@@ -1,0 +1,142 @@
+"""The Runs page used as a user does, in headless Chromium: open a small evaluation folder (IKE and LU-LAFNs on a
+tiny random llama, built in the test) by typing its path, read its heatmaps and probe table, show only the
+failures, select a row to see its record, download the CSV, leave for another page and come back, open the same
+folder in a second browser session, and type a folder that is no run. Every wait is for what the page says;
+screenshots go to the test's tmp dir."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+
+import pandas as pd
+import pytest
+
+from tests.browser import assert_clean, commit, download, go_to, select_row, settled, shown, submit
+from tests.tiny import tiny_workbench, write_dataset
+
+pytestmark = [pytest.mark.browser]
+
+WIDE = {"width": 1400, "height": 2600}
+LONG = 300_000
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    from editors.evaluate import EvalConfig, run_evaluation
+
+    base = tmp_path_factory.mktemp("browser-runs")
+    cache = os.environ.get("NEUROGLOT_CACHE")
+    os.environ["NEUROGLOT_CACHE"] = str(base / "cache")
+    try:
+        (base / "data").mkdir()
+        config = EvalConfig(dataset=write_dataset(base / "data"), methods=["ike", "lu-lafns"],
+                            edit_sets=[["en", "de"], ["en"], ["de"]], test_languages=["en", "de"], n=2,
+                            model="tiny-llama",
+                            hparams={"ike": dict(k=2), "lu-lafns": dict(layers=[0, 1, 2], beta=0.1, steps=3, lr=0.5,
+                                                                        n_prefixes=1, prefix_length=2)})
+        run_evaluation(tiny_workbench("llama"), config, base / "small-run")
+    finally:
+        if cache is None:
+            os.environ.pop("NEUROGLOT_CACHE", None)
+        else:
+            os.environ["NEUROGLOT_CACHE"] = cache
+    return base / "small-run"
+
+
+def raw_probes(folder) -> list[dict]:
+    out = []
+    for line in (folder / "rows.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        out += [dict(p, method=row["method"], edit_languages=row["edit_languages"], record=row["record"])
+                for p in row["probes"]]
+    return out
+
+
+def heatmap_titles(page) -> list[str]:
+    return page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot'))
+        .filter(p => p.data && p.data.length && p.data[0].type === 'heatmap')
+        .map(p => p.layout.title.text.replace(/<[^>]+>/g, ''))""")
+
+
+def drawn_heatmaps(page, count: int, timeout: float = 120) -> list[str]:
+    """The heatmaps' titles once ``count`` are drawn (plotly draws a chart after the script run that sent it)."""
+    deadline = time.time() + timeout
+    titles = heatmap_titles(page)
+    while len(titles) < count and time.time() < deadline:
+        page.wait_for_timeout(300)
+        titles = heatmap_titles(page)
+    return titles
+
+
+def open_run(page, url: str, folder) -> None:
+    page.goto(url + "/runs")
+    shown(page, "Open the run", timeout=LONG)
+    commit(page, page.get_by_role("textbox", name="…or a folder path", exact=True), str(folder))
+    submit(page, "Open the run")
+    settled(page)
+
+
+def test_browse_an_evaluation_folder_filter_select_download_leave_and_a_second_session(app_url, browser, small_run,
+                                                                                        tmp_path):
+    raw = raw_probes(small_run)
+    failed = sum(1 for p in raw if p["em"] < 1)
+    page = browser.new_page(viewport=WIDE)
+    open_run(page, app_url, small_run)
+    shown(page, "Transfer: edit languages × test languages", f"{len(raw)} of {len(raw)} probes", timeout=LONG)
+    body = assert_clean(page, "opening the small run")
+    assert "ike, lu-lafns" in body and "tiny-llama" in body
+    assert sorted(drawn_heatmaps(page, 2)) == ["ike: Reliability EM", "lu-lafns: Reliability EM"]
+    cells = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot'))
+        .filter(p => p.data[0].type === 'heatmap').map(p => p.data[0].text)""")
+    assert all(len(t) == 3 and all(len(r) == 3 for r in t) for t in cells)   # 3 edit sets × (en, de, x-avg)
+    page.screenshot(path=str(tmp_path / "runs_opened.png"), full_page=True)
+
+    # failures only: the count drops to the probes whose EM is below 1
+    page.get_by_text("Failures only", exact=True).click()
+    settled(page)
+    shown(page, f"{failed} of {len(raw)} probes", timeout=LONG)
+    assert_clean(page, "failures only")
+
+    # select a row: its record's probes appear
+    probes = page.locator("[data-testid='stDataFrame']").first
+    select_row(page, probes, 0)
+    settled(page)
+    body = shown(page, "Record mzsre:", "The same record under every method", timeout=LONG)
+    assert " · edited in " in body
+    assert page.locator("[data-testid='stDataFrame']").count() >= 2           # the record's own probe table
+    page.screenshot(path=str(tmp_path / "runs_selected.png"), full_page=True)
+
+    # the CSV of the filtered table is exactly the failed probes
+    csv = download(page, page.locator("body"), "CSV of these probes").decode()
+    table = pd.read_csv(io.StringIO(csv))
+    assert len(table) == failed and table["failed"].all()
+    assert {"question", "expected", "before", "after"} <= set(table.columns)
+
+    # leave and come back: the folder and the filter are still there
+    go_to(page, "Home")
+    settled(page)
+    go_to(page, "Runs")
+    shown(page, f"{failed} of {len(raw)} probes", timeout=LONG)
+    assert len(drawn_heatmaps(page, 2)) == 2
+    assert_clean(page, "coming back")
+
+    # a second browser session opens the same folder on its own (no filter there)
+    other = browser.new_context(viewport=WIDE)
+    second = other.new_page()
+    open_run(second, app_url, small_run)
+    shown(second, f"{len(raw)} of {len(raw)} probes", timeout=LONG)
+    assert len(drawn_heatmaps(second, 2)) == 2
+    assert_clean(second, "the second session")
+    second.screenshot(path=str(tmp_path / "runs_second_session.png"), full_page=True)
+    other.close()
+
+    # a folder that is no run: an error box, and the page keeps the run it showed
+    commit(page, page.get_by_role("textbox", name="…or a folder path", exact=True), str(tmp_path))
+    submit(page, "Open the run")
+    body = shown(page, "not a run folder", timeout=LONG)
+    assert_clean(page, "a folder that is no run")
+    assert f"{failed} of {len(raw)} probes" in body
+    page.screenshot(path=str(tmp_path / "runs_bad_folder.png"), full_page=True)
+    page.close()
