@@ -90,12 +90,11 @@ def method_scores_bars(scores: pd.DataFrame, title: str, metric: str) -> go.Figu
         by_kind = dict(zip(mine["kind"].astype(str), mine["value"]))
         values = [float(by_kind[k]) if k in by_kind and pd.notna(by_kind[k]) else None for k in kinds]
         fig.add_trace(go.Bar(
-            x=kinds, y=values, name=method, text=["" if v is None else f"{v:.0f}" for v in values],
-            textposition="outside",
+            x=kinds, y=values, name=method,
             hovertemplate=f"{method}<br>%{{x}}: %{{y:.1f}}%<extra></extra>"))
     return _layout(
         fig, title, barmode="group",
-        yaxis=dict(title=f"{metric} (%)", range=[0, 112]),
+        yaxis=dict(title=f"{metric} (%)", range=[0, 102]),
         xaxis=dict(title="metric"), legend=dict(title="method"), height=400,
     )
 
