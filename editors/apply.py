@@ -46,6 +46,10 @@ Activation patches (lu-lafns Eq. 11)
       are matched on the ids it read).
     * A patch's subjects are matched together, whatever their language: the
       patch applies wherever any subject of S_G occurs.
+    * ``match="fuzzy"`` patches also the last token of every span of the
+      ids' decoded text that matches a subject fuzzily
+      (:class:`~editors.subjects.FuzzySubjectMatcher`), besides the exact
+      occurrences; the same positions are never patched twice.
 
 Added neurons (mpn Eq. 7-8: Transformer-Patcher and MPN patch neurons)
     An :class:`~editors.edit.AddedNeurons` of layer ``L`` adds ``σ(q K_p^T + b_p) V_p`` to the FFN output
@@ -83,7 +87,7 @@ from analysis.errors import InputError, NeuroglotError
 from analysis.hooks import Hooks
 from editors.edit import ActivationPatch, AddedNeurons, Edit, PromptContext, WeightDelta
 from editors.prompting import Rewritten, rewrite_prompts
-from editors.subjects import SubjectMatcher
+from editors.subjects import FuzzySubjectMatcher, SubjectMatcher
 
 if TYPE_CHECKING:
     from analysis.model import Workbench
@@ -260,11 +264,13 @@ class _PatchPlan:
         self.wb, self.patches = wb, list(patches)
         self.group_of: list[int] = []
         self.state = _TokenState()
+        self.fuzzy_matcher: FuzzySubjectMatcher | None = None
         if not self.patches:
             return
         n_layers = int(wb.n_layers)
         group_by_key: dict[Any, int] = {}
         groups: list[list[tuple[int, ...]]] = []
+        fuzzy_groups: dict[int, tuple[list[str], float]] = {}
         for patch in self.patches:
             if patch.layer >= n_layers:
                 raise InputError(f"This edit patches layer {patch.layer}, but {wb.name} has {n_layers} layers "
@@ -274,15 +280,20 @@ class _PatchPlan:
                 raise InputError(f"This edit patches neuron {int(patch.neurons.max())} of layer {patch.layer}, but "
                                  f"{wb.name} has {d_ff} neurons per layer (0-{d_ff - 1}).")
             key = (tuple((k, tuple(v)) for k, v in patch.subjects.items()),
-                   tuple((k, tuple(v)) for k, v in patch.contexts.items()), patch.match)
+                   tuple((k, tuple(v)) for k, v in patch.contexts.items()), patch.match,
+                   patch.match_threshold if patch.match == "fuzzy" else None)
             if key not in group_by_key:
                 variants = patch.token_variants(wb.tokenizer)
                 if not variants:
                     raise InputError(f"The subjects {patch.subjects} have no tokens with this tokenizer.")
                 group_by_key[key] = len(groups)
+                if patch.match == "fuzzy":
+                    fuzzy_groups[len(groups)] = ([s for texts in patch.subjects.values() for s in texts],
+                                                 patch.match_threshold)
                 groups.append(variants)
             self.group_of.append(group_by_key[key])
         self.matcher = SubjectMatcher(groups)
+        self.fuzzy_matcher = FuzzySubjectMatcher(wb.tokenizer, fuzzy_groups) if fuzzy_groups else None
 
     def register(self) -> Hooks:
         """The patches' hooks, registered (all or none); ``.remove()`` takes them off."""
@@ -306,8 +317,21 @@ class _PatchPlan:
             self.state.clear()
             return None
         ids = ids if ids.ndim == 2 else ids.reshape(1, -1)
-        self.state.shape, self.state.positions = tuple(ids.shape), self.matcher.positions(ids)
+        self.state.shape, self.state.positions = tuple(ids.shape), self._positions(ids)
         return None
+
+    def _positions(self, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The exact matcher's positions, with the fuzzy matcher's added (each position once, sorted)."""
+        positions = self.matcher.positions(ids)
+        if self.fuzzy_matcher is None:
+            return positions
+        width = int(ids.shape[1])
+        for group, (rows, cols) in self.fuzzy_matcher.positions(ids).items():
+            if group in positions:
+                keys = torch.cat([positions[group][0] * width + positions[group][1], rows * width + cols]).unique()
+                rows, cols = keys // width, keys % width
+            positions[group] = (rows, cols)
+        return positions
 
     def _forget_token_ids(self, *args: Any) -> None:
         self.state.clear()

@@ -38,7 +38,7 @@ from analysis import runs
 from analysis.errors import InputError, NeuroglotError
 from editors.hparams import json_default, plain
 from editors.requests import EditRequest, language_code
-from editors.subjects import check_match, subject_token_variants
+from editors.subjects import DEFAULT_MATCH_THRESHOLD, check_match, check_match_threshold, subject_token_variants
 
 if TYPE_CHECKING:
     from analysis.model import Workbench
@@ -129,8 +129,9 @@ class ActivationPatch:
     ``subjects`` is the aligned multilingual subject set S_G, ``{language:
     [subject, ...]}``; ``contexts`` (same keys) are texts containing the
     subjects, used only to collect how the tokenizer writes them in context;
-    ``match`` is ``"exact"`` or ``"normalized"`` (see :mod:`editors.subjects`).
-    Build one from requests with :meth:`for_requests`.
+    ``match`` is ``"exact"``, ``"normalized"`` or ``"fuzzy"`` (see :mod:`editors.subjects`);
+    ``match_threshold`` (0-100) is the rapidfuzz score from which ``"fuzzy"`` counts a span of the
+    input as an occurrence (the other modes ignore it). Build one from requests with :meth:`for_requests`.
     """
 
     layer: int
@@ -139,6 +140,7 @@ class ActivationPatch:
     subjects: dict[str, list[str]]
     match: str = "exact"
     contexts: dict[str, list[str]] = field(default_factory=dict)
+    match_threshold: float = DEFAULT_MATCH_THRESHOLD
 
     def __post_init__(self) -> None:
         try:
@@ -163,6 +165,7 @@ class ActivationPatch:
                              f"delta of shape {tuple(delta.shape)}.")
         self.neurons, self.delta = neurons, delta
         check_match(self.match)
+        self.match_threshold = check_match_threshold(self.match_threshold)
         self.subjects = _texts_by_language(self.subjects, "subjects")
         if not any(self.subjects.values()):
             raise InputError("A patch needs at least one subject: it is used only where a subject occurs.")
@@ -170,7 +173,7 @@ class ActivationPatch:
 
     @classmethod
     def for_requests(cls, layer: int, neurons: Any, delta: Any, requests: EditRequest | Sequence[EditRequest],
-                     match: str = "exact") -> "ActivationPatch":
+                     match: str = "exact", match_threshold: float = DEFAULT_MATCH_THRESHOLD) -> "ActivationPatch":
         """A patch keyed by the subjects of ``requests`` (S_G), with their prompts as contexts."""
         if isinstance(requests, EditRequest):
             requests = [requests]
@@ -180,17 +183,18 @@ class ActivationPatch:
             for lang, fact in request.facts.items():
                 subjects.setdefault(lang, []).append(fact.subject)
                 contexts.setdefault(lang, []).extend(fact.contexts())
-        return cls(layer, neurons, delta, subjects, match, contexts)
+        return cls(layer, neurons, delta, subjects, match, contexts, match_threshold)
 
     def token_variants(self, tokenizer: Any) -> list[tuple[int, ...]]:
-        """The token-id sequences whose last token this patch changes (:mod:`editors.subjects`)."""
+        """The token-id sequences whose last token this patch changes (:mod:`editors.subjects`); with
+        ``match="fuzzy"`` the exact ones, to which the fuzzy spans of the text are added when applied."""
         subjects = [s for texts in self.subjects.values() for s in texts]
         contexts = [c for texts in self.contexts.values() for c in texts]
         return subject_token_variants(tokenizer, subjects, contexts, self.match)
 
     def to_json(self) -> dict[str, Any]:
         return {"layer": self.layer, "subjects": self.subjects, "contexts": self.contexts, "match": self.match,
-                "n_neurons": int(self.neurons.numel())}
+                "match_threshold": self.match_threshold, "n_neurons": int(self.neurons.numel())}
 
 
 @dataclass(eq=False)
@@ -558,7 +562,8 @@ class Edit:
             weights = {name: [_weight_term(tensors, name, j, entry) for j, entry in enumerate(entries)]
                        for name, entries in layout["weights"].items()}
             patches = [ActivationPatch(p["layer"], tensors[f"patches/{i}/neurons"], tensors[f"patches/{i}/delta"],
-                                       p["subjects"], p["match"], p.get("contexts") or {})
+                                       p["subjects"], p["match"], p.get("contexts") or {},
+                                       p.get("match_threshold", DEFAULT_MATCH_THRESHOLD))
                        for i, p in enumerate(layout["patches"])]
             contexts = [PromptContext(c["facts"], c.get("demonstrations") or [], c["retrieve"], c["threshold"],
                                       c["layer"], tensors.get(f"contexts/{i}/keys"), tensors.get(f"contexts/{i}/center"))

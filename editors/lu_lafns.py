@@ -86,7 +86,7 @@ from editors.edit import ActivationPatch, Edit
 from editors.hparams import Constraint, HParams, Interval, Options
 from editors.requests import EditRequest, LanguageFact
 from editors.rows import TeacherForcedRows, clamp_norm_
-from editors.subjects import MATCH_MODES
+from editors.subjects import DEFAULT_MATCH_THRESHOLD, MATCH_MODES
 
 if TYPE_CHECKING:
     from analysis.model import Workbench
@@ -113,7 +113,8 @@ class LULAFNsHParams(HParams):
     early_stop_loss: float = 5e-2        # MEMIT compute_v: stop when L_target (per token) is below this
     paraphrase_sources: list[str] = field(default_factory=lambda: list(PARAPHRASE_SOURCES))
     prompt_variants: list[str] = field(default_factory=lambda: ["Q: {}", "{}\nA:", '"{}"'])
-    match: str = "exact"                 # subject matching of the patches ("exact" as the paper, or "normalized")
+    match: str = "exact"                 # subject matching of the patches ("exact" as the paper, "normalized", "fuzzy")
+    match_threshold: float = DEFAULT_MATCH_THRESHOLD  # "fuzzy": rapidfuzz score 0-100 (chosen on MzsRE dev 100-149)
     seed: int = 0                        # prefix sampling
 
     BOUNDS: ClassVar[dict[str, Constraint]] = {
@@ -125,6 +126,7 @@ class LULAFNsHParams(HParams):
         "prefix_length": Interval(Integral, 1, None, closed="left"),
         "steps": Interval(Integral, 1, None, closed="left"),
         "match": Options("subject match", MATCH_MODES),
+        "match_threshold": Interval(Real, 0, 100, closed="both"),
     }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "meta-llama/Llama-3.1-8B": dict(layers=[11, 12, 13, 31], beta=0.1),
@@ -375,7 +377,7 @@ class LULAFNsEditor(Editor):
                                                progress=lambda f, m: report(0.15 + 0.85 * f, m))
                 for layer, delta in deltas.items():
                     patches.append(ActivationPatch.for_requests(layer, located[layer].cpu(), delta, request,
-                                                                match=hp.match))
+                                                                match=hp.match, match_threshold=hp.match_threshold))
                 record.update(case_id=request.case_id, prefixes=prefixes,
                               d_g_sizes={str(layer): int(n.numel()) for layer, n in located.items()},
                               delta_norms={str(layer): float(d.norm()) for layer, d in deltas.items()},

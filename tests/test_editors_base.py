@@ -429,8 +429,10 @@ def test_bad_deltas_and_patches_are_input_errors():
         ActivationPatch(0, [1], [1.0], {"en": []})
     with pytest.raises(InputError, match="unknown language code 'xx'"):
         ActivationPatch(0, [1], [1.0], {"xx": ["France"]})
-    with pytest.raises(InputError, match="Unknown subject match 'fuzzy'"):
-        ActivationPatch(0, [1], [1.0], {"en": ["France"]}, match="fuzzy")
+    with pytest.raises(InputError, match="Unknown subject match 'fuzzzy'"):
+        ActivationPatch(0, [1], [1.0], {"en": ["France"]}, match="fuzzzy")
+    with pytest.raises(InputError, match="threshold must be a number from 0 to 100"):
+        ActivationPatch(0, [1], [1.0], {"en": ["France"]}, match="fuzzy", match_threshold=-1)
 
 
 # ============================================================ activation patches

@@ -244,7 +244,8 @@ def test_bad_hyperparameters_are_input_errors():
     with pytest.raises(InputError, match=r"Layer 3 is out of range"):
         LULAFNsEditor(tiny_hparams(layers=[0, 3])).compute(wb, berlin_request())
     assert_bit_identical(wb.model, snap)
-    for bad, message in [(dict(beta=1.5), "beta"), (dict(match="fuzzy"), "match"), (dict(steps=0), "steps"),
+    for bad, message in [(dict(beta=1.5), "beta"), (dict(match="fuzzzy"), "match"), (dict(steps=0), "steps"),
+                         (dict(match_threshold=101), "match_threshold"),
                          (dict(lr=0), "lr"), (dict(paraphrase_sources=["web"]), "paraphrase_sources"),
                          (dict(prompt_variants=["no slot"]), "prompt variant"), (dict(layers=[]), "layer"),
                          (dict(n_prefixes=0), "n_prefixes")]:
