@@ -50,6 +50,7 @@ KINDS = {
     "attribute": "knowledge-neuron attributions (neuroglot attribute)",
     "trace": "causal traces (neuroglot trace)",
     "evaluate": "an evaluation run (neuroglot evaluate)",
+    "compare": "a comparison of editors on one fact (neuroglot compare)",
     "stats": "FFN key statistics (cached for the ROME-family editors)",
 }
 #: The record's file name for kinds that do not use ``run.json`` (the key statistics cache keeps its ``key.json``).

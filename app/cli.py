@@ -380,6 +380,37 @@ def trace(model: str = ModelOpt,
     typer.echo(f"figure: average_effects → {folder}")
 
 
+def fact_request(request, record, dataset, languages, prompt, subject, target, old, paraphrase, locality,
+                 portability):
+    """The fact of `edit` and `compare`, given one way: --request, --record (of --dataset) or typed options."""
+    from editors.requests import EditRequest
+
+    sources = sum(x is not None and x != [] for x in (request, record, prompt))
+    if sources != 1:
+        raise InputError("Give the fact one way: --request FILE, --record ID or --prompt/--subject/--target.")
+    if request is not None:
+        data = read_json(request, "--request")
+        if not isinstance(data, dict):
+            raise InputError("--request must hold one JSON object (an edit request).")
+        req = EditRequest.from_dict(data)
+    elif record is not None:
+        from data.edit_records import load_edit_records
+
+        langs = split_list(languages) or []
+        records = load_edit_records(dataset)
+        found = [r for r in records if r.record_id == record.strip()]
+        if not found:
+            index = forms.record_index(record)
+            if index >= len(records):
+                raise InputError(f"--record {record}: {dataset} has {len(records)} records (0 to "
+                                 f"{len(records) - 1}).")
+            found = [records[index]]
+        req = EditRequest.from_record(found[0], langs)
+    else:
+        req = forms.edit_request_from_options(prompt, subject, target, old, paraphrase, locality, portability)
+    return req
+
+
 @cli.command()
 @user_errors
 def edit(model: str = ModelOpt,
@@ -387,8 +418,10 @@ def edit(model: str = ModelOpt,
          request: Optional[str] = typer.Option(None, "--request", help="JSON file (or inline JSON) of one edit "
                                                                         "request: {facts: {LANG: {prompt, subject, "
                                                                         "target_new, ...}}}."),
-         record: Optional[str] = typer.Option(None, "--record", help="An MzsRE record instead, e.g. mzsre:5 or 5."),
-         dataset: Path = typer.Option(Path("../shared/data/mzsre/dev"), "--dataset", help="MzsRE folder for --record."),
+         record: Optional[str] = typer.Option(None, "--record", help="A data-set record instead: its id (mzsre:5, "
+                                                                      "mlake:...) or its number."),
+         dataset: Path = typer.Option(Path("../shared/data/mzsre/dev"), "--dataset", help="MzsRE or MLaKE folder "
+                                                                                         "for --record."),
          languages: str = typer.Option("en,zh", "--languages", "-l", help="Languages of --record."),
          prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Type the fact: LANG:QUESTION (repeat per "
                                                                             "language; more per language = paraphrases)."),
@@ -408,7 +441,6 @@ def edit(model: str = ModelOpt,
     import pandas as pd
 
     from editors.base import available_editors
-    from editors.requests import EditRequest
     from editors.evaluate import before_after
 
     if list_editors:
@@ -419,25 +451,8 @@ def edit(model: str = ModelOpt,
 
         check_save_folder(save, "--save")  # before the edit is computed, not after
         on_interrupt(f"{save} is as it was before this command (nothing was saved).")
-    sources = sum(x is not None and x != [] for x in (request, record, prompt))
-    if sources != 1:
-        raise InputError("Give the fact one way: --request FILE, --record ID or --prompt/--subject/--target.")
-    if request is not None:
-        data = read_json(request, "--request")
-        if not isinstance(data, dict):
-            raise InputError("--request must hold one JSON object (an edit request).")
-        req = EditRequest.from_dict(data)
-    elif record is not None:
-        from editors.evaluate import load_records
-
-        langs = split_list(languages) or []
-        index = forms.record_index(record)
-        recs = load_records(dataset, langs, 1, index)
-        if recs[0].record_id != f"mzsre:{index}":
-            raise InputError(f"Record {record} does not have all of {', '.join(langs)}.")
-        req = EditRequest.from_record(recs[0], langs)
-    else:
-        req = forms.edit_request_from_options(prompt, subject, target, old, paraphrase, locality, portability)
+    req = fact_request(request, record, dataset, languages, prompt, subject, target, old, paraphrase, locality,
+                       portability)
     from analysis.model import load_model
 
     wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -460,6 +475,127 @@ def edit(model: str = ModelOpt,
     if save is not None:
         folder = result.save(save)  # atomic: an interruption leaves the earlier edit in place
         typer.echo(f"\nsaved the edit: {folder}")
+
+
+@cli.command()
+@user_errors
+def compare(model: str = ModelOpt,
+            methods: str = typer.Option("lu-lafns,memla,langedit,mpn", "--methods",
+                                        help="Editors, comma-separated (see `neuroglot edit --list`)."),
+            request: Optional[str] = typer.Option(None, "--request", help="JSON file (or inline JSON) of one edit "
+                                                                           "request (as `edit --request`)."),
+            record: Optional[str] = typer.Option(None, "--record", help="A data-set record: its id or number."),
+            dataset: Path = typer.Option(Path("../shared/data/mzsre/dev"), "--dataset",
+                                         help="MzsRE or MLaKE folder for --record."),
+            languages: str = typer.Option("en,zh,de", "--languages", "-l", help="Languages of --record."),
+            prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Type the fact: LANG:QUESTION."),
+            subject: Optional[list[str]] = typer.Option(None, "--subject", help="LANG:SUBJECT."),
+            target: Optional[list[str]] = typer.Option(None, "--target", help="LANG:NEW ANSWER."),
+            old: Optional[list[str]] = typer.Option(None, "--old", help="LANG:OLD ANSWER (optional)."),
+            paraphrase: Optional[list[str]] = typer.Option(None, "--paraphrase", help="LANG:PARAPHRASE (repeat)."),
+            locality: Optional[list[str]] = typer.Option(None, "--locality", help="LANG:QUESTION|ANSWER (repeat)."),
+            portability: Optional[list[str]] = typer.Option(None, "--portability",
+                                                            help="LANG:QUESTION|ANSWER (repeat)."),
+            hparams: Optional[str] = typer.Option(None, "--hparams", help="JSON object (or file) {editor: {field: "
+                                                                           "value}} over each editor's preset."),
+            test_languages: Optional[str] = typer.Option(None, "--test-languages",
+                                                         help="Languages to probe (default: the fact's)."),
+            transfer: bool = typer.Option(False, "--transfer", help="Also edit each language alone and all "
+                                                                    "together: the transfer matrices."),
+            out: Optional[Path] = typer.Option(None, "--out", help="Write the grid, summary, timings, transfer "
+                                                                   "matrices, figures and every edit (zip) here."),
+            png: bool = typer.Option(False, "--png", help="Also write the figures as PNG (needs Chromium)."),
+            overwrite: bool = OverwriteOpt,
+            device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
+    """Every editor on one fact in several languages, side by side (the Compare page, headless).
+
+    Edits are cached on disk per model, editor, hyper-parameters and request: a second run reads them back."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    from analysis import fact_figures, figures, runs
+    from analysis.run_figures import transfer_heatmap
+    from editors import compare as cmp
+
+    names = split_list(methods) or []
+    if not names:
+        raise InputError("--methods needs at least one editor.")
+    overrides = read_json(hparams, "--hparams") or {}
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise InputError("--hparams must be one JSON object {editor: {field: value}}.")
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise InputError(f"--hparams names editor(s) not in --methods: {', '.join(unknown)}.")
+    req = fact_request(request, record, dataset, languages, prompt, subject, target, old, paraphrase, locality,
+                       portability)
+    tests = split_list(test_languages) if test_languages else None
+    job = {"model": model.strip(), "dtype": dtype, "request": req.to_dict(), "methods": names,
+           "hparams": overrides, "test_languages": tests, "transfer": transfer}
+    key = runs.request_key(job)
+    if out is not None:
+        claim_out(out, "compare", job, overwrite, key=key)
+    from analysis.model import load_model
+    from editors.base import get_editor
+
+    for name in names:
+        get_editor(name)                   # an unknown editor is refused before the model loads
+    wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    with tqdm(total=100, desc="comparing", unit="%") as bar:
+        def progress(frac: float, message: str) -> None:
+            bar.n = round(100 * frac)
+            bar.set_postfix_str(message[:60])
+            bar.refresh()
+
+        result = cmp.compare(wb, req, {n: overrides.get(n) for n in names}, tests, progress=progress,
+                             on_error="raise")
+    timing = cmp.timing_table(result)
+    typer.echo(timing.to_string(index=False))
+    grid = cmp.probe_grid(result)
+    shown = grid[["language", "probe"] + [c for c in grid.columns if c.endswith(" · answer")]]
+    with pd.option_context("display.max_colwidth", 28, "display.width", 220):
+        for lang, part in shown.groupby("language", sort=False):
+            typer.echo(f"\n[{lang}]")
+            typer.echo(part.drop(columns=["language"]).to_string(index=False))
+    summary = cmp.summary_table(result)
+    wide = summary.pivot_table(index=["method", "kind"], columns="language", values="success", sort=False)
+    typer.echo("\nmean success (token F1 %) per editor, probe kind and language:")
+    typer.echo(wide.round(1).to_string())
+    figs = {"summary": fact_figures.compare_summary(summary)}
+    matrices = {}
+    if transfer:
+        with tqdm(total=100, desc="transfer matrices", unit="%") as bar:
+            def progress(frac: float, message: str) -> None:
+                bar.n = round(100 * frac)
+                bar.set_postfix_str(message[:60])
+                bar.refresh()
+
+            found = cmp.transfer_matrix_runs(wb, req, {n: overrides.get(n) for n in names}, progress=progress)
+        for method, per_set in found.items():
+            for label, run in per_set.items():
+                if isinstance(run, str):
+                    typer.echo(f"{method} editing {label}: {run}", err=True)
+            matrices[method] = matrix = cmp.transfer_matrix(per_set, "top1")
+            typer.echo(f"\n{method}: reliability top-1 % (edit languages × test languages)")
+            typer.echo(matrix.round(1).to_string())
+            figs[f"transfer_{method}"] = transfer_heatmap(matrix, f"{method}: edit language × test language",
+                                                          "top-1 accuracy of the new target")
+    if out is None:
+        return
+    edits = cmp.edits_zip(result.runs)
+
+    def write(tmp: Path) -> None:
+        grid.to_csv(tmp / "grid.csv", index=False)
+        summary.to_csv(tmp / "summary.csv", index=False)
+        timing.to_csv(tmp / "timing.csv", index=False)
+        for method, matrix in matrices.items():
+            matrix.to_csv(tmp / f"transfer_{method}.csv")
+        (tmp / "edits.zip").write_bytes(edits)
+        for name, fig in figs.items():
+            figures.save_figure(fig, tmp / name, formats=("html", "png") if png else ("html",))
+
+    runs.write_run(out, "compare", key, job, write)
+    typer.echo(f"\nwrote grid.csv, summary.csv, timing.csv, {len(matrices)} transfer matrices, figures and "
+               f"edits.zip → {out}")
 
 
 @cli.command()

@@ -9,7 +9,7 @@ answers. :func:`transfer_matrix_runs` edits each language alone and all together
 edit-language × test-language transfer matrices.
 
 The cache (``cache_root()/compare/``) keeps, per model, editor, hyper-parameters and edit request,
-one folder: ``edit/`` (``Edit.save``), ``run.json`` (seconds, summary, plain details) and
+one folder: ``edit/`` (``Edit.save``), ``editor_run.json`` (seconds, summary, plain details) and
 ``scores-<test key>.json`` per set of probes it was scored on. The unedited answers are kept per
 model and probe set in ``before-<test key>.json``. A rerun, a page switch or another browser
 session with the same request reads these files instead of computing; a folder that is damaged is
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 Progress = Callable[[float, str], None]
 COMPARE_VERSION = 1      # bump when what a cached edit or score file holds changes
-EDIT_FILE, SCORES_PREFIX, BEFORE_PREFIX = "run.json", "scores-", "before-"
+EDIT_FILE, SCORES_PREFIX, BEFORE_PREFIX = "editor_run.json", "scores-", "before-"
 KINDS = ("reliability", "generality", "locality", "portability")
 
 

@@ -130,4 +130,65 @@ def test_edits_zip_holds_every_computed_edit():
     wb = tiny_workbench("llama")
     result = cmp.compare(wb, request(), {"rome": HP["rome"], "ike": HP["ike"]})
     names = zipfile.ZipFile(io.BytesIO(cmp.edits_zip(result.runs))).namelist()
-    assert {"rome-en+de/edit.json", "rome-en+de/edit.safetensors", "rome-en+de/run.json", "ike-en+de/edit.json"} <= set(names)
+    assert {"rome-en+de/edit.json", "rome-en+de/edit.safetensors", "rome-en+de/editor_run.json", "ike-en+de/edit.json"} <= set(names)
+
+
+# ============================================================================== CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from tests.tiny import save_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny-llama-compare-cli")
+    save_tiny_checkpoint("llama", folder)
+    return folder
+
+
+def test_cli_compare_writes_the_grid_summary_matrices_and_edits_and_reads_them_back(tiny_folder, tmp_path):
+    import json
+
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    fact = ["--prompt", "en:The capital of France is", "--subject", "en:France", "--target", "en:Berlin",
+            "--paraphrase", "en:France has the capital", "--prompt", "de:Die Hauptstadt von Frankreich ist",
+            "--subject", "de:Frankreich", "--target", "de:Berlin"]
+    args = ["compare", "--model", str(tiny_folder), "--methods", "rome,ike", "--hparams",
+            json.dumps({"rome": HP["rome"], "ike": HP["ike"]}), "--transfer", "--out", str(tmp_path / "out"), *fact]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    grid = pd.read_csv(out / "grid.csv")
+    assert list(grid["language"]) == ["en", "en", "de"] and "rome · answer" in grid.columns
+    assert list(pd.read_csv(out / "timing.csv")["editor"]) == ["rome", "ike"]
+    matrix = pd.read_csv(out / "transfer_rome.csv", index_col=0)
+    assert list(matrix.index) == ["en", "de", "all"] and list(matrix.columns) == ["en", "de"]
+    names = zipfile.ZipFile(out / "edits.zip").namelist()
+    assert "rome-en+de/edit.safetensors" in names
+    assert (out / "summary.html").is_file() and (out / "transfer_ike.html").is_file()
+    # the same request again: every edit is read back, and the folder of this request is reused
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert pd.read_csv(out / "timing.csv")["from cache"].all()
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--methods", "nope"], "Unknown editor"),
+    (["--methods", ""], "at least one editor"),
+    (["--hparams", '{"memit": {}}', "--methods", "rome"], "not in --methods"),
+    (["--hparams", "[1]"], "--hparams"),
+    (["--methods", "rome", "--hparams", '{"rome": {"layers": [99]}}'], "layer"),
+])
+def test_cli_compare_bad_input_exits_2(tiny_folder, extra, fragment):
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    args = ["compare", "--model", str(tiny_folder), "--prompt", "en:The capital of France is", "--subject",
+            "en:France", "--target", "en:Berlin", *extra]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output and "Traceback" not in result.output
