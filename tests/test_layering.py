@@ -38,7 +38,7 @@ INFRASTRUCTURE = frozenset({
     "keyvalue",                                                               # shared by the key-value editors
     "prompting",                                                              # the engine's in-context edits
     "sequential", "sequential_run",                                           # streams of batches (LangEdit)
-    "compare",                                                                # every editor on one fact
+    "compare", "overlap",                                                     # every editor on one fact, and why
 })
 
 
