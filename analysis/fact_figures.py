@@ -27,7 +27,9 @@ __all__ = [
     "causal_trace_heatmaps",
     "compare_summary",
     "editor_colours",
+    "edit_overlap_by_layer",
     "edit_probability_bars",
+    "overlap_vs_transfer",
     "knowledge_neurons_by_layer",
     "trained_neurons",
 ]
@@ -305,3 +307,71 @@ def compare_summary(summary: pd.DataFrame, title: str | None = None) -> go.Figur
     fig.update_xaxes(title_text="language")
     return _layout(fig, title or "Success per editor, language and probe kind (locality: answer kept)",
                    barmode="group", height=420, legend_title_text="editor", margin=dict(t=80, b=40))
+
+
+# --------------------------------------------------------------------------- why an edit transferred
+
+_SET_COLOURS = {"agnostic": LAFN_COLOUR, "other": "#c7c7c7", "added neurons": "#7f7f7f"}
+
+
+def edit_overlap_by_layer(table: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """Per layer the edit touches, its share of the edit's weight on the fact's language-agnostic neurons, on
+    each language's specific ones, on neither ("other") and on added neurons, as stacked bars; the hover gives
+    the overlap (how many of the layer's top neurons are in the set) and the set's size. One panel per source
+    of the neuron sets (atlas, IG) when ``table`` has a ``source`` column.
+
+    ``table``: columns ``layer``, ``set``, ``weight share`` (0-1), ``overlap``, ``top`` and ``set size``, as
+    ``editors.overlap.overlap_by_layer`` returns."""
+    table = _check_table(table, ["layer", "set", "weight share", "overlap", "top"], "The overlap table",
+                         numeric=["weight share", "overlap", "top"])
+    if "source" not in table:
+        table = table.assign(source="atlas")
+    sources = list(dict.fromkeys(table["source"]))
+    names = {"atlas": "atlas sets (lu-lafns Eq. 4-6)", "ig": "IG knowledge neurons (memla Eq. 3-4)"}
+    fig = make_subplots(rows=1, cols=len(sources), shared_yaxes=True, horizontal_spacing=0.05,
+                        subplot_titles=[names.get(s, s) for s in sources])
+    sets = list(dict.fromkeys(table["set"]))
+    for col, source in enumerate(sources, start=1):
+        part = table[table["source"] == source]
+        for name in sets:
+            rows = part[part["set"] == name]
+            if rows.empty:
+                continue
+            label = name if name in _SET_COLOURS else f"{name}-specific"
+            colour = _SET_COLOURS.get(name) or language_colour(name)
+            size = rows["set size"] if "set size" in rows else pd.Series([None] * len(rows))
+            fig.add_bar(x=rows["layer"], y=100.0 * rows["weight share"], name=label, legendgroup=label,
+                        marker_color=colour, showlegend=col == 1,
+                        customdata=np.stack([rows["overlap"], rows["top"], size.fillna(-1)], axis=1),
+                        hovertemplate=(f"layer %{{x}} · {_escape(label)}: %{{y:.1f}} % of the edit's weight<br>"
+                                       "%{customdata[0]} of the layer's %{customdata[1]} top neurons are in this "
+                                       "set (set size %{customdata[2]})<extra></extra>"), row=1, col=col)
+        fig.update_xaxes(_layer_axis(part["layer"]), row=1, col=col)
+    fig.update_yaxes(title_text="share of the edit's weight (%)", row=1, col=1)
+    return _layout(fig, title or "Where the edit's weight falls: the fact's agnostic and specific neurons per layer",
+                   barmode="stack", height=420, legend_title_text="neurons", margin=dict(t=80, b=40))
+
+
+def overlap_vs_transfer(points: pd.DataFrame, correlations: pd.DataFrame | None = None, x: str = "agnostic share",
+                        y: str = "transfer", title: str | None = None) -> go.Figure:
+    """One point per (record, method): the edit's share of weight on the fact's agnostic neurons (x, %) against
+    its transfer to the other languages (y), one colour per method; the legend gives each method's Spearman
+    correlation when ``correlations`` (``editors.overlap.rank_correlations``) is given."""
+    points = _check_table(points, ["method", "record", x, y], "The overlap points", numeric=[x, y])
+    rho = {} if correlations is None else dict(zip(correlations["method"], correlations["spearman"]))
+    colours = editor_colours(list(dict.fromkeys(points["method"])))
+    fig = go.Figure()
+    for method, part in points.groupby("method", sort=False):
+        part = part.dropna(subset=[x, y])
+        if part.empty:
+            continue
+        r = rho.get(method)
+        label = method if r is None or pd.isna(r) else f"{method} (ρ = {r:+.2f})"
+        fig.add_scatter(x=100.0 * part[x], y=part[y], mode="markers", name=label, marker=dict(
+            color=colours[method], size=9, opacity=0.75), customdata=part[["record"]],
+            hovertemplate=(f"{_escape(method)} · %{{customdata[0]}}<br>{x}: %{{x:.1f}} %<br>{y}: %{{y:.1f}}"
+                           "<extra></extra>"))
+    fig.update_xaxes(title_text="edit's weight on the fact's agnostic neurons (%)")
+    fig.update_yaxes(title_text=f"{y}: top-1 gain in the other languages (points)")
+    return _layout(fig, title or "Overlap with agnostic neurons vs cross-lingual transfer (one point per record)",
+                   height=460, legend_title_text="editor (Spearman ρ)")

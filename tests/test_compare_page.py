@@ -130,3 +130,23 @@ def test_no_fact_chosen_is_an_error_box(tiny_spec, monkeypatch, tmp_path):
     at.button(key="cmp-run").click().run()
     assert not at.exception
     assert any("Choose a fact" in e for e in errors(at))
+
+
+def test_why_section_draws_the_overlap_of_the_chosen_edit(tiny_spec):
+    at = new_page(tiny_spec)
+    at.run()
+    fill(at)
+    at.button(key="cmp-run").click().run()
+    assert not at.exception and not errors(at), errors(at)
+    assert at.selectbox(key="cmp-why-editor").value == "rome"
+    summary = next(d.value for d in at.dataframe if "weight share %" in getattr(d.value, "columns", []))
+    assert summary["weight share %"].sum() == pytest.approx(100.0, abs=0.5)
+    assert "agnostic" in set(summary["set"])
+    # IKE touches no neuron: said in words, no figure
+    at.selectbox(key="cmp-why-editor").set_value("ike").run()
+    assert not at.exception and not errors(at)
+    assert any("touches no FFN neuron" in i.value for i in at.info)
+    # another β: recomputed from the cache of the fact's counts, still whole
+    at.selectbox(key="cmp-why-editor").set_value("rome").run()
+    at.number_input(key="cmp-why-beta").set_value(0.2).run()
+    assert not at.exception and not errors(at)

@@ -191,6 +191,51 @@ def transfer_section(wb, job: dict[str, Any]) -> None:
             downloads(fig, f"transfer_{method}_{metric}", matrix.reset_index(), key=f"cmp-transfer-dl-{method}")
 
 
+def why_section(wb, job: dict[str, Any], comparison: cmp.Comparison) -> None:
+    """For one editor's edit: where its weight falls among the fact's agnostic and specific neurons."""
+    from editors import overlap as ov
+
+    st.subheader("6 · Why did it transfer?")
+    st.caption("The neurons the edit touches (value vectors a weight delta changes, weighted by their squared "
+               "norm; LU-LAFNs' patched neurons D_G; MPN's added neurons), set against this fact's neurons in "
+               "these languages in the unedited model: language-agnostic (factual in every language, lu-lafns "
+               "Eq. 4-6; or IG knowledge neurons shared by every language, memla Eq. 3-4) and language-specific "
+               "(in one language only). Weight on agnostic neurons is weight every language's question reaches.")
+    runs = [r for r in comparison.runs if not r.error]
+    if not runs:
+        return
+    c = st.columns([2, 1, 1, 1])
+    method = kept(c[0].selectbox, "Edit of", [r.method for r in runs], key="cmp-why-editor",
+                  default=runs[0].method)
+    beta = float(kept(c[1].number_input, "β (lu-lafns Eq. 5)", key="cmp-why-beta", default=0.5, min_value=0.0,
+                      max_value=0.99, step=0.05, help="A neuron is factual in a language when it fires on more "
+                                                      "than β × the count of the layer's most frequent neuron."))
+    top_share = float(kept(c[2].number_input, "Top neurons carry", key="cmp-why-top", default=0.9, min_value=0.05,
+                           max_value=1.0, step=0.05, help="Per layer, the fewest neurons carrying this share of "
+                                                          "the edit's weight there are its top neurons."))
+    ig = kept(c[3].checkbox, "Also IG neurons (slower)", key="cmp-why-ig", default=False)
+    run = next(r for r in runs if r.method == method)
+    with st.spinner("Reading the edit's neurons and the fact's neurons..."):
+        tables = ov.edit_overlap(wb, run.load_edit(), comparison.request, beta=beta, ig=ig, top_share=top_share)
+    table = pd.concat(tables.values(), ignore_index=True)
+    if table.empty:
+        st.info(f"The {method} edit touches no FFN neuron (an in-context edit changes the prompt, not the model), "
+                "so its transfer is the model reading the new fact in context.")
+        return
+    fig = fact_figures.edit_overlap_by_layer(table, f"{method}: where the edit's weight falls, per layer")
+    st.plotly_chart(fig, width="stretch", key="cmp-why-figure")
+    summary = pd.concat([ov.overlap_summary(t).assign(source=s) for s, t in tables.items()], ignore_index=True)
+    summary["weight share"] = (100 * summary["weight share"]).round(1)
+    success = cmp.summary_table(comparison)
+    reached = success[(success["method"] == method) & (success["kind"] == "reliability")]
+    left, right = st.columns([3, 2])
+    left.dataframe(summary.rename(columns={"weight share": "weight share %"}), hide_index=True, width="stretch",
+                   key="cmp-why-summary")
+    right.markdown("**Reliability of this edit per language** (success %)")
+    right.dataframe(reached[["language", "success"]].round(1), hide_index=True, width="stretch", key="cmp-why-rel")
+    downloads(fig, f"why_{method}", table, key="cmp-why-dl")
+
+
 # =========================================================================== page
 
 with user_errors():
@@ -234,3 +279,5 @@ with user_errors():
     results(wb, job, comparison)
     with user_errors():
         transfer_section(wb, job)
+    with user_errors():
+        why_section(wb, job, comparison)
