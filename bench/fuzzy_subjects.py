@@ -2,9 +2,10 @@
 
 LU-LAFNs patches a query only where a subject of S_G occurs in it (lu-lafns Eq. 11); the paper matches
 exactly and names fuzzy matching as future work (§3.3, papers/lu-lafns.md). For every record and every
-language of the data, a patch is keyed by the record's subject (S_G = the subject in that language, as an
-edit in that language alone; ``--subjects all``: the subjects of all its languages, as one edit in every
-language) with the request's texts as contexts, exactly as ``ActivationPatch.for_requests`` builds it.
+language of the data, a patch is keyed by the record's subjects with the request's texts as contexts,
+exactly as ``ActivationPatch.for_requests`` builds it, in two settings: S_G = the subject in that language
+(an edit in that language alone: "own") and S_G = the subjects of all the record's languages (one edit in
+every language: "all"; more subjects, more chances of a chance match).
 Then, for the record's probes in that language, it counts where the patch would apply:
 
 * generality (the ``rephrase`` question) and portability (``port_question``): the subject should be found;
@@ -20,14 +21,15 @@ the exact occurrences and every span :func:`editors.subjects.fuzzy_subject_spans
 threshold. "new" = caught by fuzzy and not by exact. The baseline (exact) is measured in the same run.
 
 The threshold is chosen on records 100-149 (never on the reported ones): the grid value that maximises
-(new generality+portability catches / their probes) - (new locality and other-record catches / their
-probes), the gain in balanced accuracy over exact matching; ties go to the higher threshold. The figures
-are then reported at that threshold on records 0-49 and on all records except 100-149.
+the mean over the two settings of (new generality+portability catches / their probes) - (new locality and
+other-record catches / their probes), the gain in balanced accuracy over exact matching; ties go to the
+higher threshold. The figures are then reported at that threshold on records 0-49 and on all records
+except 100-149.
 
-    python bench/fuzzy_subjects.py                  # S_G = the subject in the probe's language
-    python bench/fuzzy_subjects.py --subjects all   # S_G = the record's subjects in all its languages
+    python bench/fuzzy_subjects.py      # about 8 minutes on two busy CPU cores
 
-Writes ``bench/results/fuzzy_subjects[_all].csv`` (every split, language and threshold) and ``.md``.
+Writes ``bench/results/fuzzy_subjects.csv`` (every setting, split, language, probe kind and threshold) and
+``.md`` (the choice and the tables at the chosen threshold).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ THRESHOLDS = (40, 45, 50, 55, 60, 65, 70, 75, 80, 85, 90, 95, 100)
 PROBES = {"generality": "rephrase", "portability": "port_question", "locality": "loc", "other record": "rephrase"}
 SHOULD_MATCH = ("generality", "portability")
 CHOICE, REPORTED = range(100, 150), range(0, 50)
+SETTINGS = {"own": "the subject in the probe's language", "all": "the subjects of all the record's languages"}
 
 
 def fuzzy_found(text: str, subjects: list[str]) -> dict[int, bool]:
@@ -138,8 +141,6 @@ def markdown(table, index: bool = True) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "mzsre" / "dev"))
-    ap.add_argument("--subjects", choices=["own", "all"], default="own",
-                    help="S_G: the subject in the probe's language (own) or in all the record's languages (all)")
     args = ap.parse_args(argv)
 
     import pandas as pd
@@ -153,60 +154,65 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_checkpoint()))
     print(f"tokenizer: {EMBEDDED_NAME} ({type(tokenizer).__name__}, {len(tokenizer):,} tokens)")
     records = load_mzsre(args.dataset)
-    print(f"data: {args.dataset}, {len(records)} records, languages {', '.join(records[0].languages)}; "
-          f"S_G = {'the subject in the probe language' if args.subjects == 'own' else 'all languages subjects'}")
-    frame = pd.DataFrame(probe_rows(list(enumerate(records)), tokenizer, args.subjects))
-    print(f"{len(frame):,} probes matched in {time.perf_counter() - started:.0f} s")
+    print(f"data: {args.dataset}, {len(records)} records, languages {', '.join(records[0].languages)}")
+    frames = {}
+    for setting in SETTINGS:
+        frames[setting] = pd.DataFrame(probe_rows(list(enumerate(records)), tokenizer, setting))
+        print(f"S_G = {SETTINGS[setting]}: {len(frames[setting]):,} probes matched "
+              f"({time.perf_counter() - started:.0f} s)")
 
-    choice = frame[frame["record"].isin(CHOICE)]
     grid = []
     for threshold in THRESHOLDS:
-        g, caught, n_should, wrong, n_not = gain(choice, threshold)
-        grid.append({"threshold": threshold, "gain": round(g, 4), "new gen+port": caught, "gen+port probes": n_should,
-                     "new loc+other": wrong, "loc+other probes": n_not})
+        row = {"threshold": threshold}
+        for setting, frame in frames.items():
+            g, caught, n_should, wrong, n_not = gain(frame[frame["record"].isin(CHOICE)], threshold)
+            row.update({f"{setting}: gain": round(g, 4), f"{setting}: new gen+port / {n_should}": caught,
+                        f"{setting}: new loc+other / {n_not}": wrong})
+        row["mean gain"] = round(sum(row[f"{setting}: gain"] for setting in SETTINGS) / len(SETTINGS), 4)
+        grid.append(row)
     grid = pd.DataFrame(grid)
-    print("\nthreshold choice on records 100-149 (gain = new gen+port share - new loc+other share):")
-    print(grid.to_string(index=False))
-    best = grid.sort_values(["gain", "threshold"], ascending=[False, False]).iloc[0]
+    print("\nthreshold choice on records 100-149 (gain = new gen+port share - new loc+other share; mean over S_G):")
+    with pd.option_context("display.width", 250, "display.max_columns", 20):
+        print(grid.to_string(index=False))
+    best = grid.sort_values(["mean gain", "threshold"], ascending=[False, False]).iloc[0]
     chosen = int(best["threshold"])
-    print(f"chosen threshold: {chosen} (gain {best['gain']:+.4f}: +{int(best['new gen+port'])} of "
-          f"{int(best['gen+port probes'])} generality/portability probes, +{int(best['new loc+other'])} of "
-          f"{int(best['loc+other probes'])} locality and other-record probes); "
+    print(f"chosen threshold: {chosen} (mean gain {best['mean gain']:+.4f}); "
           f"editors.subjects.DEFAULT_MATCH_THRESHOLD is {DEFAULT_MATCH_THRESHOLD:g}")
 
-    splits = {"records 100-149 (choice)": choice, "records 0-49 (reported)": frame[frame["record"].isin(REPORTED)],
-              "all records except 100-149": frame[~frame["record"].isin(CHOICE)]}
     long, sections = [], []
-    for name, part in splits.items():
-        for threshold in THRESHOLDS:
-            table = counts(part, threshold).reset_index()
-            table.insert(0, "threshold", threshold)
-            table.insert(0, "split", name)
-            long.append(table)
-        shown = wide(counts(part, chosen))
-        g, caught, n_should, wrong, n_not = gain(part, chosen)
-        line = (f"fuzzy @ {chosen} vs exact: +{caught} of {n_should} generality/portability probes, "
-                f"+{wrong} of {n_not} locality and other-record probes (balanced-accuracy gain {g:+.4f})")
-        print(f"\n{name}, threshold {chosen}: caught exact / normalized / fuzzy (+new over exact)")
-        with pd.option_context("display.width", 250, "display.max_columns", 20):
-            print(shown.to_string())
-        print(line)
-        sections.append(f"## {name}, threshold {chosen}\n\n{line}\n\n" + markdown(shown.rename_axis("language")))
-    suffix = "" if args.subjects == "own" else "_all"
+    for setting, frame in frames.items():
+        splits = {"records 100-149 (choice)": frame[frame["record"].isin(CHOICE)],
+                  "records 0-49 (reported)": frame[frame["record"].isin(REPORTED)],
+                  "all records except 100-149": frame[~frame["record"].isin(CHOICE)]}
+        for name, part in splits.items():
+            for threshold in THRESHOLDS:
+                table = counts(part, threshold).reset_index()
+                table.insert(0, "threshold", threshold)
+                table.insert(0, "split", name)
+                table.insert(0, "S_G", setting)
+                long.append(table)
+            shown = wide(counts(part, chosen))
+            g, caught, n_should, wrong, n_not = gain(part, chosen)
+            line = (f"fuzzy @ {chosen} vs exact: +{caught} of {n_should} generality/portability probes, "
+                    f"+{wrong} of {n_not} locality and other-record probes (balanced-accuracy gain {g:+.4f})")
+            title = f"S_G = {SETTINGS[setting]}; {name}, threshold {chosen}"
+            print(f"\n{title}: caught exact / normalized / fuzzy (+new over exact)")
+            with pd.option_context("display.width", 250, "display.max_columns", 20):
+                print(shown.to_string())
+            print(line)
+            sections.append(f"## {title}\n\n{line}\n\n" + markdown(shown.rename_axis("language")))
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    pd.concat(long).to_csv(out / f"fuzzy_subjects{suffix}.csv", index=False)
+    pd.concat(long).to_csv(out / "fuzzy_subjects.csv", index=False)
     head = (f"# Fuzzy subject matching vs exact on MzsRE dev ({len(records)} records)\n\n"
-            f"`python bench/fuzzy_subjects.py{'' if args.subjects == 'own' else ' --subjects all'}` "
-            f"({time.strftime('%Y-%m-%d')}); tokenizer {EMBEDDED_NAME}; S_G = "
-            f"{'the subject in the probe language' if args.subjects == 'own' else 'the subjects of all languages'}."
-            f" Cells: probes on which the patch applies with exact / normalized / fuzzy matching (+ new: fuzzy and "
+            f"`python bench/fuzzy_subjects.py` ({time.strftime('%Y-%m-%d')}); tokenizer {EMBEDDED_NAME}. "
+            f"Cells: probes on which the patch applies with exact / normalized / fuzzy matching (+ new: fuzzy and "
             f"not exact). Generality and portability should be caught; locality (an unrelated question) and "
             f"other record (the next record's rephrase question, same language) should not.\n\n"
             f"Threshold choice on records 100-149:\n\n{markdown(grid, index=False)}\n\n"
             f"Chosen: {chosen}.\n\n")
-    (out / f"fuzzy_subjects{suffix}.md").write_text(head + "\n\n".join(sections) + "\n", encoding="utf-8")
-    print(f"\nwrote {out / f'fuzzy_subjects{suffix}.csv'} and .md ({time.perf_counter() - started:.0f} s)")
+    (out / "fuzzy_subjects.md").write_text(head + "\n\n".join(sections) + "\n", encoding="utf-8")
+    print(f"\nwrote {out / 'fuzzy_subjects.csv'} and .md ({time.perf_counter() - started:.0f} s)")
     return 0
 
 

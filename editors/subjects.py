@@ -46,7 +46,6 @@ batches, key/value caches, ``inputs_embeds``) is :mod:`editors.apply`.
 """
 from __future__ import annotations
 
-import math
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
@@ -63,7 +62,7 @@ MATCH_MODES = ("exact", "normalized", "fuzzy")
 
 #: The default ``match_threshold`` of ``match="fuzzy"`` (rapidfuzz score, 0-100), chosen by
 #: bench/fuzzy_subjects.py on MzsRE dev records 100-149 (README "Fuzzy subject matching").
-DEFAULT_MATCH_THRESHOLD = 60.0
+DEFAULT_MATCH_THRESHOLD = 65.0
 #: A part of a subject (a prefix or suffix of its words) counts only with this many letters...
 MIN_PART_CHARS = 4
 #: ...and at least this share of the subject's letters (after :func:`fold_text`)...

@@ -85,7 +85,7 @@ def test_the_threshold_decides_near_misses_and_scores_are_reported():
     assert text[start:end] == "Москве" and 70 < score < 100
     assert matched(text, "Москва", score) == ["Москве"]
     assert matched(text, "Москва", score + 0.5) == []
-    # the default (60, chosen on MzsRE dev for recall) admits loose whole-name windows: "of France" scores
+    # the default (65, chosen on MzsRE dev for recall) admits loose whole-name windows: "of France" scores
     # 66.67 against "Francesco Totti" (sorted: "france of" / "francesco totti"); 70 rejects it
     assert matched("The capital of France is", "Francesco Totti") == ["of France"]
     assert matched("The capital of France is", "Francesco Totti", 70) == []
