@@ -51,6 +51,7 @@ KINDS = {
     "trace": "causal traces (neuroglot trace)",
     "evaluate": "an evaluation run (neuroglot evaluate)",
     "compare": "a comparison of editors on one fact (neuroglot compare)",
+    "overlap": "edits' overlap with agnostic neurons against transfer (neuroglot overlap)",
     "stats": "FFN key statistics (cached for the ROME-family editors)",
 }
 #: The record's file name for kinds that do not use ``run.json`` (the key statistics cache keeps its ``key.json``).

@@ -600,6 +600,96 @@ def compare(model: str = ModelOpt,
 
 @cli.command()
 @user_errors
+def overlap(model: str = ModelOpt,
+            dataset: Path = typer.Option(Path("../shared/data/mzsre/dev"), "--dataset",
+                                         help="MzsRE or MLaKE folder."),
+            records: str = typer.Option("0-49", "--records", help="Record numbers, e.g. 0-49 or 0-9,20-29."),
+            methods: str = typer.Option("lu-lafns,memla,langedit,mpn", "--methods", help="Editors, comma-separated."),
+            hparams: Optional[str] = typer.Option(None, "--hparams", help="JSON object (or file) {editor: {field: "
+                                                                           "value}} over each editor's preset."),
+            edit_language: str = typer.Option("en", "--edit-language", help="The language each edit is made in."),
+            test_languages: str = typer.Option("en,zh,de", "--test-languages",
+                                               help="Languages of the fact's neurons and of the transfer."),
+            beta: float = typer.Option(0.5, "--beta", help="lu-lafns Eq. 5 threshold of the fact's atlas neurons."),
+            top_share: float = typer.Option(0.9, "--top-share", help="Per layer, the edit's top neurons carry this "
+                                                                     "share of its weight."),
+            out: Optional[Path] = typer.Option(None, "--out", help="Write points.csv, correlations.csv and the "
+                                                                   "scatter figure here."),
+            png: bool = typer.Option(False, "--png", help="Also write the figure as PNG (needs Chromium)."),
+            overwrite: bool = OverwriteOpt,
+            device: str = DeviceOpt, dtype: str = DtypeOpt, trust_remote_code: bool = TrustOpt) -> None:
+    """Why edits transfer, over many records: each edit's share of weight on the fact's language-agnostic
+    neurons against its cross-lingual transfer, one point per record and editor, with Spearman's ρ per editor.
+
+    Edits come from (and go to) the Compare cache: an interrupted run goes on where it stopped."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    from analysis import fact_figures, figures, runs
+    from data.edit_records import load_edit_records
+    from editors import overlap as ov
+    from editors.base import get_editor
+    from editors.sequential_run import parse_ranges
+
+    names = split_list(methods) or []
+    if not names:
+        raise InputError("--methods needs at least one editor.")
+    for name in names:
+        get_editor(name)
+    overrides = read_json(hparams, "--hparams") or {}
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise InputError("--hparams must be one JSON object {editor: {field: value}}.")
+    tests = split_list(test_languages) or []
+    if edit_language not in tests:
+        raise InputError(f"--edit-language {edit_language} must be one of --test-languages ({', '.join(tests)}).")
+    if len(tests) < 2:
+        raise InputError("--test-languages needs at least two languages (transfer is to the other ones).")
+    ranges = parse_ranges(records)
+    everything = load_edit_records(dataset)
+    chosen = [r for i, r in enumerate(everything)
+              if any(a <= i and (b is None or i <= b) for a, b in ranges) and all(lang in r.fields for lang in tests)]
+    if not chosen:
+        raise InputError(f"{dataset}: no record in {records} has all of {', '.join(tests)}.")
+    job = {"model": model.strip(), "dtype": dtype, "dataset": str(dataset), "records": records, "methods": names,
+           "hparams": overrides, "edit_language": edit_language, "test_languages": tests, "beta": beta,
+           "top_share": top_share}
+    key = runs.request_key(job)
+    if out is not None:
+        claim_out(out, "overlap", job, overwrite, key=key)
+    from analysis.model import load_model
+
+    wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    typer.echo(f"{len(chosen)} records × {len(names)} editors, edit in {edit_language}, neurons and transfer over "
+               f"{', '.join(tests)}")
+    with tqdm(total=100, desc="overlap", unit="%") as bar:
+        def progress(frac: float, message: str) -> None:
+            bar.n = round(100 * frac)
+            bar.set_postfix_str(message[:60])
+            bar.refresh()
+
+        points = ov.overlap_transfer(wb, chosen, {n: overrides.get(n) for n in names}, edit_language, tests,
+                                     beta=beta, top_share=top_share, progress=progress)
+    failed = points[points["error"].astype(bool)] if "error" in points else points.iloc[:0]
+    for _, row in failed.iterrows():
+        typer.echo(f"{row['record']} · {row['method']}: {row['error']}", err=True)
+    corr = ov.rank_correlations(points[~points.index.isin(failed.index)])
+    with pd.option_context("display.width", 200):
+        typer.echo(corr.round(3).to_string(index=False))
+    fig = fact_figures.overlap_vs_transfer(points[~points.index.isin(failed.index)], corr)
+    if out is None:
+        return
+
+    def write(tmp: Path) -> None:
+        points.to_csv(tmp / "points.csv", index=False)
+        corr.to_csv(tmp / "correlations.csv", index=False)
+        figures.save_figure(fig, tmp / "overlap_vs_transfer", formats=("html", "png") if png else ("html",))
+
+    runs.write_run(out, "overlap", key, job, write)
+    typer.echo(f"wrote points.csv, correlations.csv, overlap_vs_transfer → {out}")
+
+
+@cli.command()
+@user_errors
 def evaluate(model: str = ModelOpt,
              methods: str = typer.Option("lu-lafns,memit,rome,lora-ft", "--methods", help="Comma-separated editors."),
              dataset: Path = typer.Option(Path("../shared/data/mzsre/dev"), "--dataset",

@@ -162,3 +162,29 @@ def test_a_real_rome_edit_puts_weight_on_the_layer_it_edits():
     table = tables["atlas"]
     assert set(table["layer"]) == {1}
     assert table["weight share"].sum() == pytest.approx(1.0)
+
+
+def test_cli_overlap_writes_points_and_correlations(tmp_path):
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+    from tests.tiny import save_tiny_checkpoint, write_dataset
+
+    model = tmp_path / "tiny"
+    save_tiny_checkpoint("llama", model)
+    dataset = write_dataset(tmp_path)
+    hp = '{"rome": {"layers": [1], "v_num_grad_steps": 3, "context_template_length_params": [[2, 1]], ' \
+         '"mom2_n_tokens": 500}}'
+    args = ["overlap", "--model", str(model), "--dataset", dataset, "--records", "0-1", "--methods", "rome",
+            "--hparams", hp, "--test-languages", "en,de", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    points = pd.read_csv(tmp_path / "out" / "points.csv")
+    assert list(points["record"]) == ["mzsre:0", "mzsre:1"] and set(points["method"]) == {"rome"}
+    assert pd.read_csv(tmp_path / "out" / "correlations.csv")["records"].iloc[0] == 2
+    assert (tmp_path / "out" / "overlap_vs_transfer.html").is_file()
+    for extra, fragment in ((["--edit-language", "zh"], "must be one of"), (["--records", "5-9"], "no record"),
+                            (["--methods", "nope"], "Unknown editor"), (["--test-languages", "en"], "at least two")):
+        bad = CliRunner().invoke(cli, [*args[:-2], *extra])
+        assert bad.exit_code == 2, bad.output
+        assert fragment in bad.output
