@@ -150,3 +150,20 @@ def test_why_section_draws_the_overlap_of_the_chosen_edit(tiny_spec):
     at.selectbox(key="cmp-why-editor").set_value("rome").run()
     at.number_input(key="cmp-why-beta").set_value(0.2).run()
     assert not at.exception and not errors(at)
+
+
+def test_an_mlake_record_is_compared_with_its_multi_hop_question_as_portability(tiny_spec):
+    folder = Path(__file__).resolve().parent / "data" / "mlake"
+    at = new_page(tiny_spec)
+    at.run()
+    at.text_input(key="cmp-dataset").set_value(str(folder)).run()
+    assert not at.exception and not errors(at), errors(at)
+    at.multiselect(key="cmp-mzsre-languages").set_value(["en"]).run()
+    at.multiselect(key="cmp-editors").set_value(["ike"]).run()
+    box = next(t for t in at.text_area if str(t.key).startswith("cmp-hp-ike-"))
+    box.set_value(json.dumps(HPARAMS["ike"])).run()
+    at.button(key="cmp-run").click().run()
+    assert not at.exception and not errors(at), errors(at)
+    table = next(d.value for d in at.dataframe if "ike · answer" in getattr(d.value, "columns", []))
+    assert list(table["language"]) == ["en"] * len(table) and table["probe"].iloc[0] == "edit"
+    assert any(str(p).startswith("portability") for p in table["probe"])
