@@ -319,13 +319,14 @@ def transfer_score(rows: Sequence[Mapping[str, Any]], before: Sequence[Mapping[s
 def overlap_transfer(wb: Workbench, records: Sequence[Any], methods: Mapping[str, Mapping[str, Any] | None],
                      edit_language: str, test_languages: Sequence[str], beta: float = 0.5, top_share: float = 0.9,
                      progress: Progress | None = None) -> pd.DataFrame:
-    """One row per (record, method): the edit (made in ``edit_language`` alone, computed or read back from the
-    Compare cache) scored in ``test_languages``; its share of weight on the fact's agnostic neurons (atlas,
+    """One row per (record, method): the edit (made in ``edit_language`` alone — MPN and MPN-all, whose source
+    is ``edit_language``, also get the other languages as their parallel training pool — computed or read back
+    from the Compare cache) scored in ``test_languages``; its share of weight on the fact's agnostic neurons (atlas,
     over the test languages), on the edit language's specific ones and on the other languages' specific ones;
     its overlap count; and its transfer (:func:`transfer_score`). Editors that cannot edit a record leave
     a row with its error."""
     from editors.compare import model_identity, run_editor, test_request, unedited_rows
-    from editors.evaluate import probes
+    from editors.evaluate import probes, resolve_hparams
 
     model = model_identity(wb)
     report = progress or (lambda f, m: None)
@@ -337,8 +338,13 @@ def overlap_transfer(wb: Workbench, records: Sequence[Any], methods: Mapping[str
         items = probes(test_request(full))
         answers, before = unedited_rows(wb, items, model)
         sets = fact_neuron_sets(wb, full, beta=beta, model=model)["atlas"]
-        edit_request = EditRequest({edit_language: full.facts[edit_language]}, case_id=full.case_id)
+        alone = EditRequest({edit_language: full.facts[edit_language]}, case_id=full.case_id)
         for method, hparams in methods.items():
+            # MPN-style editors edit their source language and train the patch with the request's other
+            # languages (their parallel pool, mpn Eq. 9): they get the whole fact, the others the edit language
+            hp = resolve_hparams(wb, method, hparams)
+            pooled = getattr(hp, "parallel", "none") != "none" and getattr(hp, "source", None) == edit_language
+            edit_request = full if pooled else alone
             report(step / total, f"{full.case_id}: {method}")
             step += 1
             row: dict[str, Any] = {"record": full.case_id, "method": method}
@@ -365,6 +371,7 @@ def overlap_transfer(wb: Workbench, records: Sequence[Any], methods: Mapping[str
                 "reliability": transfer_score(run.rows, before, others),  # gain in the edit language itself
                 "cached": run.cached, "seconds": time.perf_counter() - started, "error": "",
             })
+            row["pooled"] = pooled
             rows.append(row)
     report(1.0, "done")
     return pd.DataFrame(rows)

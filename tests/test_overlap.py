@@ -188,3 +188,19 @@ def test_cli_overlap_writes_points_and_correlations(tmp_path):
         bad = CliRunner().invoke(cli, [*args[:-2], *extra])
         assert bad.exit_code == 2, bad.output
         assert fragment in bad.output
+
+
+def test_mpn_gets_the_whole_fact_as_its_parallel_pool_and_its_patch_is_apart(tmp_path):
+    from data.edit_records import load_mzsre
+    from tests.tiny import write_dataset
+
+    wb = tiny_workbench("llama")
+    records = load_mzsre(write_dataset(tmp_path))[:1]
+    hp = {"mpn": dict(layers=[2], parallel="one", steps=3, memory_facts=4, memory_sentences=2),
+          "t-patcher": dict(layers=[2], parallel="none", steps=3, memory_facts=4, memory_sentences=2)}
+    points = ov.overlap_transfer(wb, records, hp, "en", ["en", "de"]).set_index("method")
+    assert points.loc["mpn", "pooled"] and not points.loc["t-patcher", "pooled"]
+    assert not points.loc["mpn", "error"], points.loc["mpn", "error"]
+    # a patch adds neurons: its weight is on them, none on the model's own agnostic neurons
+    assert points.loc["mpn", "added share"] == pytest.approx(1.0)
+    assert points.loc["mpn", "agnostic share"] == pytest.approx(0.0)
