@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
 
-from analysis.errors import InputError
+from analysis.errors import InputError, NeuroglotError
 
 if TYPE_CHECKING:
     from analysis.model import Workbench
@@ -293,6 +293,24 @@ def record_index(record: str) -> int:
 
 
 # ------------------------------------------------------------------------------ hyper-parameters
+
+
+def preset_values(editor_name: str, wb: Workbench) -> tuple[dict, str, str | None]:
+    """The editor's hyper-parameters to start a box from: ``(values, origin, problem)`` — the model's preset
+    (origin "preset '<name>'"), else the class defaults with a message saying there is no preset."""
+    from editors.base import get_editor
+
+    hp_class = get_editor(editor_name).hparams_class
+    try:
+        return hp_class.preset(wb).to_dict(), f"preset {hp_class.preset_name(wb)!r}", None
+    except NeuroglotError:
+        try:
+            values = hp_class().to_dict()
+        except Exception:  # noqa: BLE001 - a class without defaults for every field
+            values = {}
+        return values, "defaults (no preset for this model)", (
+            f"{editor_name} has no preset for this model ({wb.name}): starting from its default hyper-parameters; "
+            "check them before you run.")
 
 
 def hparams_from_text(editor_name: str, text: str, wb: Workbench) -> Any:

@@ -16,14 +16,14 @@ import pandas as pd
 import streamlit as st
 
 from analysis import fact_figures
-from analysis.errors import InputError, NeuroglotError
+from analysis.errors import InputError
 from analysis.run_figures import transfer_heatmap
-from app.forms import edit_request_from_boxes, hparams_from_text, language_name
+from app.forms import edit_request_from_boxes, hparams_from_text, language_name, preset_values
 from app.state import ERROR_ICON, corpus_rows, current_corpus_spec, current_model_spec, kept, progress_bar, \
     user_errors, workbench
 from app.widgets import downloads, edit_fact
 from editors import compare as cmp
-from editors.base import available_editors, get_editor
+from editors.base import available_editors
 from editors.requests import EditRequest
 
 st.title("Compare editors")
@@ -53,18 +53,9 @@ def hparams_boxes(names: list[str], wb, model_spec: str) -> dict[str, str]:
         with st.expander(f"{name} · hyper-parameters", expanded=False):
             reset = st.button("Reset to preset", key=f"{key}-reset")
             if key not in texts or reset:
-                hp_class = get_editor(name).hparams_class
-                try:
-                    values = hp_class.preset(wb).to_dict()
-                    origins[key] = f"preset {hp_class.preset_name(wb)!r}"
-                except NeuroglotError:
-                    st.warning(f"{name} has no preset for this model ({wb.name}): its defaults are shown; "
-                               "check them before you run.")
-                    try:
-                        values = hp_class().to_dict()
-                    except Exception:  # noqa: BLE001 - a class without defaults for every field
-                        values = {}
-                    origins[key] = "defaults (no preset for this model)"
+                values, origins[key], problem = preset_values(name, wb)
+                if problem:
+                    st.warning(problem)
                 texts[key] = json.dumps(values, indent=1, ensure_ascii=False)
                 versions[key] = versions.get(key, 0) + 1
             texts[key] = st.text_area(f"{name} hyper-parameters (JSON; from the {origins.get(key, 'preset')})",

@@ -29,9 +29,9 @@ import pandas as pd
 import streamlit as st
 
 from analysis import fact_figures, figures
-from analysis.errors import InputError, NeuroglotError
+from analysis.errors import InputError
 from app.edit_store import edit_zip, load_edit, remove_edit, save_edit, session_folder
-from app.forms import edit_request_from_boxes, hparams_from_text
+from app.forms import edit_request_from_boxes, hparams_from_text, preset_values
 from app.state import (ERROR_ICON, corpus_rows, current_corpus_spec, current_model_spec, progress_bar,
                        user_errors, workbench)
 from app.widgets import downloads, edit_fact, neuron_drilldown
@@ -411,18 +411,9 @@ with user_errors():
     origins = st.session_state.setdefault("el-hp-origins", {})
     versions = st.session_state.setdefault("el-hp-versions", {})
     if editor_name and (hp_key not in texts or reset):
-        hp_class = get_editor(editor_name).hparams_class
-        try:
-            defaults = hp_class.preset(wb).to_dict()
-            origins[hp_key] = f"preset {hp_class.preset_name(wb)!r}"
-        except NeuroglotError:
-            st.error(f"{editor_name} has no preset for this model ({wb.name}): starting from its default "
-                     "hyper-parameters; edit them below.", icon=ERROR_ICON)
-            try:
-                defaults = hp_class().to_dict()
-            except Exception:                       # a class without defaults for every field
-                defaults = {}
-            origins[hp_key] = "defaults (no preset for this model)"
+        defaults, origins[hp_key], problem = preset_values(editor_name, wb)
+        if problem:
+            st.error(problem, icon=ERROR_ICON)
         texts[hp_key] = json.dumps(defaults, indent=1, ensure_ascii=False)
         versions[hp_key] = versions.get(hp_key, 0) + 1
     hp_text = c2.text_area(f"Hyper-parameters (JSON; from the {origins.get(hp_key, 'preset')})",
