@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         for p in score_probes(wb, ps, before[cid], unedited=True):
             flat.append({"method": "unedited", "edit_languages": "-", "record": cid, "seconds": None,
                          "patches": None, **p})
+    frame = pd.DataFrame(flat)
+    unedited = mpn_table(frame, "+".join(LANGS), LANGS, "en").iloc[0].to_dict()
+    unedited.update(setting="before any edit", edits=0)
     out = []
     for method in args.methods.split(","):
         editor = get_editor(method)
@@ -81,15 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         row.update(patches=flat_patches, edits=len(requests), s_per_edit=statistics.mean(seconds),
                    setting=f"{len(requests)} edits in sequence")
         out.append(row)
-    frame = pd.DataFrame(flat)
-    unedited = mpn_table(frame[frame["method"] == "unedited"], "+".join(LANGS), LANGS, "en").iloc[0].to_dict()
-    unedited.update(setting="before any edit", edits=0)
-    table = pd.DataFrame([unedited] + out)
+        write(pd.DataFrame([unedited] + out))      # after each method: a later one may be interrupted
+    return 0
+
+
+def write(table) -> None:
+    import pandas as pd
+
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     table.to_csv(ROOT / "bench" / "results" / "mpn_sequential.csv", index=False)
     with pd.option_context("display.width", 220, "display.max_columns", 30):
-        print(table.round(2).to_string(index=False))
-    return 0
+        print(table.round(2).to_string(index=False), flush=True)
 
 
 if __name__ == "__main__":
