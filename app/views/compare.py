@@ -103,12 +103,15 @@ def styled_grid(grid: pd.DataFrame, methods: list[str]):
         return f"background-color: rgba({red}, {green}, 110, 0.35)"
 
     shown = grid.drop(columns=[f"{m} · success" for m in methods])
+    for m in methods:
+        # As text: st.dataframe draws a missing value as "None" whatever the Styler's format says, and locality
+        # and portability rows have no P(new).
+        shown[f"{m} · P(new)"] = ["–" if v is None or pd.isna(v) else f"{v:.3f}" for v in shown[f"{m} · P(new)"]]
     styler = shown.style
     for m in methods:
         success = grid[f"{m} · success"]
         styler = styler.apply(lambda column, s=success: [colour(v) for v in s], subset=[f"{m} · answer"])
-    return styler.format({f"{m} · P(new)": (lambda v: "–" if v is None or pd.isna(v) else f"{v:.3f}")
-                          for m in methods})
+    return styler
 
 
 def results(wb, job: dict[str, Any], comparison: cmp.Comparison) -> None:
