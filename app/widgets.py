@@ -16,14 +16,16 @@ from app.state import kept, workbench
 from editors.requests import EditRequest
 
 
-def downloads(fig, stem: str, table: pd.DataFrame | None = None, key: str | None = None) -> None:
+def downloads(fig, stem: str, table: pd.DataFrame | None = None, key: str | None = None,
+              narrow: bool = False) -> None:
     """One row of downloads: the figure's data as CSV, the figure as HTML, and as PNG in one click.
 
     The PNG is rendered (kaleido) only when its button is clicked, on Streamlit's download thread, so
     drawing the page costs nothing and the click starts the download itself. ``key`` (default: the
-    file stem) tells apart two rows of the same file on one page."""
+    file stem) tells apart two rows of the same file on one page; ``narrow``: the row is in a narrow column (no
+    spacer, so the buttons keep their labels)."""
     key = key or stem
-    cols = st.columns([1, 1, 1, 5])
+    cols = st.columns([1, 1, 1] if narrow else [1, 1, 1, 5])
     if table is not None:
         cols[0].download_button("CSV", table.to_csv(index=False).encode(), f"{stem}.csv", "text/csv",
                                 key=f"csv-{key}", on_click="ignore", icon=":material/download:")
@@ -168,8 +170,9 @@ class _Record:
 
 def dataset_request(prefix: str, default: Sequence[str]) -> EditRequest | None:
     """A data-set record picker (a folder of MzsRE or MLaKE files; search; record; languages)."""
-    typed = st.text_input("Data set (an MzsRE or MLaKE file or folder)", str(mzsre_folder()), key=f"{prefix}-dataset",
-                          help="Default: NEUROGLOT_MZSRE, else ../shared/data/mzsre/dev beside the repository.")
+    typed = kept(st.text_input, "Data set (an MzsRE or MLaKE file or folder)", key=f"{prefix}-dataset",
+                 default=str(mzsre_folder()),
+                 help="Default: NEUROGLOT_MZSRE, else ../shared/data/mzsre/dev beside the repository.")
     folder = Path(typed.strip()).expanduser()
     if not folder.exists():
         st.info(f"No data at `{folder}`. Give the folder of the MzsRE test files (mzsre_test_duplicate_en*.json) "
@@ -178,7 +181,8 @@ def dataset_request(prefix: str, default: Sequence[str]) -> EditRequest | None:
         return None
     with st.spinner("Reading the records..."):
         records = dataset_records(str(folder), folder.stat().st_mtime)
-    query = st.text_input("Search the records (subject, question or target)", key=f"{prefix}-mzsre-search")
+    query = kept(st.text_input, "Search the records (subject, question or target)", key=f"{prefix}-mzsre-search",
+                 default="")
     query = query.strip().lower()
     matches = [i for i, (_, fields) in enumerate(records)
                if not query or any(query in str(v).lower() for f in fields.values() for v in f.values())]
@@ -191,13 +195,13 @@ def dataset_request(prefix: str, default: Sequence[str]) -> EditRequest | None:
         f = fields.get("en") or next(iter(fields.values()))
         return f"{i} · {f.get('subject') or ''} · {f.get('prompt', '')} → {f.get('target_new', '')}"
 
-    index = st.selectbox(f"Record ({len(matches):,} of {len(records):,})", matches, format_func=label,
-                         key=f"{prefix}-mzsre-record")
+    index = kept(st.selectbox, f"Record ({len(matches):,} of {len(records):,})", matches, format_func=label,
+                 key=f"{prefix}-mzsre-record", default=matches[0])
     rid, fields = records[index]
     available = sorted(fields)
     chosen = [lang for lang in default if lang in available] or available[:1]
-    languages = st.multiselect("Languages", available, default=chosen, key=f"{prefix}-mzsre-languages",
-                               format_func=forms.language_name)
+    languages = kept(st.multiselect, "Languages", available, default=chosen, key=f"{prefix}-mzsre-languages",
+                     format_func=forms.language_name)
     request = EditRequest.from_record(_Record(rid, fields), languages) if languages else None
     if request is not None:
         st.dataframe(pd.DataFrame([{"language": lang, "question": f.prompt, "subject": f.subject,
@@ -211,31 +215,27 @@ def typed_edit(prefix: str, default: Sequence[str]) -> dict[str, dict[str, str]]
     from data import LANGUAGES
 
     options = TYPED_LANGUAGES + sorted(set(LANGUAGES) - set(TYPED_LANGUAGES))
-    languages = st.multiselect("Languages", options, default=list(default), key=f"{prefix}-typed-languages",
-                               accept_new_options=True, format_func=forms.language_name,
-                               help="Pick from the list, or type an ISO 639-1 code or an English language name.")
+    languages = kept(st.multiselect, "Languages", options, default=list(default), key=f"{prefix}-typed-languages",
+                     accept_new_options=True, format_func=forms.language_name,
+                     help="Pick from the list, or type an ISO 639-1 code or an English language name.")
     raw = {}
     for lang in languages:
         ex = EDIT_EXAMPLES.get(lang, {})
         with st.container(border=True):
             st.markdown(f"**{forms.language_name(lang)}**")
             c = st.columns(4)
-            row = {
-                "prompt": c[0].text_input(f"Prompt ({lang})", ex.get("prompt", ""), key=f"{prefix}-prompt-{lang}"),
-                "subject": c[1].text_input(f"Subject ({lang})", ex.get("subject", ""),
-                                           key=f"{prefix}-subject-{lang}"),
-                "target_new": c[2].text_input(f"New target ({lang})", ex.get("target_new", ""),
-                                              key=f"{prefix}-new-{lang}"),
-                "target_old": c[3].text_input(f"Old target ({lang}, optional)", ex.get("target_old", ""),
-                                              key=f"{prefix}-old-{lang}"),
-            }
+            row = {name: kept(col.text_input, f"{label} ({lang}{extra})", key=f"{prefix}-{short}-{lang}",
+                              default=ex.get(name, ""))
+                   for col, (name, label, short, extra) in zip(c, (
+                       ("prompt", "Prompt", "prompt", ""), ("subject", "Subject", "subject", ""),
+                       ("target_new", "New target", "new", ""), ("target_old", "Old target", "old", ", optional")))}
             c = st.columns(3)
-            row["paraphrases"] = c[0].text_area(f"Paraphrases ({lang}, one per line)", ex.get("paraphrases", ""),
-                                                key=f"{prefix}-para-{lang}", height=80)
-            row["locality"] = c[1].text_area(f"Locality ({lang}, question | answer per line)",
-                                             ex.get("locality", ""), key=f"{prefix}-loc-{lang}", height=80)
-            row["portability"] = c[2].text_area(f"Portability ({lang}, question | answer per line)",
-                                                ex.get("portability", ""), key=f"{prefix}-port-{lang}", height=80)
+            for col, (name, label, short) in zip(c, (
+                    ("paraphrases", "Paraphrases ({}, one per line)", "para"),
+                    ("locality", "Locality ({}, question | answer per line)", "loc"),
+                    ("portability", "Portability ({}, question | answer per line)", "port"))):
+                row[name] = kept(col.text_area, label.format(lang), key=f"{prefix}-{short}-{lang}",
+                                 default=ex.get(name, ""), height=80)
         raw[lang] = row
     return raw
 
@@ -245,8 +245,8 @@ def corpus_edit(prefix: str, rows: pd.DataFrame, corpus_name: str) -> EditReques
     from analysis import causal_trace as ct
 
     all_languages = sorted(rows["language"].unique())
-    languages = st.multiselect("Languages", all_languages, default=forms.default_languages(all_languages, n=1),
-                               key=f"{prefix}-corpus-languages", format_func=forms.language_name)
+    languages = kept(st.multiselect, "Languages", all_languages, default=forms.default_languages(all_languages, n=1),
+                     key=f"{prefix}-corpus-languages", format_func=forms.language_name)
     if not languages:
         return None
     fact = corpus_fact(rows, corpus_name, languages, key=f"{prefix}-corpus-fact", name_corpus=True)
@@ -257,7 +257,7 @@ def corpus_edit(prefix: str, rows: pd.DataFrame, corpus_name: str) -> EditReques
     for col, lang in zip(st.columns(len(languages)), languages):
         prompt, subject, obj = found[lang]
         col.caption(f"**{lang}** · {prompt} … (now: {obj})")
-        new = col.text_input(f"New target ({lang})", key=f"{prefix}-corpus-new-{lang}-{fact}")
+        new = kept(col.text_input, f"New target ({lang})", key=f"{prefix}-corpus-new-{lang}-{fact}", default="")
         fields[lang] = dict(prompt=prompt, subject=subject, target_new=new, target_old=obj)
     return forms.edit_request(fields, case_id=str(fact))
 
@@ -270,7 +270,7 @@ def edit_fact(prefix: str, corpus: Callable[[], tuple[str, pd.DataFrame]], defau
     boxes)`` for a typed fact, checked when the user presses the page's button
     (``forms.edit_request_from_boxes``), so that typing does not show errors before then. ``corpus()`` gives
     the corpus as (name, rows); it is read only when a corpus fact is asked for."""
-    source = st.radio("Source", EDIT_SOURCES, horizontal=True, key=f"{prefix}-source")
+    source = kept(st.radio, "Source", EDIT_SOURCES, horizontal=True, key=f"{prefix}-source", default=EDIT_SOURCES[0])
     if source == EDIT_SOURCES[1]:
         return None, typed_edit(prefix, default)
     if source == EDIT_SOURCES[0]:

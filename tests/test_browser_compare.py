@@ -232,6 +232,9 @@ def test_compare_two_editors_grid_cache_transfer_leave_return_second_session_and
     back = table_text(page, ["editor", "seconds"])
     assert [r[back["headers"].index("from cache")] for r in back["rows"]] == ["true", "true"], back
     assert len(heatmaps(page, 2)) == 2
+    # the fact picker too: still the typed fact in en and zh (German removed), not the record picker
+    assert page.get_by_role("textbox", name="Subject (zh)").is_visible()
+    assert page.get_by_role("textbox", name="Subject (de)").count() == 0
 
     # 5. a second browser session starts empty, and runs its own comparison (IKE alone, read back from the cache)
     other = browser.new_context(viewport=TALL)

@@ -182,7 +182,8 @@ def transfer_section(wb, job: dict[str, Any]) -> None:
                 continue
             fig = transfer_heatmap(matrix, f"{method}: edit language × test language", METRICS[metric])
             st.plotly_chart(fig, width="stretch", key=f"cmp-transfer-{method}")
-            downloads(fig, f"transfer_{method}_{metric}", matrix.reset_index(), key=f"cmp-transfer-dl-{method}")
+            downloads(fig, f"transfer_{method}_{metric}", matrix.reset_index(), key=f"cmp-transfer-dl-{method}",
+                      narrow=True)
 
 
 def why_section(wb, job: dict[str, Any], comparison: cmp.Comparison) -> None:
