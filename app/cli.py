@@ -661,30 +661,46 @@ def overlap(model: str = ModelOpt,
     wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     typer.echo(f"{len(chosen)} records × {len(names)} editors, edit in {edit_language}, neurons and transfer over "
                f"{', '.join(tests)}")
-    with tqdm(total=100, desc="overlap", unit="%") as bar:
-        def progress(frac: float, message: str) -> None:
-            bar.n = round(100 * frac)
-            bar.set_postfix_str(message[:60])
-            bar.refresh()
+    def results(points: pd.DataFrame):
+        ok = points[~points["error"].astype(bool)] if "error" in points else points
+        corr = ov.rank_correlations(ok)
+        return corr, fact_figures.overlap_vs_transfer(ok, corr)
 
-        points = ov.overlap_transfer(wb, chosen, {n: overrides.get(n) for n in names}, edit_language, tests,
-                                     beta=beta, top_share=top_share, progress=progress)
+    def write_out(points: pd.DataFrame, final: bool) -> None:
+        corr, fig = results(points)
+
+        def write(tmp: Path) -> None:
+            points.to_csv(tmp / "points.csv", index=False)
+            corr.to_csv(tmp / "correlations.csv", index=False)
+            figures.save_figure(fig, tmp / "overlap_vs_transfer", formats=("html", "png") if png and final
+                                else ("html",))
+
+        runs.write_run(out, "overlap", key, job, write)
+
+    parts: list[pd.DataFrame] = []
+    chunk = 5        # the folder is rewritten every `chunk` records: an interrupted run keeps what it measured
+    with tqdm(total=100, desc="overlap", unit="%") as bar:
+        for start in range(0, len(chosen), chunk):
+            def progress(frac: float, message: str, start: int = start) -> None:
+                bar.n = round(100 * (start + frac * len(chosen[start:start + chunk])) / len(chosen))
+                bar.set_postfix_str(message[:60])
+                bar.refresh()
+
+            parts.append(ov.overlap_transfer(wb, chosen[start:start + chunk], {n: overrides.get(n) for n in names},
+                                             edit_language, tests, beta=beta, top_share=top_share,
+                                             progress=progress))
+            if out is not None and start + chunk < len(chosen):
+                write_out(pd.concat(parts, ignore_index=True), final=False)
+    points = pd.concat(parts, ignore_index=True)
     failed = points[points["error"].astype(bool)] if "error" in points else points.iloc[:0]
     for _, row in failed.iterrows():
         typer.echo(f"{row['record']} · {row['method']}: {row['error']}", err=True)
-    corr = ov.rank_correlations(points[~points.index.isin(failed.index)])
+    corr, _ = results(points)
     with pd.option_context("display.width", 200):
         typer.echo(corr.round(3).to_string(index=False))
-    fig = fact_figures.overlap_vs_transfer(points[~points.index.isin(failed.index)], corr)
     if out is None:
         return
-
-    def write(tmp: Path) -> None:
-        points.to_csv(tmp / "points.csv", index=False)
-        corr.to_csv(tmp / "correlations.csv", index=False)
-        figures.save_figure(fig, tmp / "overlap_vs_transfer", formats=("html", "png") if png else ("html",))
-
-    runs.write_run(out, "overlap", key, job, write)
+    write_out(points, final=True)
     typer.echo(f"wrote points.csv, correlations.csv, overlap_vs_transfer → {out}")
 
 
