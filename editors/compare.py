@@ -193,12 +193,10 @@ def run_editor(wb: Workbench, method: str, hparams: Mapping[str, Any] | None, re
 
 def plain_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     """The edit's records as JSON-able data (hyper-parameters, losses, the editor's own records)."""
-    import json
-
     from analysis.runs import _plain
 
     try:
-        return json.loads(json.dumps(_plain(dict(meta)), ensure_ascii=False, default=str))
+        return _plain(dict(meta))           # one JSON round trip (tensors and other objects as their str)
     except (TypeError, ValueError):
         return {}
 
