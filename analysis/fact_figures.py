@@ -16,7 +16,8 @@ from plotly.subplots import make_subplots
 
 from analysis.errors import InputError
 from analysis.figures import (
-    LAFN_COLOUR, _check_table, _escape, _layer_axis, _layout, _show_token, _unique_labels, language_colour,
+    LAFN_COLOUR, _bar_series, _check_table, _escape, _layer_axis, _layout, _show_token, _unique_labels,
+    language_colour,
 )
 
 __all__ = [
@@ -290,19 +291,13 @@ def compare_summary(summary: pd.DataFrame, title: str | None = None) -> go.Figur
     colours = editor_colours(methods)
     fig = make_subplots(rows=1, cols=max(1, len(kinds)), subplot_titles=kinds, shared_yaxes=True,
                         horizontal_spacing=0.03)
+    probes = summary if "n" in summary else summary.assign(n=1)  # without counts, each bar is "1 probe"
     for col, kind in enumerate(kinds, start=1):
-        part = summary[summary["kind"] == kind]
-        for method in methods:
-            rows = part[part["method"] == method]
-            if rows.empty:
-                continue
-            n = rows["n"] if "n" in rows else [1] * len(rows)
-            fig.add_bar(x=rows["language"], y=rows["success"], name=method, legendgroup=method,
-                        marker_color=colours[method], showlegend=col == 1,
-                        text=[f"{v:.0f}" for v in rows["success"]], textposition="outside", cliponaxis=False,
-                        customdata=np.asarray(n).reshape(-1, 1),
-                        hovertemplate=(f"{_escape(method)} · {kind} · %{{x}}: %{{y:.1f}}"
-                                       " (mean of %{customdata[0]} probe(s))<extra></extra>"), row=1, col=col)
+        _bar_series(fig, probes[probes["kind"] == kind], x="language", series="method", value="success",
+                    order=methods, colours=colours, text="{:.0f}", customdata=["n"], row=1, col=col,
+                    textposition="outside", cliponaxis=False,
+                    hover=lambda method, kind=kind: (f"{_escape(method)} · {kind} · %{{x}}: %{{y:.1f}}"
+                                                     " (mean of %{customdata[0]} probe(s))<extra></extra>"))
     fig.update_yaxes(range=[0, 112], title_text="success (token F1 %)", row=1, col=1)
     fig.update_xaxes(title_text="language")
     return _layout(fig, title or "Success per editor, language and probe kind (locality: answer kept)",
@@ -331,21 +326,18 @@ def edit_overlap_by_layer(table: pd.DataFrame, title: str | None = None) -> go.F
     fig = make_subplots(rows=1, cols=len(sources), shared_yaxes=True, horizontal_spacing=0.05,
                         subplot_titles=[names.get(s, s) for s in sources])
     sets = list(dict.fromkeys(table["set"]))
+    labels = {name: name if name in _SET_COLOURS else f"{name}-specific" for name in sets}
+    colours = {name: _SET_COLOURS.get(name) or language_colour(name) for name in sets}
+    # the hover shows -1 for a set without a size (no "set size" column, or none for "other")
+    bars = table.assign(**{"weight %": 100.0 * table["weight share"],
+                           "set size": table["set size"].fillna(-1) if "set size" in table else -1})
     for col, source in enumerate(sources, start=1):
-        part = table[table["source"] == source]
-        for name in sets:
-            rows = part[part["set"] == name]
-            if rows.empty:
-                continue
-            label = name if name in _SET_COLOURS else f"{name}-specific"
-            colour = _SET_COLOURS.get(name) or language_colour(name)
-            size = rows["set size"] if "set size" in rows else pd.Series([None] * len(rows))
-            fig.add_bar(x=rows["layer"], y=100.0 * rows["weight share"], name=label, legendgroup=label,
-                        marker_color=colour, showlegend=col == 1,
-                        customdata=np.stack([rows["overlap"], rows["top"], size.fillna(-1)], axis=1),
-                        hovertemplate=(f"layer %{{x}} · {_escape(label)}: %{{y:.1f}} % of the edit's weight<br>"
-                                       "%{customdata[0]} of the layer's %{customdata[1]} top neurons are in this "
-                                       "set (set size %{customdata[2]})<extra></extra>"), row=1, col=col)
+        part = bars[bars["source"] == source]
+        _bar_series(fig, part, x="layer", series="set", value="weight %", order=sets, names=labels,
+                    colours=colours, customdata=["overlap", "top", "set size"], row=1, col=col,
+                    hover=lambda label: (f"layer %{{x}} · {_escape(label)}: %{{y:.1f}} % of the edit's weight<br>"
+                                         "%{customdata[0]} of the layer's %{customdata[1]} top neurons are in this "
+                                         "set (set size %{customdata[2]})<extra></extra>"))
         fig.update_xaxes(_layer_axis(part["layer"]), row=1, col=col)
     fig.update_yaxes(title_text="share of the edit's weight (%)", row=1, col=1)
     return _layout(fig, title or "Where the edit's weight falls: the fact's agnostic and specific neurons per layer",

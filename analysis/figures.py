@@ -21,7 +21,7 @@ import html
 import os
 import textwrap
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +224,64 @@ def _layout(fig: go.Figure, title: str, **kwargs) -> go.Figure:
         **kwargs,
     )
     return fig
+
+
+def _bar_series(
+    fig: go.Figure,
+    table: pd.DataFrame,
+    *,
+    x: str,
+    series: str,
+    value: str,
+    hover: Callable[[str], str],
+    order: Iterable[object] | None = None,
+    categories: Sequence[object] | None = None,
+    names: Mapping[object, str] | None = None,
+    colours: Mapping[object, str] | None = None,
+    text: str | None = None,
+    customdata: Sequence[str] = (),
+    row: int | None = None,
+    col: int | None = None,
+    **bar: object,
+) -> None:
+    """Add one bar trace per series of a long table (one row per bar) to ``fig``.
+
+    ``series`` names the column whose values make the traces, in ``order`` (default: order of
+    appearance); a series without rows draws no trace. ``x`` and ``value`` are the columns of the
+    bars' positions and heights. With ``categories`` every trace gets exactly those x values,
+    its values aligned to them (a missing or NaN value draws no bar; for repeated x the last row
+    counts); without, a trace has its own rows' x in table order.
+
+    ``names`` maps a series to its trace name (default: the series value as is), ``colours`` a
+    series to its marker colour (default: plotly's colour cycle). ``hover(name)`` gives a
+    trace's hover template, ``text`` a format for the value written on each bar (``"{:.0f}"``),
+    ``customdata`` the columns ``%{customdata[i]}`` reads. ``bar`` goes to ``go.Bar`` as is.
+
+    In a panel of a subplot grid (``row``/``col``), a series is one legend group across the
+    panels and appears in the legend from the first panel only.
+    """
+    keys = list(dict.fromkeys(table[series])) if order is None else list(order)
+    for key in keys:
+        rows = table[table[series] == key]
+        if rows.empty:
+            continue
+        name = names[key] if names is not None else key
+        if categories is None:
+            xs, values, cells = rows[x], rows[value], rows
+        else:
+            cells = rows.drop_duplicates(x, keep="last").set_index(x).reindex(categories)
+            xs = categories
+            values = [float(v) if pd.notna(v) else None for v in cells[value]]
+        trace = dict(x=xs, y=values, name=name, hovertemplate=hover(name), **bar)
+        if colours is not None:
+            trace["marker_color"] = colours[key]
+        if text is not None:
+            trace["text"] = ["" if v is None or pd.isna(v) else text.format(v) for v in values]
+        if customdata:
+            trace["customdata"] = np.stack([np.asarray(cells[c]) for c in customdata], axis=1)
+        if row is not None or col is not None:
+            trace.update(legendgroup=name, showlegend=(row or 1) == 1 and (col or 1) == 1)
+        fig.add_trace(go.Bar(**trace), row=row, col=col)
 
 
 # --------------------------------------------------------------------------- figures

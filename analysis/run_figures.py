@@ -14,7 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from analysis.errors import InputError
-from analysis.figures import _layout, language_colour
+from analysis.figures import _bar_series, _layout, language_colour
 
 #: The label column of ``editors.tables.transfer_matrix`` and its cross-language mean column.
 EDIT_COLUMN = "edit"
@@ -83,15 +83,10 @@ def method_scores_bars(scores: pd.DataFrame, title: str, metric: str) -> go.Figu
         raise InputError(f"{what} need the columns method, kind and value; missing {', '.join(missing)}.")
     if scores.empty:
         raise InputError(f"{what} are empty: the run has no probe rows yet.")
-    kinds = list(dict.fromkeys(scores["kind"].astype(str)))
+    scores = scores.assign(method=scores["method"].astype(str), kind=scores["kind"].astype(str))
     fig = go.Figure()
-    for method in dict.fromkeys(scores["method"].astype(str)):
-        mine = scores[scores["method"].astype(str) == method]
-        by_kind = dict(zip(mine["kind"].astype(str), mine["value"]))
-        values = [float(by_kind[k]) if k in by_kind and pd.notna(by_kind[k]) else None for k in kinds]
-        fig.add_trace(go.Bar(
-            x=kinds, y=values, name=method,
-            hovertemplate=f"{method}<br>%{{x}}: %{{y:.1f}}%<extra></extra>"))
+    _bar_series(fig, scores, x="kind", series="method", value="value", categories=list(dict.fromkeys(scores["kind"])),
+                hover=lambda method: f"{method}<br>%{{x}}: %{{y:.1f}}%<extra></extra>")
     return _layout(
         fig, title, barmode="group",
         yaxis=dict(title=f"{metric} (%)", range=[0, 102]),
@@ -110,15 +105,13 @@ def language_scores_bars(scores: pd.DataFrame, title: str, metric: str) -> go.Fi
         raise InputError(f"{what} need the columns method, language and value; missing {', '.join(missing)}.")
     if scores.empty:
         raise InputError(f"{what} are empty: the run has no probe rows yet.")
-    methods = list(dict.fromkeys(scores["method"].astype(str)))
+    scores = scores.assign(method=scores["method"].astype(str), language=scores["language"].astype(str))
+    languages = list(dict.fromkeys(scores["language"]))
     fig = go.Figure()
-    for language in dict.fromkeys(scores["language"].astype(str)):
-        mine = scores[scores["language"].astype(str) == language]
-        by_method = dict(zip(mine["method"].astype(str), mine["value"]))
-        values = [float(by_method[m]) if m in by_method and pd.notna(by_method[m]) else None for m in methods]
-        fig.add_trace(go.Bar(
-            x=methods, y=values, name=language, marker_color=language_colour(language),
-            hovertemplate=f"%{{x}} · asked in {language}<br>{metric} %{{y:.1f}}%<extra></extra>"))
+    _bar_series(fig, scores, x="method", series="language", value="value",
+                categories=list(dict.fromkeys(scores["method"])),
+                colours={language: language_colour(language) for language in languages},
+                hover=lambda language: f"%{{x}} · asked in {language}<br>{metric} %{{y:.1f}}%<extra></extra>")
     return _layout(
         fig, title, barmode="group",
         yaxis=dict(title=f"{metric} (%)", range=[0, 102]),

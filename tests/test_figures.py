@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from analysis import fact_figures, figures
+from analysis import fact_figures, figures, run_figures
 from analysis.errors import InputError, NeuroglotError
 from analysis.figures import (
     LAFN,
@@ -449,3 +449,153 @@ def test_average_effect_heatmaps_grid_languages_by_kinds():
     assert list(fig.data[0].y) == rows
     with pytest.raises(InputError):
         fact_figures.average_effect_heatmaps({})
+
+
+# --------------------------------------------------------------------------- grouped bars (regression)
+# compare_summary, edit_overlap_by_layer, method_scores_bars and language_scores_bars share one bar helper;
+# these pin the traces they drew before it (order, names, x, y, colours, hover, legend), missing values included.
+
+
+def _plain(values) -> list | None:
+    """Trace data as plain Python (numpy scalars and NaN as int/float/None) for comparison."""
+    if values is None:
+        return None
+
+    def one(v):
+        if isinstance(v, (list, tuple, np.ndarray)):
+            return [one(e) for e in v]
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return None
+        return v.item() if isinstance(v, np.generic) else v
+
+    return [one(v) for v in np.asarray(values, dtype=object).tolist()]
+
+
+def bar_traces(fig: go.Figure) -> list[tuple]:
+    """(name, x, y, colour, legend shown, x axis, customdata) of every trace, in order."""
+    assert all(t.type == "bar" for t in fig.data)
+    return [(t.name, _plain(t.x), _plain(t.y), t.marker.color, t.showlegend, t.xaxis, _plain(t.customdata))
+            for t in fig.data]
+
+
+@pytest.fixture
+def compare_rows() -> pd.DataFrame:
+    return pd.DataFrame([
+        ("unedited", "en", "reliability", 10.0, 4), ("unedited", "zh", "reliability", 5.0, 4),
+        ("memla", "zh", "reliability", 80.0, 4), ("memla", "en", "reliability", 90.0, 3),
+        ("a<b", "en", "reliability", 99.4, 4),
+        ("unedited", "en", "locality", 100.0, 2), ("memla", "en", "locality", 95.5, 2),
+        ("memla", "de", "locality", 70.0, 2), ("a<b", "fr", "generality", 42.0, 1),
+    ], columns=["method", "language", "kind", "success", "n"])
+
+
+def test_compare_summary_bars_per_editor_in_panels_per_kind(compare_rows):
+    fig = fact_figures.compare_summary(compare_rows)
+    grey, blue, red = "#b0b0b0", "#1f77b4", "#d62728"
+    assert bar_traces(fig) == [                   # kinds in COMPARE_KINDS order; an editor without rows draws nothing
+        ("unedited", ["en", "zh"], [10.0, 5.0], grey, True, "x", [[4], [4]]),
+        ("memla", ["zh", "en"], [80.0, 90.0], blue, True, "x", [[4], [3]]),
+        ("a<b", ["en"], [99.4], red, True, "x", [[4]]),
+        ("a<b", ["fr"], [42.0], red, False, "x2", [[1]]),
+        ("unedited", ["en"], [100.0], grey, False, "x3", [[2]]),
+        ("memla", ["en", "de"], [95.5, 70.0], blue, False, "x3", [[2], [2]]),
+    ]
+    assert [t.legendgroup for t in fig.data] == [t.name for t in fig.data]
+    assert [list(t.text) for t in fig.data][2:4] == [["99"], ["42"]]
+    assert fig.data[0].textposition == "outside" and fig.data[0].cliponaxis is False
+    assert fig.data[2].hovertemplate == ("a&lt;b · reliability · %{x}: %{y:.1f} (mean of %{customdata[0]} "
+                                         "probe(s))<extra></extra>")
+    assert fig.data[3].hovertemplate.startswith("a&lt;b · generality · %{x}")
+    assert [a.text for a in fig.layout.annotations] == ["reliability", "generality", "locality"]
+    assert fig.layout.barmode == "group" and fig.layout.height == 420 and fig.layout.legend.title.text == "editor"
+    assert tuple(fig.layout.yaxis.range) == (0, 112)
+
+    without_n = fact_figures.compare_summary(compare_rows.drop(columns="n"), title="mine")
+    assert [_plain(t.customdata) for t in without_n.data] == [[[1]] * len(t.x) for t in without_n.data]
+    assert without_n.layout.title.text == "mine"
+    single = fact_figures.compare_summary(compare_rows[compare_rows["method"] == "memla"])
+    assert bar_traces(single) == [("memla", ["zh", "en"], [80.0, 90.0], blue, True, "x", [[4], [3]]),
+                                  ("memla", ["en", "de"], [95.5, 70.0], blue, False, "x2", [[2], [2]])]
+    with pytest.raises(InputError, match="The comparison summary: column 'success' must hold finite numbers"):
+        fact_figures.compare_summary(compare_rows.assign(success=np.nan))
+    with pytest.raises(InputError, match=r"The comparison summary is missing column\(s\) \['kind'\]"):
+        fact_figures.compare_summary(compare_rows.drop(columns="kind"))
+
+
+def test_edit_overlap_by_layer_stacks_sets_per_source():
+    table = pd.DataFrame([
+        (3, "agnostic", 0.5, 2, 10, 7, "atlas"), (3, "en", 0.2, 1, 10, 30, "atlas"),
+        (3, "other", 0.3, 0, 10, np.nan, "atlas"), (5, "agnostic", 0.1, 1, 10, 7, "atlas"),
+        (5, "other", 0.9, 0, 10, np.nan, "atlas"), (4, "en", 0.6, 3, 10, 12, "ig"),
+        (4, "added neurons", 0.4, 0, 10, 2, "ig"),
+    ], columns=["layer", "set", "weight share", "overlap", "top", "set size", "source"])
+    fig = fact_figures.edit_overlap_by_layer(table)
+    assert bar_traces(fig) == [                   # a set without a value in the set size column shows -1
+        ("agnostic", [3, 5], [50.0, 10.0], LAFN_COLOUR, True, "x", [[2, 10, 7], [1, 10, 7]]),
+        ("en-specific", [3], [20.0], language_colour("en"), True, "x", [[1, 10, 30]]),
+        ("other", [3, 5], [30.0, 90.0], "#c7c7c7", True, "x", [[0, 10, -1], [0, 10, -1]]),
+        ("en-specific", [4], [60.0], language_colour("en"), False, "x2", [[3, 10, 12]]),
+        ("added neurons", [4], [40.0], "#7f7f7f", False, "x2", [[0, 10, 2]]),
+    ]
+    assert [t.legendgroup for t in fig.data] == [t.name for t in fig.data]
+    assert fig.data[1].hovertemplate == (
+        "layer %{x} · en-specific: %{y:.1f} % of the edit's weight<br>%{customdata[0]} of the layer's "
+        "%{customdata[1]} top neurons are in this set (set size %{customdata[2]})<extra></extra>")
+    assert [a.text for a in fig.layout.annotations] == ["atlas sets (lu-lafns Eq. 4-6)",
+                                                         "IG knowledge neurons (memla Eq. 3-4)"]
+    assert tuple(fig.layout.xaxis.range) == (2.4, 5.6) and tuple(fig.layout.xaxis2.range) == (3.4, 4.6)
+    assert fig.layout.barmode == "stack" and fig.layout.legend.title.text == "neurons"
+
+    atlas = table[table["source"] == "atlas"].drop(columns=["source", "set size"])
+    only = fact_figures.edit_overlap_by_layer(atlas)       # no source column: one panel; no set size: -1
+    assert [(t.name, t.xaxis, _plain(t.customdata)[0]) for t in only.data] == [
+        ("agnostic", "x", [2, 10, -1]), ("en-specific", "x", [1, 10, -1]), ("other", "x", [0, 10, -1])]
+    single = fact_figures.edit_overlap_by_layer(table[table["set"] == "en"])
+    assert [(t.name, _plain(t.x), t.showlegend, t.xaxis) for t in single.data] == [
+        ("en-specific", [3], True, "x"), ("en-specific", [4], False, "x2")]
+    with pytest.raises(InputError, match=r"The overlap table is missing column\(s\) \['top'\]"):
+        fact_figures.edit_overlap_by_layer(table.drop(columns="top"))
+
+
+def test_method_scores_bars_align_methods_to_kinds():
+    scores = pd.DataFrame([
+        ("memla", "reliability", 90.0), ("memla", "generality", np.nan), ("rome", "reliability", 99.0),
+        ("rome", "locality", 50.0), ("memla", "locality", 40.0), (3, "portability", 12.5),
+    ], columns=["method", "kind", "value"])
+    fig = run_figures.method_scores_bars(scores, "Scores", "EM")
+    kinds = ["reliability", "generality", "locality", "portability"]
+    assert bar_traces(fig) == [                   # NaN and missing (method, kind) draw no bar
+        ("memla", kinds, [90.0, None, 40.0, None], None, None, None, None),
+        ("rome", kinds, [99.0, None, 50.0, None], None, None, None, None),
+        ("3", kinds, [None, None, None, 12.5], None, None, None, None),
+    ]
+    assert [t.hovertemplate for t in fig.data][0] == "memla<br>%{x}: %{y:.1f}%<extra></extra>"
+    assert fig.data[0].legendgroup is None
+    assert fig.layout.barmode == "group" and tuple(fig.layout.yaxis.range) == (0, 102)
+    assert fig.layout.yaxis.title.text == "EM (%)" and fig.layout.legend.title.text == "method"
+    single = run_figures.method_scores_bars(scores[scores["method"] == "rome"], "Scores", "F1")
+    assert bar_traces(single) == [("rome", ["reliability", "locality"], [99.0, 50.0], None, None, None, None)]
+    with pytest.raises(InputError, match="The method scores need the columns method, kind and value; missing kind"):
+        run_figures.method_scores_bars(scores.drop(columns="kind"), "Scores", "EM")
+    with pytest.raises(InputError, match="The method scores are empty"):
+        run_figures.method_scores_bars(scores.iloc[:0], "Scores", "EM")
+
+
+def test_language_scores_bars_align_languages_to_methods():
+    scores = pd.DataFrame([
+        ("memla", "en", 90.0), ("memla", "zh", 30.0), ("rome", "en", 99.0), ("rome", "zh", np.nan),
+        ("rome", "xx_Yyyy", 5.0), ("ft", "en", 1.0),
+    ], columns=["method", "language", "value"])
+    fig = run_figures.language_scores_bars(scores, "Languages", "EM")
+    methods = ["memla", "rome", "ft"]
+    assert bar_traces(fig) == [
+        ("en", methods, [90.0, 99.0, 1.0], language_colour("en"), None, None, None),
+        ("zh", methods, [30.0, None, None], language_colour("zh"), None, None, None),
+        ("xx_Yyyy", methods, [None, 5.0, None], language_colour("xx_Yyyy"), None, None, None),
+    ]
+    assert fig.data[1].hovertemplate == "%{x} · asked in zh<br>EM %{y:.1f}%<extra></extra>"
+    assert fig.layout.legend.title.text == "test language" and tuple(fig.layout.yaxis.range) == (0, 102)
+    single = run_figures.language_scores_bars(scores[scores["language"] == "en"], "Languages", "EM")
+    assert bar_traces(single) == [("en", methods, [90.0, 99.0, 1.0], language_colour("en"), None, None, None)]
+    with pytest.raises(InputError, match="The language scores need the columns method, language and value"):
+        run_figures.language_scores_bars(scores.drop(columns="method"), "Languages", "EM")
