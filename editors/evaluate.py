@@ -111,6 +111,23 @@ def probes(request: EditRequest, languages: Sequence[str] | None = None) -> list
     return out
 
 
+#: How a probe of each kind is named in tables ("edit", "paraphrase 1", "locality 2", ...).
+PROBE_LABELS = {"reliability": "edit", "generality": "paraphrase", "locality": "locality",
+                "portability": "portability"}
+
+
+def probe_labels(pairs: Iterable[tuple[str, str]]) -> list[str]:
+    """"edit", "paraphrase 1", "locality 1" ... for probes given as (language, kind) pairs, in the order of
+    :func:`probes` (numbered per language and kind)."""
+    seen: dict[tuple[str, str], int] = {}
+    out = []
+    for lang, kind in pairs:
+        n = seen[(lang, kind)] = seen.get((lang, kind), 0) + 1
+        name = PROBE_LABELS.get(kind, kind)
+        out.append(name if kind == "reliability" else f"{name} {n}")
+    return out
+
+
 def _length(wb: Workbench, probe: Probe) -> int:
     return answer_length(wb, probe.prompt, probe.gold or probe.reference)
 

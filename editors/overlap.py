@@ -132,6 +132,28 @@ def edit_neurons(wb: Workbench, edit: Edit) -> pd.DataFrame:
     return summed[summed["weight"] > 0].reset_index(drop=True)
 
 
+def cached_edit_neurons(wb: Workbench, folder: Any) -> pd.DataFrame:
+    """:func:`edit_neurons` of the edit saved in ``folder / "edit"`` (a Compare cache folder), kept beside it
+    in ``neurons-v<N>.csv``: summing the squared columns of a 7-8B model's deltas is done once per edit,
+    not on every rerun of the page. A damaged file is computed again."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    path = folder / f"neurons-v{OVERLAP_VERSION}.csv"
+    if path.is_file():
+        try:
+            frame = pd.read_csv(path, dtype={"layer": int, "neuron": int, "weight": float, "part": str})
+            if list(frame.columns) == ["layer", "neuron", "weight", "part"]:
+                return frame
+        except (OSError, ValueError, pd.errors.ParserError):
+            pass
+    touched = edit_neurons(wb, Edit.load(folder / "edit"))
+    partial = path.with_suffix(".partial")
+    touched.to_csv(partial, index=False, float_format="%.10g")
+    partial.replace(path)
+    return touched
+
+
 # --------------------------------------------------------------------------- the fact's neurons
 
 
@@ -294,12 +316,13 @@ def overlap_summary(table: pd.DataFrame) -> pd.DataFrame:
     return out[["set", "overlap", "top", "weight share"]]
 
 
-def edit_overlap(wb: Workbench, edit: Edit, request: EditRequest, beta: float = 0.5, ig: bool = False,
-                 top_share: float = 0.9, ig_steps: int = 8,
+def edit_overlap(wb: Workbench, edit: Edit | pd.DataFrame, request: EditRequest, beta: float = 0.5,
+                 ig: bool = False, top_share: float = 0.9, ig_steps: int = 8,
                  model: Mapping[str, Any] | None = None) -> dict[str, pd.DataFrame]:
-    """``{source: overlap_by_layer table}`` of ``edit`` against the fact's neuron sets (atlas; IG when ``ig``),
-    the fact being ``request`` (the languages whose neurons are compared: usually all the test languages)."""
-    touched = edit_neurons(wb, edit)
+    """``{source: overlap_by_layer table}`` of ``edit`` (or its :func:`edit_neurons` table) against the fact's
+    neuron sets (atlas; IG when ``ig``), the fact being ``request`` (the languages whose neurons are compared:
+    usually all the test languages)."""
+    touched = edit if isinstance(edit, pd.DataFrame) else edit_neurons(wb, edit)
     sets = fact_neuron_sets(wb, request, beta=beta, ig=ig, ig_steps=ig_steps, model=model)
     return {source: overlap_by_layer(touched, s, top_share).assign(source=source) for source, s in sets.items()}
 
@@ -330,6 +353,13 @@ def overlap_transfer(wb: Workbench, records: Sequence[Any], methods: Mapping[str
 
     model = model_identity(wb)
     report = progress or (lambda f, m: None)
+    # MPN-style editors edit their source language and train the patch with the request's other languages
+    # (their parallel pool, mpn Eq. 9): they get the whole fact, the others the edit language alone
+    pooled_methods = set()
+    for method, hparams in methods.items():
+        hp = resolve_hparams(wb, method, hparams)
+        if getattr(hp, "parallel", "none") != "none" and getattr(hp, "source", None) == edit_language:
+            pooled_methods.add(method)
     rows = []
     total = max(1, len(records) * len(methods))
     step = 0
@@ -340,10 +370,7 @@ def overlap_transfer(wb: Workbench, records: Sequence[Any], methods: Mapping[str
         sets = fact_neuron_sets(wb, full, beta=beta, model=model)["atlas"]
         alone = EditRequest({edit_language: full.facts[edit_language]}, case_id=full.case_id)
         for method, hparams in methods.items():
-            # MPN-style editors edit their source language and train the patch with the request's other
-            # languages (their parallel pool, mpn Eq. 9): they get the whole fact, the others the edit language
-            hp = resolve_hparams(wb, method, hparams)
-            pooled = getattr(hp, "parallel", "none") != "none" and getattr(hp, "source", None) == edit_language
+            pooled = method in pooled_methods
             edit_request = full if pooled else alone
             report(step / total, f"{full.case_id}: {method}")
             step += 1
@@ -354,7 +381,7 @@ def overlap_transfer(wb: Workbench, records: Sequence[Any], methods: Mapping[str
             except InputError as exc:
                 rows.append({**row, "error": str(exc)})
                 continue
-            touched = edit_neurons(wb, run.load_edit())
+            touched = cached_edit_neurons(wb, run.folder)
             table = overlap_by_layer(touched, sets, top_share)
             share = table.groupby("set")["weight share"].sum() if not table.empty else pd.Series(dtype=float)
             others = [lang for lang in test_languages if lang != edit_language]

@@ -154,6 +154,25 @@ def test_overlap_transfer_points_and_rank_correlation(tmp_path):
     assert math.isnan(corr.loc["b", "spearman"]) and corr.loc["b", "records"] == 2
 
 
+def test_edit_neurons_are_kept_beside_a_cached_edit_and_a_damaged_file_is_recomputed(tmp_path):
+    wb = tiny_workbench("llama")
+    delta = torch.zeros(D_MODEL, D_FF)
+    delta[:, 3], delta[1, 9] = 2.0, 0.5
+    folder = tmp_path / "one-edit"
+    Edit({down_name(wb, 1): delta}).save(folder / "edit")
+    first = ov.cached_edit_neurons(wb, folder)
+    path = folder / f"neurons-v{ov.OVERLAP_VERSION}.csv"
+    assert path.is_file() and list(first["neuron"]) == [3, 9]
+    assert first["weight"].tolist() == pytest.approx([4.0 * D_MODEL, 0.25])
+    # read back, not computed: a changed saved edit is not looked at while the table is there
+    Edit({down_name(wb, 1): torch.zeros(D_MODEL, D_FF)}).save(folder / "edit")
+    pd.testing.assert_frame_equal(ov.cached_edit_neurons(wb, folder), first)
+    path.write_text("not,a\ntable")                # damaged: computed again from the saved edit (now empty)
+    assert ov.cached_edit_neurons(wb, folder).empty
+    tables = ov.edit_overlap(wb, first, request(), beta=0.5)        # a neuron table is accepted as the edit
+    assert tables["atlas"]["weight share"].sum() == pytest.approx(1.0)
+
+
 def test_a_real_rome_edit_puts_weight_on_the_layer_it_edits():
     wb = tiny_workbench("llama")
     hp = dict(layers=[1], v_num_grad_steps=3, context_template_length_params=[[2, 1]], mom2_n_tokens=500)

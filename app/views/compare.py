@@ -211,7 +211,8 @@ def why_section(wb, job: dict[str, Any], comparison: cmp.Comparison) -> None:
     ig = kept(c[3].checkbox, "Also IG neurons (slower)", key="cmp-why-ig", default=False)
     run = next(r for r in runs if r.method == method)
     with st.spinner("Reading the edit's neurons and the fact's neurons..."):
-        tables = ov.edit_overlap(wb, run.load_edit(), comparison.request, beta=beta, ig=ig, top_share=top_share)
+        touched = ov.cached_edit_neurons(wb, run.folder)      # kept beside the cached edit: once per edit
+        tables = ov.edit_overlap(wb, touched, comparison.request, beta=beta, ig=ig, top_share=top_share)
     table = pd.concat(tables.values(), ignore_index=True)
     if table.empty:
         st.info(f"The {method} edit touches no FFN neuron (an in-context edit changes the prompt, not the model), "

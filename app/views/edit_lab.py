@@ -40,6 +40,7 @@ from editors.base import available_editors, get_editor
 from editors.edit import Edit
 from editors.requests import EditRequest
 from editors.evaluate import probes as request_probes
+from editors.evaluate import probe_labels as evaluate_labels
 from editors.evaluate import score_probes, unedited_answers
 from editors.mpn import patch_activation_table, patch_drilldown
 
@@ -51,8 +52,6 @@ st.caption("Edit one fact in several languages and compare the model's answers b
            "in this browser session only: the shared model carries them just while this page measures it, so "
            "other sessions never see them (reloading the page starts a new session without edits).")
 
-PROBE_LABELS = {"reliability": "edit", "generality": "paraphrase", "locality": "locality",
-                "portability": "portability"}
 P_TARGET_HELP = ("P(target) is the probability of the whole target answer after the question, under teacher "
                  "forcing: the product of the probabilities of its tokens, each given the question and the "
                  "answer's tokens before it (not just its first token).")
@@ -126,12 +125,7 @@ def compute_with_progress(editor: Any, wb: Workbench, request: EditRequest, labe
 
 def probe_labels(request: EditRequest) -> list[str]:
     """"edit", "paraphrase 1", "locality 1" ... for the probes of :func:`editors.evaluate.probes`."""
-    seen: dict[tuple[str, str], int] = {}
-    out = []
-    for p in request_probes(request):
-        n = seen[(p.language, p.kind)] = seen.get((p.language, p.kind), 0) + 1
-        out.append(PROBE_LABELS[p.kind] if p.kind == "reliability" else f"{PROBE_LABELS[p.kind]} {n}")
-    return out
+    return evaluate_labels((p.language, p.kind) for p in request_probes(request))
 
 
 def request_key(request: dict) -> str:
