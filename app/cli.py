@@ -36,6 +36,26 @@ TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow the checkpoint
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an --out folder that holds another request's or "
                                                        "another command's results (refused otherwise).")
 
+# The fact of `edit` and `compare` (fact_request): one edit request, given one way.
+RequestOpt = typer.Option(None, "--request", help="JSON file (or inline JSON) of one edit request: {facts: {LANG: "
+                                                  "{prompt, subject, target_new, ...}}}.")
+RecordOpt = typer.Option(None, "--record", help="A data-set record instead: its id (mzsre:5, mlake:...) or its "
+                                                "number.")
+DatasetOpt = typer.Option(Path("../shared/data/mzsre/dev"), "--dataset", help="MzsRE or MLaKE folder for --record.")
+PromptOpt = typer.Option(None, "--prompt", help="Type the fact: LANG:QUESTION (repeat per language; more per "
+                                                "language = paraphrases).")
+SubjectOpt = typer.Option(None, "--subject", help="LANG:SUBJECT (in the prompt).")
+TargetOpt = typer.Option(None, "--target", help="LANG:NEW ANSWER.")
+OldOpt = typer.Option(None, "--old", help="LANG:OLD ANSWER (optional).")
+ParaphraseOpt = typer.Option(None, "--paraphrase", help="LANG:PARAPHRASE (repeat).")
+LocalityOpt = typer.Option(None, "--locality", help="LANG:QUESTION|ANSWER (repeat).")
+PortabilityOpt = typer.Option(None, "--portability", help="LANG:QUESTION|ANSWER (repeat).")
+
+
+def record_languages_opt(default: str) -> typer.models.OptionInfo:
+    """--languages of --record; each command has its own default."""
+    return typer.Option(default, "--languages", "-l", help="Languages of --record.")
+
 
 @cli.command()
 @user_errors
@@ -415,22 +435,17 @@ def fact_request(request, record, dataset, languages, prompt, subject, target, o
 @user_errors
 def edit(model: str = ModelOpt,
          method: str = typer.Option("lu-lafns", "--method", help="Editor (see --list)."),
-         request: Optional[str] = typer.Option(None, "--request", help="JSON file (or inline JSON) of one edit "
-                                                                        "request: {facts: {LANG: {prompt, subject, "
-                                                                        "target_new, ...}}}."),
-         record: Optional[str] = typer.Option(None, "--record", help="A data-set record instead: its id (mzsre:5, "
-                                                                      "mlake:...) or its number."),
-         dataset: Path = typer.Option(Path("../shared/data/mzsre/dev"), "--dataset", help="MzsRE or MLaKE folder "
-                                                                                         "for --record."),
-         languages: str = typer.Option("en,zh", "--languages", "-l", help="Languages of --record."),
-         prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Type the fact: LANG:QUESTION (repeat per "
-                                                                            "language; more per language = paraphrases)."),
-         subject: Optional[list[str]] = typer.Option(None, "--subject", help="LANG:SUBJECT (in the prompt)."),
-         target: Optional[list[str]] = typer.Option(None, "--target", help="LANG:NEW ANSWER."),
-         old: Optional[list[str]] = typer.Option(None, "--old", help="LANG:OLD ANSWER (optional)."),
-         paraphrase: Optional[list[str]] = typer.Option(None, "--paraphrase", help="LANG:PARAPHRASE (repeat)."),
-         locality: Optional[list[str]] = typer.Option(None, "--locality", help="LANG:QUESTION|ANSWER (repeat)."),
-         portability: Optional[list[str]] = typer.Option(None, "--portability", help="LANG:QUESTION|ANSWER (repeat)."),
+         request: Optional[str] = RequestOpt,
+         record: Optional[str] = RecordOpt,
+         dataset: Path = DatasetOpt,
+         languages: str = record_languages_opt("en,zh"),
+         prompt: Optional[list[str]] = PromptOpt,
+         subject: Optional[list[str]] = SubjectOpt,
+         target: Optional[list[str]] = TargetOpt,
+         old: Optional[list[str]] = OldOpt,
+         paraphrase: Optional[list[str]] = ParaphraseOpt,
+         locality: Optional[list[str]] = LocalityOpt,
+         portability: Optional[list[str]] = PortabilityOpt,
          hparams: Optional[str] = typer.Option(None, "--hparams", help="JSON object (or file) of hyper-parameter "
                                                                         "values over the preset."),
          preset: Optional[str] = typer.Option(None, "--preset", help="Use another model's preset by name."),
@@ -482,20 +497,17 @@ def edit(model: str = ModelOpt,
 def compare(model: str = ModelOpt,
             methods: str = typer.Option("lu-lafns,memla,langedit,mpn", "--methods",
                                         help="Editors, comma-separated (see `neuroglot edit --list`)."),
-            request: Optional[str] = typer.Option(None, "--request", help="JSON file (or inline JSON) of one edit "
-                                                                           "request (as `edit --request`)."),
-            record: Optional[str] = typer.Option(None, "--record", help="A data-set record: its id or number."),
-            dataset: Path = typer.Option(Path("../shared/data/mzsre/dev"), "--dataset",
-                                         help="MzsRE or MLaKE folder for --record."),
-            languages: str = typer.Option("en,zh,de", "--languages", "-l", help="Languages of --record."),
-            prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Type the fact: LANG:QUESTION."),
-            subject: Optional[list[str]] = typer.Option(None, "--subject", help="LANG:SUBJECT."),
-            target: Optional[list[str]] = typer.Option(None, "--target", help="LANG:NEW ANSWER."),
-            old: Optional[list[str]] = typer.Option(None, "--old", help="LANG:OLD ANSWER (optional)."),
-            paraphrase: Optional[list[str]] = typer.Option(None, "--paraphrase", help="LANG:PARAPHRASE (repeat)."),
-            locality: Optional[list[str]] = typer.Option(None, "--locality", help="LANG:QUESTION|ANSWER (repeat)."),
-            portability: Optional[list[str]] = typer.Option(None, "--portability",
-                                                            help="LANG:QUESTION|ANSWER (repeat)."),
+            request: Optional[str] = RequestOpt,
+            record: Optional[str] = RecordOpt,
+            dataset: Path = DatasetOpt,
+            languages: str = record_languages_opt("en,zh,de"),
+            prompt: Optional[list[str]] = PromptOpt,
+            subject: Optional[list[str]] = SubjectOpt,
+            target: Optional[list[str]] = TargetOpt,
+            old: Optional[list[str]] = OldOpt,
+            paraphrase: Optional[list[str]] = ParaphraseOpt,
+            locality: Optional[list[str]] = LocalityOpt,
+            portability: Optional[list[str]] = PortabilityOpt,
             hparams: Optional[str] = typer.Option(None, "--hparams", help="JSON object (or file) {editor: {field: "
                                                                            "value}} over each editor's preset."),
             test_languages: Optional[str] = typer.Option(None, "--test-languages",
@@ -993,6 +1005,77 @@ def runs_show(folder: Path = typer.Argument(..., help="An evaluate or sequential
         figures_dir.mkdir(parents=True, exist_ok=True)
         save_figures(figures_dir, figs, png)
         typer.echo(f"wrote {len(figs)} figures to {figures_dir}")
+
+
+cache_cli = typer.Typer(no_args_is_help=True, help="The disk cache (converted models, key statistics, cached runs, "
+                                                      "the Compare page's edits): list its areas, clear them.")
+cli.add_typer(cache_cli, name="cache")
+
+
+def human_bytes(n: int) -> str:
+    """1.2 GB (decimal units, as NEUROGLOT_COMPARE_CACHE_GB)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def n_entries(n: int) -> str:
+    return f"{n} {'entry' if n == 1 else 'entries'}"
+
+
+@cache_cli.command("list")
+@user_errors
+def cache_list() -> None:
+    """Each cache area: its size, entries, oldest and newest entry (last used), folder and what it holds."""
+    from analysis import cache
+
+    def when(stamp: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp is not None else "-"
+
+    found = cache.usage()
+    rows = [("area", "size", "entries", "oldest", "newest", "path", "description")]
+    rows += [(u.area, human_bytes(u.bytes), str(u.entries), when(u.oldest), when(u.newest), str(u.path),
+              u.description) for u in found]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.rjust(w) if i in (1, 2) else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        typer.echo("  ".join(cells + [row[-1]]))
+    typer.echo(f"\n{human_bytes(sum(u.bytes for u in found))} in all under {cache.cache_root()} (NEUROGLOT_CACHE "
+               "moves it; NEUROGLOT_COMPARE_CACHE_GB caps compare's edits)")
+
+
+@cache_cli.command("clear")
+@user_errors
+def cache_clear(area: str = typer.Argument(..., help="models, gguf, stats, runs or compare (comma-separated for "
+                                                     "several), or all: every area but models and gguf, which are "
+                                                     "cleared only when named (all,models)."),
+                older_than: Optional[float] = typer.Option(None, "--older-than", help="Only the entries unused for "
+                                                                                      "more than this many days."),
+                yes: bool = typer.Option(False, "--yes", "-y", help="Delete without asking.")) -> None:
+    """Delete cached entries (a reader never sees half of one); they are computed again when needed."""
+    from analysis import cache
+
+    names = cache.select_areas(area)
+    plan = {name: cache.stale_entries(name, older_than) for name in names}
+    count = sum(len(found) for found in plan.values())
+    size = sum(cache.size_of(path) for found in plan.values() for path in found)
+    what = ", ".join(names) + (f" unused for over {older_than:g} day{'s' * (older_than != 1)}"
+                               if older_than is not None else "")
+    if not count:
+        typer.echo(f"nothing to delete in {what}.")
+        return
+    if not yes and not typer.confirm(f"Delete {n_entries(count)} ({human_bytes(size)}) of {what}?"):
+        typer.echo("nothing was deleted.")
+        raise typer.Exit(code=1)
+    freed = 0
+    for name in names:
+        if plan[name]:
+            done = cache.clear(name, older_than, listed=plan[name])
+            freed += done.bytes
+            typer.echo(f"{name}: deleted {n_entries(len(done.paths))}, freed {human_bytes(done.bytes)}")
+    typer.echo(f"freed {human_bytes(freed)} in all")
 
 
 @cli.command()

@@ -9,13 +9,19 @@ answers. :func:`transfer_matrix_runs` edits each language alone and all together
 edit-language × test-language transfer matrices.
 
 The cache (``cache_root()/compare/``) keeps, per model, editor, hyper-parameters and edit request,
-one folder: ``edit/`` (``Edit.save``), ``editor_run.json`` (seconds, summary, plain details) and
-``scores-<test key>.json`` per set of probes it was scored on. The unedited answers are kept per
-model and probe set in ``before-<test key>.json``. A rerun, a page switch or another browser
-session with the same request reads these files instead of computing; a folder that is damaged is
-computed again. The model's identity in the keys is its spec, name, size, dtype and a fingerprint
-of its weights (``analysis.stats.model_fingerprint``), taken under the model's lock, so an edit
-another session holds applied at that moment is never mistaken for the model.
+one folder ``edits/<key>/``: ``edit/`` (``Edit.save``), ``editor_run.json`` (seconds, summary,
+plain details) and ``scores-<test key>.json`` per set of probes it was scored on. The unedited
+answers are kept per model and probe set in ``before/before-<test key>.json``. A rerun, a page
+switch or another browser session with the same request reads these files instead of computing;
+a folder that is damaged is computed again. The model's identity in the keys is its spec, name,
+size, dtype and a fingerprint of its weights (``analysis.stats.model_fingerprint``), taken under
+the model's lock, so an edit another session holds applied at that moment is never mistaken for
+the model.
+
+On a 7-8B model one cached edit holds 100 MB or more, so ``edits/`` has a size cap: the environment
+variable ``NEUROGLOT_COMPARE_CACHE_GB`` (default 20; 0: no cap). After a new edit is written, the least
+recently used edit folders are removed (``analysis.cache.prune``) until ``edits/`` fits, never the one
+just written; a cache hit marks its folder as used. ``neuroglot cache`` lists and clears the whole cache.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
-from analysis import runs
+from analysis import cache, runs
 from analysis.errors import InputError, NeuroglotError
 from editors.base import get_editor
 from editors.edit import Edit
@@ -43,6 +49,7 @@ Progress = Callable[[float, str], None]
 COMPARE_VERSION = 1      # bump when what a cached edit or score file holds changes
 EDIT_FILE, SCORES_PREFIX, BEFORE_PREFIX = "editor_run.json", "scores-", "before-"
 KINDS = ("reliability", "generality", "locality", "portability")
+CAP_VARIABLE, CAP_GB = "NEUROGLOT_COMPARE_CACHE_GB", 20.0   # size cap of the cached edits (0: none)
 
 
 def compare_root() -> Path:
@@ -155,6 +162,7 @@ def run_editor(wb: Workbench, method: str, hparams: Mapping[str, Any] | None, re
     hp = editor.hparams_for(wb)
     hp.validate(wb)
     checked = request.validate(wb, editor.needs_subject)
+    cap = cache.cap_bytes(CAP_VARIABLE, CAP_GB)      # a bad value is refused before any work
     folder = compare_root() / "edits" / edit_key(model, editor.name, hp.to_dict(), checked)
     scores_path = folder / f"{SCORES_PREFIX}{probe_key(model, items)}.json"
     info = _read(folder / EDIT_FILE)
@@ -164,6 +172,8 @@ def run_editor(wb: Workbench, method: str, hparams: Mapping[str, Any] | None, re
             edit = Edit.load(folder / "edit") if not scores_path.is_file() else None
         except NeuroglotError:           # a damaged saved edit: computed again
             cached, edit = False, None
+        if cached:
+            cache.touch(folder)          # recently used: the size cap removes it last
     if not cached:
         started = time.perf_counter()
         edit = editor.compute(wb, checked, progress=progress)
@@ -176,6 +186,8 @@ def run_editor(wb: Workbench, method: str, hparams: Mapping[str, Any] | None, re
         folder.mkdir(parents=True, exist_ok=True)
         edit.save(folder / "edit")
         runs.write_json(folder / EDIT_FILE, info)
+        if cap is not None:
+            cache.prune(folder.parent, cap, keep=[folder])
     scores = _read(scores_path)
     if not (isinstance(scores, dict) and len(scores.get("rows", [])) == len(items)):
         if edit is None:
