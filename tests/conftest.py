@@ -32,6 +32,39 @@ def one_thread_for_tiny_models(request):
         torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, request):
+    """``tiny_checkpoint(family)``: the folder of a tiny random checkpoint of ``family`` (tests/tiny.py), written
+    once per test module and family. Each module gets folders of its own (named after it, e.g.
+    ``tiny-llama-edit_lab0``), so a model spec (and the Workbench the app caches for it) is never shared between
+    modules."""
+    from tests.tiny import save_tiny_checkpoint
+
+    module = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    folders: dict[str, Path] = {}
+
+    def folder(family: str = "llama") -> Path:
+        if family not in folders:
+            folders[family] = tmp_path_factory.mktemp(f"tiny-{family}-{module}")
+            save_tiny_checkpoint(family, folders[family])
+        return folders[family]
+
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_spec(tiny_checkpoint) -> str:
+    """The model spec (a folder path) of this module's tiny llama checkpoint, as the pages and the CLI take it."""
+    return str(tiny_checkpoint("llama"))
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """``NEUROGLOT_CACHE`` in this test's tmp dir: edits and statistics cached by one test are not read back by
+    another. A module opts in with ``pytestmark = pytest.mark.usefixtures("private_cache")``."""
+    monkeypatch.setenv("NEUROGLOT_CACHE", str(tmp_path / "cache"))
+
+
 def _fail_own_deprecations(found) -> None:
     if found:
         lines = "\n".join(f"  {d}" for d in dict.fromkeys(found))

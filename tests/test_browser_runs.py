@@ -6,15 +6,13 @@ screenshots go to the test's tmp dir."""
 from __future__ import annotations
 
 import io
-import json
-import os
 import time
 
 import pandas as pd
 import pytest
 
 from tests.browser import assert_clean, commit, download, go_to, select_row, settled, shown, submit
-from tests.tiny import tiny_workbench, write_dataset
+from tests.tiny import neuroglot_cache, raw_probes, run_small_evaluation
 
 pytestmark = [pytest.mark.browser]
 
@@ -24,34 +22,9 @@ LONG = 300_000
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    from editors.evaluate import EvalConfig, run_evaluation
-
     base = tmp_path_factory.mktemp("browser-runs")
-    cache = os.environ.get("NEUROGLOT_CACHE")
-    os.environ["NEUROGLOT_CACHE"] = str(base / "cache")
-    try:
-        (base / "data").mkdir()
-        config = EvalConfig(dataset=write_dataset(base / "data"), methods=["ike", "lu-lafns"],
-                            edit_sets=[["en", "de"], ["en"], ["de"]], test_languages=["en", "de"], n=2,
-                            model="tiny-llama",
-                            hparams={"ike": dict(k=2), "lu-lafns": dict(layers=[0, 1, 2], beta=0.1, steps=3, lr=0.5,
-                                                                        n_prefixes=1, prefix_length=2)})
-        run_evaluation(tiny_workbench("llama"), config, base / "small-run")
-    finally:
-        if cache is None:
-            os.environ.pop("NEUROGLOT_CACHE", None)
-        else:
-            os.environ["NEUROGLOT_CACHE"] = cache
-    return base / "small-run"
-
-
-def raw_probes(folder) -> list[dict]:
-    out = []
-    for line in (folder / "rows.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        out += [dict(p, method=row["method"], edit_languages=row["edit_languages"], record=row["record"])
-                for p in row["probes"]]
-    return out
+    with neuroglot_cache(base / "cache"):
+        return run_small_evaluation(base, "small-run")
 
 
 def heatmap_titles(page) -> list[str]:

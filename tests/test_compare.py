@@ -12,7 +12,7 @@ from editors import compare as cmp
 from editors.evaluate import probes, score_probes, unedited_answers
 from editors.base import get_editor
 from editors.requests import EditRequest, LanguageFact
-from tests.tiny import assert_bit_identical, snapshot, tiny_workbench
+from tests.tiny import assert_bit_identical, run_cli, snapshot, tiny_workbench
 
 HP = {
     "rome": dict(layers=[1], v_num_grad_steps=3, context_template_length_params=[[2, 1]], mom2_n_tokens=500),
@@ -20,10 +20,7 @@ HP = {
     "ike": dict(k=2),
 }
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEUROGLOT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")   # tiny_spec, private_cache: tests/conftest.py
 
 
 def request() -> EditRequest:
@@ -136,29 +133,17 @@ def test_edits_zip_holds_every_computed_edit():
 # ============================================================================== CLI
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from tests.tiny import save_tiny_checkpoint
-
-    folder = tmp_path_factory.mktemp("tiny-llama-compare-cli")
-    save_tiny_checkpoint("llama", folder)
-    return folder
-
-
-def test_cli_compare_writes_the_grid_summary_matrices_and_edits_and_reads_them_back(tiny_folder, tmp_path):
+def test_cli_compare_writes_the_grid_summary_matrices_and_edits_and_reads_them_back(tiny_spec, tmp_path):
     import json
 
     import pandas as pd
-    from typer.testing import CliRunner
-
-    from app.cli import cli
 
     fact = ["--prompt", "en:The capital of France is", "--subject", "en:France", "--target", "en:Berlin",
             "--paraphrase", "en:France has the capital", "--prompt", "de:Die Hauptstadt von Frankreich ist",
             "--subject", "de:Frankreich", "--target", "de:Berlin"]
-    args = ["compare", "--model", str(tiny_folder), "--methods", "rome,ike", "--hparams",
+    args = ["compare", "--model", tiny_spec, "--methods", "rome,ike", "--hparams",
             json.dumps({"rome": HP["rome"], "ike": HP["ike"]}), "--transfer", "--out", str(tmp_path / "out"), *fact]
-    result = CliRunner().invoke(cli, args)
+    result = run_cli(args)
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
     grid = pd.read_csv(out / "grid.csv")
@@ -170,7 +155,7 @@ def test_cli_compare_writes_the_grid_summary_matrices_and_edits_and_reads_them_b
     assert "rome-en+de/edit.safetensors" in names
     assert (out / "summary.html").is_file() and (out / "transfer_ike.html").is_file()
     # the same request again: every edit is read back, and the folder of this request is reused
-    again = CliRunner().invoke(cli, args)
+    again = run_cli(args)
     assert again.exit_code == 0, again.output
     assert pd.read_csv(out / "timing.csv")["from cache"].all()
 
@@ -182,13 +167,9 @@ def test_cli_compare_writes_the_grid_summary_matrices_and_edits_and_reads_them_b
     (["--hparams", "[1]"], "--hparams"),
     (["--methods", "rome", "--hparams", '{"rome": {"layers": [99]}}'], "layer"),
 ])
-def test_cli_compare_bad_input_exits_2(tiny_folder, extra, fragment):
-    from typer.testing import CliRunner
-
-    from app.cli import cli
-
-    args = ["compare", "--model", str(tiny_folder), "--prompt", "en:The capital of France is", "--subject",
+def test_cli_compare_bad_input_exits_2(tiny_spec, extra, fragment):
+    args = ["compare", "--model", tiny_spec, "--prompt", "en:The capital of France is", "--subject",
             "en:France", "--target", "en:Berlin", *extra]
-    result = CliRunner().invoke(cli, args)
+    result = run_cli(args)
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "Traceback" not in result.output

@@ -11,52 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import assert_bit_identical, save_tiny_checkpoint, snapshot
+from tests.tiny import app_page, assert_bit_identical, snapshot, type_fact
 
-PAGE = str(Path(__file__).resolve().parent.parent / "app" / "views" / "compare.py")
+pytestmark = pytest.mark.usefixtures("private_cache")   # tiny_spec, private_cache: tests/conftest.py
+
 HPARAMS = {
     "rome": dict(layers=[1], v_num_grad_steps=3, context_template_length_params=[[2, 1]], mom2_n_tokens=500),
     "ike": dict(k=2),
 }
-FACT = {
-    "en": dict(prompt="The capital of France", subject="France", new="Berlin", old="Paris",
-               para="Capital city of France", loc="The capital of Japan is | Tokyo"),
-    "de": dict(prompt="Die Hauptstadt von Frankreich", subject="Frankreich", new="Berlin", old="Paris",
-               para="Hauptstadt von Frankreich", loc=""),
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_spec(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama-compare")
-    save_tiny_checkpoint("llama", folder)
-    return str(folder)
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEUROGLOT_CACHE", str(tmp_path / "cache"))
 
 
 def new_page(spec: str):
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(PAGE, default_timeout=180)
-    at.session_state["model_spec"] = spec
-    return at
+    return app_page("compare", spec, timeout=180)
 
 
 def fill(at, hparams=HPARAMS) -> None:
-    at.radio(key="cmp-source").set_value("Type a fact").run()
-    at.multiselect(key="cmp-typed-languages").set_value(list(FACT)).run()
-    for lang, f in FACT.items():
-        at.text_input(key=f"cmp-prompt-{lang}").set_value(f["prompt"])
-        at.text_input(key=f"cmp-subject-{lang}").set_value(f["subject"])
-        at.text_input(key=f"cmp-new-{lang}").set_value(f["new"])
-        at.text_input(key=f"cmp-old-{lang}").set_value(f["old"])
-        at.text_area(key=f"cmp-para-{lang}").set_value(f["para"])
-        at.text_area(key=f"cmp-loc-{lang}").set_value(f["loc"])
-        at.text_area(key=f"cmp-port-{lang}").set_value("")
+    type_fact(at, "cmp")
     at.multiselect(key="cmp-editors").set_value(list(hparams)).run()
     for name, values in hparams.items():
         box = next(t for t in at.text_area if str(t.key).startswith(f"cmp-hp-{name}-"))

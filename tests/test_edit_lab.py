@@ -11,45 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import assert_bit_identical, save_tiny_checkpoint, snapshot
+from tests.tiny import TYPED_FACT, app_page, assert_bit_identical, snapshot, type_fact
 
-PAGE = str(Path(__file__).resolve().parent.parent / "app" / "views" / "edit_lab.py")
 HPARAMS = dict(layers=[0, 1, 2], beta=0.1, steps=5, lr=0.5, clamp_norm_factor=0.0, weight_decay=0.0,
                n_prefixes=1, prefix_length=2, seed=0)
-FACT = {
-    "en": dict(prompt="The capital of France", subject="France", new="Berlin", old="Paris",
-               para="Capital city of France", loc="The capital of Japan is | Tokyo"),
-    "de": dict(prompt="Die Hauptstadt von Frankreich", subject="Frankreich", new="Berlin", old="Paris",
-               para="Hauptstadt von Frankreich", loc=""),
-}
 
 
-@pytest.fixture(scope="module")
-def tiny_spec(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama-editlab")
-    save_tiny_checkpoint("llama", folder)
-    return str(folder)
+def new_page(spec: str):
+    return app_page("edit_lab", spec)
 
 
-def new_page(spec: str, tmp_path):
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(PAGE, default_timeout=120)
-    at.session_state["model_spec"] = spec
-    return at
-
-
-def fill_typed_fact(at, fact=FACT, editor: str = "lu-lafns", hparams: dict = HPARAMS) -> None:
-    at.radio(key="el-source").set_value("Type a fact").run()
-    at.multiselect(key="el-typed-languages").set_value(list(fact)).run()
-    for lang, f in fact.items():
-        at.text_input(key=f"el-prompt-{lang}").set_value(f["prompt"])
-        at.text_input(key=f"el-subject-{lang}").set_value(f["subject"])
-        at.text_input(key=f"el-new-{lang}").set_value(f["new"])
-        at.text_input(key=f"el-old-{lang}").set_value(f["old"])
-        at.text_area(key=f"el-para-{lang}").set_value(f["para"])
-        at.text_area(key=f"el-loc-{lang}").set_value(f["loc"])
-        at.text_area(key=f"el-port-{lang}").set_value("")
+def fill_typed_fact(at, fact=TYPED_FACT, editor: str = "lu-lafns", hparams: dict = HPARAMS) -> None:
+    type_fact(at, "el", fact)
     hp_box = next(t for t in at.text_area if str(t.key).startswith(f"el-hp-{editor}"))
     hp_box.set_value(json.dumps(hparams))
     at.run()
@@ -59,14 +32,14 @@ def errors(at) -> list[str]:
     return [e.value for e in at.error]
 
 
-def test_typed_fact_is_edited_for_this_session_only_and_reverted(tiny_spec, tmp_path, monkeypatch):
+def test_typed_fact_is_edited_for_this_session_only_and_reverted(tiny_spec, monkeypatch):
     import analysis.model
     from app.state import workbench
 
     loads = []
     real_load = analysis.model.load_model
     monkeypatch.setattr(analysis.model, "load_model", lambda spec: loads.append(spec) or real_load(spec))
-    at = new_page(tiny_spec, tmp_path)
+    at = new_page(tiny_spec)
     at.run()
     assert not at.exception, at.exception
     # the tiny model has no LU-LAFNs preset: an error box, and editable defaults
@@ -108,10 +81,10 @@ def test_typed_fact_is_edited_for_this_session_only_and_reverted(tiny_spec, tmp_
     assert_bit_identical(wb.model, before)
 
 
-def test_bad_requests_show_an_error_box_and_keep_earlier_edits(tiny_spec, tmp_path):
+def test_bad_requests_show_an_error_box_and_keep_earlier_edits(tiny_spec):
     from app.state import workbench
 
-    at = new_page(tiny_spec, tmp_path)
+    at = new_page(tiny_spec)
     at.run()
     fill_typed_fact(at)
     at.button(key="el-apply").click().run()
@@ -175,8 +148,8 @@ def test_bad_requests_show_an_error_box_and_keep_earlier_edits(tiny_spec, tmp_pa
     assert_bit_identical(wb.model, before)
 
 
-def test_a_corpus_fact_with_a_typed_new_target(tiny_spec, tmp_path):
-    at = new_page(tiny_spec, tmp_path)
+def test_a_corpus_fact_with_a_typed_new_target(tiny_spec):
+    at = new_page(tiny_spec)
     at.session_state["corpus_spec"] = "demo"
     at.run()
     at.radio(key="el-source").set_value("A fact from the corpus").run()
@@ -199,7 +172,7 @@ def test_a_corpus_fact_with_a_typed_new_target(tiny_spec, tmp_path):
 
 def test_mzsre_folder_missing_shows_an_info_box(tiny_spec, tmp_path, monkeypatch):
     monkeypatch.setenv("NEUROGLOT_MZSRE", str(tmp_path / "absent"))
-    at = new_page(tiny_spec, tmp_path)
+    at = new_page(tiny_spec)
     at.run()
     assert not at.exception, at.exception
     assert at.radio(key="el-source").value == "A record from a data set (MzsRE, MLaKE)"
@@ -227,7 +200,7 @@ def _tensors_in(value, seen=None) -> list[str]:
     return [f"{k}/{p}" for k, v in items for p in _tensors_in(v, seen)]
 
 
-def test_the_page_scores_probes_as_the_evaluation_does_and_keeps_no_tensor_in_session_state(tiny_spec, tmp_path):
+def test_the_page_scores_probes_as_the_evaluation_does_and_keeps_no_tensor_in_session_state(tiny_spec):
     """The table's answers and P(target) are editors.evaluate's (answers exactly as long as the target), the
     question comes early, the chart's legend colours are its bars' colours, and the session keeps its edits as
     saved folders (ids in session_state), removed on revert."""
@@ -236,7 +209,7 @@ def test_the_page_scores_probes_as_the_evaluation_does_and_keeps_no_tensor_in_se
     from editors.requests import EditRequest
     from editors.evaluate import before_after
 
-    at = new_page(tiny_spec, tmp_path)
+    at = new_page(tiny_spec)
     at.run()
     fill_typed_fact(at)
     at.button(key="el-apply").click().run()
@@ -268,10 +241,10 @@ def test_the_page_scores_probes_as_the_evaluation_does_and_keeps_no_tensor_in_se
     assert not (folder / entry["id"]).exists() and not (folder / f"{entry['id']}.zip").exists()
 
 
-def test_a_memla_edit_shows_the_neurons_it_trained(tiny_spec, tmp_path):
+def test_a_memla_edit_shows_the_neurons_it_trained(tiny_spec):
     """MEMLA in the Edit lab: beside the before/after table, the neurons its editors trained per layer and
     editor (a figure and a table whose rows open the drill-down)."""
-    at = new_page(tiny_spec, tmp_path)
+    at = new_page(tiny_spec)
     at.run()
     at.selectbox(key="el-editor").set_value("memla").run()
     assert not at.exception, at.exception
@@ -288,11 +261,11 @@ def test_a_memla_edit_shows_the_neurons_it_trained(tiny_spec, tmp_path):
     assert set(trained["editor"]) <= {"en", "de", "independent"}
 
 
-def test_in_context_edits_show_what_the_model_reads_and_change_no_weight(tiny_spec, tmp_path):
+def test_in_context_edits_show_what_the_model_reads_and_change_no_weight(tiny_spec):
     """IKE and the retrieval variant in the Edit lab: the before/after table, and a table of what the model
     reads for every probe (the fact put before it, the similarity); a selected row shows the whole text.
     The shared model's weights are never changed."""
-    at = new_page(tiny_spec, tmp_path)
+    at = new_page(tiny_spec)
     at.run()
     for name, hp in (("ike", dict(k=2)), ("remake", dict(k=2, threshold=0.999, layers=[1]))):
         at.selectbox(key="el-editor").set_value(name).run()
@@ -311,10 +284,10 @@ def test_in_context_edits_show_what_the_model_reads_and_change_no_weight(tiny_sp
     assert code and "New Fact:" in code[-1] and code[-1].rstrip().endswith(reads.iloc[0]["question"])
 
 
-def test_an_mpn_edit_shows_whether_its_patch_fires_in_each_language(tiny_spec, tmp_path):
+def test_an_mpn_edit_shows_whether_its_patch_fires_in_each_language(tiny_spec):
     """MPN in the Edit lab: beside the before/after table, the patch neuron's activation on the edit question
     in every language of the fact; a second MPN edit stacks its own patch; both revert."""
-    at = new_page(tiny_spec, tmp_path)
+    at = new_page(tiny_spec)
     at.run()
     at.selectbox(key="el-editor").set_value("mpn").run()
     assert not at.exception, at.exception

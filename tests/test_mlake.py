@@ -8,19 +8,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from analysis.errors import CorpusError, InputError
-from app.cli import cli
 from data.edit_records import (SUBJECT_RULES, derive_subject, edit_data_format, load_edit_records, load_mlake,
                                subject_report)
 from editors.evaluate import Probe, load_records, probes, score_probes
 from editors.metrics import best_exact_match, best_token_f1
 from editors.requests import EditRequest, LanguageFact
-from tests.tiny import save_tiny_checkpoint, tiny_workbench, write_dataset
+from tests.tiny import run_cli, tiny_workbench, write_dataset
 
 MLAKE = Path(__file__).parent / "data" / "mlake"
-runner = CliRunner()
 
 
 # ==================================================================== subjects
@@ -202,28 +199,27 @@ TINY_LU = '{"layers": [0, 1], "beta": 0.1, "steps": 3, "lr": 0.5, "n_prefixes": 
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    save_tiny_checkpoint("gpt2", folder)
-    return folder
+def tiny_folder(tiny_checkpoint):
+    """This module's tiny gpt2 checkpoint (tiny_checkpoint: tests/conftest.py)."""
+    return tiny_checkpoint("gpt2")
 
 
 def test_cli_evaluate_on_an_mlake_folder(tiny_folder, tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(cli, ["evaluate", "--model", str(tiny_folder), "--methods", "lu-lafns",
-                                 "--dataset", str(MLAKE), "--edit-languages", "en,zh", "--test-languages", "en,zh",
-                                 "--n", "2", "--offset", "5", "--no-monolingual",
-                                 "--hparams", '{"lu-lafns": ' + TINY_LU + "}", "--out", str(out)])
+    result = run_cli(["evaluate", "--model", str(tiny_folder), "--methods", "lu-lafns",
+                      "--dataset", str(MLAKE), "--edit-languages", "en,zh", "--test-languages", "en,zh",
+                      "--n", "2", "--offset", "5", "--no-monolingual",
+                      "--hparams", '{"lu-lafns": ' + TINY_LU + "}", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "warning: skipped 2 of 8 records: no subject could be derived" in result.output
     assert "Table 2 style" in result.output and "| LU-LAFNs |" in result.output
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text(encoding="utf-8").splitlines()]
     # records 6 and 7 have no subject in en+zh: offset 5 takes record 5 (no multi-hop item) and then the end
     assert {r["record"] for r in rows} == {"mlake:single_hop/qa:5"}
-    result = runner.invoke(cli, ["evaluate", "--model", str(tiny_folder), "--methods", "lu-lafns",
-                                 "--dataset", str(MLAKE), "--edit-languages", "en,zh", "--test-languages", "en,zh",
-                                 "--n", "1", "--no-monolingual", "--hparams", '{"lu-lafns": ' + TINY_LU + "}",
-                                 "--out", str(tmp_path / "run0")])
+    result = run_cli(["evaluate", "--model", str(tiny_folder), "--methods", "lu-lafns",
+                      "--dataset", str(MLAKE), "--edit-languages", "en,zh", "--test-languages", "en,zh",
+                      "--n", "1", "--no-monolingual", "--hparams", '{"lu-lafns": ' + TINY_LU + "}",
+                      "--out", str(tmp_path / "run0")])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (tmp_path / "run0" / "rows.jsonl").read_text(encoding="utf-8").splitlines()]
     edited = next(r for r in rows if r["method"] == "lu-lafns")
@@ -236,12 +232,12 @@ def test_cli_evaluate_on_an_mlake_folder(tiny_folder, tmp_path):
 def test_cli_evaluate_bad_mlake_folder_exits_2(tiny_folder, tmp_path):
     root = _copy(tmp_path)
     (root / "single_hop" / "qa" / "en_qa.json").write_text("[{", encoding="utf-8")
-    result = runner.invoke(cli, ["evaluate", "--model", str(tiny_folder), "--methods", "lu-lafns",
-                                 "--dataset", str(root), "--edit-languages", "en", "--test-languages", "en",
-                                 "--out", str(tmp_path / "r")])
+    result = run_cli(["evaluate", "--model", str(tiny_folder), "--methods", "lu-lafns",
+                      "--dataset", str(root), "--edit-languages", "en", "--test-languages", "en",
+                      "--out", str(tmp_path / "r")])
     assert result.exit_code == 2, result.output
     assert "en_qa.json, line 1: not valid JSON" in result.output and "Traceback" not in result.output
-    result = runner.invoke(cli, ["evaluate", "--model", str(tiny_folder), "--methods", "lu-lafns",
-                                 "--dataset", str(MLAKE), "--edit-languages", "en", "--test-languages", "en",
-                                 "--offset", "7", "--out", str(tmp_path / "r")])
+    result = run_cli(["evaluate", "--model", str(tiny_folder), "--methods", "lu-lafns",
+                      "--dataset", str(MLAKE), "--edit-languages", "en", "--test-languages", "en",
+                      "--offset", "7", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "no record with all of en at offset 7" in result.output

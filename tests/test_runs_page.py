@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from tests.tiny import MZSRE_DEV, tiny_workbench, write_dataset
+from tests.tiny import MZSRE_DEV, app_page, neuroglot_cache, raw_probes, run_small_evaluation, tiny_workbench
 
-PAGE = str(Path(__file__).resolve().parent.parent / "app" / "views" / "runs.py")
-LU_LAFNS = dict(layers=[0, 1, 2], beta=0.1, steps=3, lr=0.5, n_prefixes=1, prefix_length=2)
 MEMIT = dict(v_lr=1.0, v_num_grad_steps=4, clamp_norm_factor=0.0, v_weight_decay=0.0,
              context_template_length_params=[[4, 1]], mom2_n_tokens=1000, layers=[0, 1], mom2_update_weight=1.0)
 
@@ -22,51 +19,22 @@ MEMIT = dict(v_lr=1.0, v_num_grad_steps=4, clamp_norm_factor=0.0, v_weight_decay
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """An evaluation folder and (when the MzsRE dev data is there) a sequential run folder, built for real."""
-    import os
-
-    from editors.evaluate import EvalConfig, run_evaluation
-
     base = tmp_path_factory.mktemp("runs-page")
-    cache = os.environ.get("NEUROGLOT_CACHE")
-    os.environ["NEUROGLOT_CACHE"] = str(base / "cache")           # tiny models' key statistics stay here
-    try:
-        wb = tiny_workbench("llama")
-        (base / "data").mkdir()
-        dataset = write_dataset(base / "data")
-        config = EvalConfig(dataset=dataset, methods=["ike", "lu-lafns"], edit_sets=[["en", "de"], ["en"], ["de"]],
-                            test_languages=["en", "de"], n=2, model="tiny-llama",
-                            hparams={"ike": dict(k=2), "lu-lafns": LU_LAFNS})
-        run_evaluation(wb, config, base / "eval")
+    with neuroglot_cache(base / "cache"):                         # tiny models' key statistics stay here
+        evaluation = run_small_evaluation(base, "eval")
         sequential = None
         if MZSRE_DEV.is_dir():
             from editors.sequential_run import StreamConfig, run_sequential
 
             stream = StreamConfig(dataset=str(MZSRE_DEV), languages=["en", "de"], batch=2, steps=2,
                                   order="interleaved", records="100-149", flores_sentences=3)
-            run_sequential(wb, stream, ["memit"], base / "seq", hparams={"memit": MEMIT})
+            run_sequential(tiny_workbench("llama"), stream, ["memit"], base / "seq", hparams={"memit": MEMIT})
             sequential = base / "seq"
-    finally:
-        if cache is None:
-            os.environ.pop("NEUROGLOT_CACHE", None)
-        else:
-            os.environ["NEUROGLOT_CACHE"] = cache
-    return {"eval": base / "eval", "seq": sequential, "base": base}
-
-
-def raw_probes(folder: Path) -> list[dict]:
-    """Every probe of rows.jsonl with its row's method, edit set and record (read here, not by the page)."""
-    out = []
-    for line in (folder / "rows.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        out += [dict(p, method=row["method"], edit_languages=row["edit_languages"], record=row["record"])
-                for p in row["probes"]]
-    return out
+    return {"eval": evaluation, "seq": sequential, "base": base}
 
 
 def new_page():
-    from streamlit.testing.v1 import AppTest
-
-    return AppTest.from_file(PAGE, default_timeout=120).run()
+    return app_page("runs").run()
 
 
 def open_folder(at, folder) -> None:

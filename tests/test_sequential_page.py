@@ -13,20 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import MZSRE_DEV, save_tiny_checkpoint
+from tests.tiny import MZSRE_DEV, app_page
 
-PAGE = str(Path(__file__).resolve().parent.parent / "app" / "views" / "sequential.py")
 TINY = dict(v_lr=1.0, v_num_grad_steps=4, clamp_norm_factor=0.0, v_weight_decay=0.0,
             context_template_length_params=[[4, 1]], mom2_n_tokens=1000, layers=[0, 1])
 HPARAMS = {"langedit": dict(TINY, nullspace_threshold=0.05, nullspace_relative=True),
            "memit": dict(TINY, mom2_update_weight=1.0)}
-
-
-@pytest.fixture(scope="module")
-def tiny_spec(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama-sequential")
-    save_tiny_checkpoint("llama", folder)
-    return str(folder)
 
 
 @pytest.fixture(autouse=True)
@@ -35,11 +27,7 @@ def _private_cache(tmp_path_factory, monkeypatch):
 
 
 def new_page(spec: str):
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(PAGE, default_timeout=120)
-    at.session_state["model_spec"] = spec
-    return at.run()
+    return app_page("sequential", spec).run()
 
 
 def errors(at) -> list[str]:

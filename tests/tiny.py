@@ -15,9 +15,11 @@ at most ``TINY_VOCAB_SIZE`` entries; every tiny model's embedding has exactly
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -400,6 +402,94 @@ def fake_run(folder, method: str, dataset: str = "d", em: float = 1.0, offset: i
             {"method": method, "edit_languages": "en", "record": record, "done": True, "seconds": 2.0,
              "probes": probes_}]
     (folder / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def neuroglot_cache(folder):
+    """``NEUROGLOT_CACHE`` set to ``folder`` inside the block, the earlier value (or its absence) restored after: for
+    module-scoped fixtures, which cannot use ``monkeypatch``."""
+    before = os.environ.get("NEUROGLOT_CACHE")
+    os.environ["NEUROGLOT_CACHE"] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("NEUROGLOT_CACHE", None)
+        else:
+            os.environ["NEUROGLOT_CACHE"] = before
+
+
+def run_small_evaluation(base: Path, name: str) -> Path:
+    """The run folder ``base/name`` of a real evaluation: IKE and LU-LAFNs on the tiny llama, the two records of
+    :func:`write_dataset` (written to ``base/data``), edit sets en+de, en and de, tested in en and de. Run it inside
+    :func:`neuroglot_cache` so the tiny model's key statistics stay out of the user's cache."""
+    from editors.evaluate import EvalConfig, run_evaluation
+
+    (base / "data").mkdir()
+    config = EvalConfig(dataset=write_dataset(base / "data"), methods=["ike", "lu-lafns"],
+                        edit_sets=[["en", "de"], ["en"], ["de"]], test_languages=["en", "de"], n=2,
+                        model="tiny-llama",
+                        hparams={"ike": dict(k=2), "lu-lafns": dict(layers=[0, 1, 2], beta=0.1, steps=3, lr=0.5,
+                                                                    n_prefixes=1, prefix_length=2)})
+    run_evaluation(tiny_workbench("llama"), config, base / name)
+    return base / name
+
+
+def raw_probes(folder) -> list[dict]:
+    """Every probe of an evaluation folder's rows.jsonl with its row's method, edit set and record, read here rather
+    than by the code under test."""
+    out = []
+    for line in (Path(folder) / "rows.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        out += [dict(p, method=row["method"], edit_languages=row["edit_languages"], record=row["record"])
+                for p in row["probes"]]
+    return out
+
+
+def run_cli(args: list[str]):
+    """``neuroglot ARGS`` in this process through typer's CliRunner; the click ``Result`` (``exit_code``,
+    ``output``)."""
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    return CliRunner().invoke(cli, args)
+
+
+#: One fact typed in English and German, as the Edit lab and Compare pages' forms take it.
+TYPED_FACT = {
+    "en": dict(prompt="The capital of France", subject="France", new="Berlin", old="Paris",
+               para="Capital city of France", loc="The capital of Japan is | Tokyo"),
+    "de": dict(prompt="Die Hauptstadt von Frankreich", subject="Frankreich", new="Berlin", old="Paris",
+               para="Hauptstadt von Frankreich", loc=""),
+}
+
+
+def type_fact(at, prefix: str, fact: dict = TYPED_FACT) -> None:
+    """On a page's fact form (widget keys ``<prefix>-…``, an AppTest ``at``), choose "Type a fact" and fill in
+    ``fact``'s languages; the caller runs the page."""
+    at.radio(key=f"{prefix}-source").set_value("Type a fact").run()
+    at.multiselect(key=f"{prefix}-typed-languages").set_value(list(fact)).run()
+    for lang, f in fact.items():
+        at.text_input(key=f"{prefix}-prompt-{lang}").set_value(f["prompt"])
+        at.text_input(key=f"{prefix}-subject-{lang}").set_value(f["subject"])
+        at.text_input(key=f"{prefix}-new-{lang}").set_value(f["new"])
+        at.text_input(key=f"{prefix}-old-{lang}").set_value(f["old"])
+        at.text_area(key=f"{prefix}-para-{lang}").set_value(f["para"])
+        at.text_area(key=f"{prefix}-loc-{lang}").set_value(f["loc"])
+        at.text_area(key=f"{prefix}-port-{lang}").set_value("")
+
+
+def app_page(view: str, spec: str | None = None, timeout: float = 120):
+    """Streamlit's AppTest of the page ``app/views/<view>.py``, not run yet; with ``spec``, its session works on
+    that model."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app" / "views" / f"{view}.py"),
+                           default_timeout=timeout)
+    if spec is not None:
+        at.session_state["model_spec"] = spec
+    return at
 
 
 # ------------------------------------------------------------------ a tiny fact corpus
