@@ -39,7 +39,7 @@ from analysis import cache, runs
 from analysis.errors import InputError, NeuroglotError
 from editors.base import get_editor
 from editors.edit import Edit
-from editors.evaluate import Probe, probes, resolve_hparams, score_probes, unedited_answers
+from editors.evaluate import Probe, probe_labels, probes, resolve_hparams, score_probes, unedited_answers
 from editors.requests import EditRequest
 
 if TYPE_CHECKING:
@@ -276,18 +276,6 @@ def probe_success(row: Mapping[str, Any]) -> float:
     return float(row.get("f1") or 0.0)
 
 
-def probe_labels(frame: pd.DataFrame) -> list[str]:
-    """"edit", "paraphrase 1", "locality 1" ... per probe of one method's rows, in order."""
-    names = {"reliability": "edit", "generality": "paraphrase", "locality": "locality",
-             "portability": "portability"}
-    seen: dict[tuple[str, str], int] = {}
-    out = []
-    for lang, kind in zip(frame["language"], frame["kind"]):
-        n = seen[(lang, kind)] = seen.get((lang, kind), 0) + 1
-        out.append(names.get(kind, kind) if kind == "reliability" else f"{names.get(kind, kind)} {n}")
-    return out
-
-
 def probe_grid(comparison: Comparison) -> pd.DataFrame:
     """The Compare page's grid: a row per probe (language, probe, question, expected), per editor the
     answer, P(new target) and success (as columns ``<method> · answer`` ...); the unedited model first."""
@@ -295,7 +283,8 @@ def probe_grid(comparison: Comparison) -> pd.DataFrame:
     if frame.empty:
         return frame
     base = frame[frame["method"] == "unedited"].reset_index(drop=True)
-    grid = pd.DataFrame({"language": base["language"], "probe": probe_labels(base), "question": base["prompt"],
+    labels = probe_labels(zip(base["language"], base["kind"]))
+    grid = pd.DataFrame({"language": base["language"], "probe": labels, "question": base["prompt"],
                          "expected": [r if k != "locality" else f"(unchanged) {r}"
                                       for r, k in zip(base["reference"], base["kind"])]})
     for method in dict.fromkeys(frame["method"]):
