@@ -20,7 +20,10 @@ CPU benchmarks measure on the embedded model, with their own functions:
   seconds and ``torch.cuda.max_memory_allocated`` (peak, and above the loaded model). MEMIT's
   first edit includes its key statistics (``--mom2-tokens`` tokens of the demo corpus's en+zh
   statements, written as a FLORES-style folder so that no data outside the repository is
-  needed); its second edit reads them back from the cache.
+  needed); its second edit reads them back from the cache;
+* ``Compare page`` — LU-LAFNs and MPN on that request through ``editors.compare`` (first run against
+  the rerun read back from the Compare cache), and the "Why did it transfer?" neuron tables (first
+  computed, then read back).
 
 Random weights make every probability tiny and every edit meaningless: these are figures of
 time and memory only. In bfloat16 the batched and the reference paths round differently, so
@@ -251,6 +254,45 @@ def memit_edit(wb, tiny: bool, mom2_tokens: int) -> str:
             f"(preset {PRESET}: layers {hp.layers}, {hp.v_num_grad_steps} steps, en+zh)")
 
 
+def compare_and_overlap(wb, tiny: bool) -> str:
+    """The Compare page's work on this model: LU-LAFNs and MPN (the Llama-3.1-8B presets) on one en+zh fact,
+    computed, then read back from the Compare cache (the baseline a rerun is measured against: the first
+    run); and the "Why did it transfer?" section's neuron tables (the edit's, kept beside the cached edit,
+    and the fact's atlas sets), first computed, then read back."""
+    from editors.compare import compare
+    from editors.lu_lafns import LULAFNsHParams
+    from editors.mpn import MPNOnlyHParams
+    from editors.overlap import cached_edit_neurons, fact_neuron_sets
+
+    lu = dict(LULAFNsHParams.PRESETS[PRESET])
+    lu["layers"] = scaled_layers(lu["layers"], wb.n_layers)
+    mpn = dict(MPNOnlyHParams.PRESETS[PRESET])
+    if tiny:
+        lu.update(steps=3, n_prefixes=2)
+        mpn.update(steps=5)
+    methods = {"lu-lafns": lu, "mpn": mpn}
+    request = edit_request()
+    timings = []
+    for _ in range(2):
+        sync(wb.device)
+        started = time.perf_counter()
+        result = compare(wb, request, methods, on_error="raise")
+        sync(wb.device)
+        timings.append(time.perf_counter() - started)
+    neurons = []
+    for _ in range(2):
+        started = time.perf_counter()
+        for run in result.runs:
+            cached_edit_neurons(wb, run.folder)
+        fact_neuron_sets(wb, request, beta=0.5)
+        sync(wb.device)
+        neurons.append(time.perf_counter() - started)
+    per_editor = ", ".join(f"{r.method} {r.seconds:.1f} s" for r in result.runs)
+    return (f"Compare page: first run {timings[0]:.1f} s ({per_editor}), rerun {timings[1]:.2f} s "
+            f"(read back: {timings[0] / max(timings[1], 1e-9):.0f}x faster); why-section neuron tables first "
+            f"{neurons[0]:.2f} s, again {neurons[1]:.2f} s (lu-lafns + mpn presets {PRESET}, en+zh)")
+
+
 @contextlib.contextmanager
 def private_caches(facts: int):
     """Key statistics go to a fresh cache; their text is the demo corpus's en+zh statements, written as
@@ -331,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                         lambda: tracing_speedup(wb, samples, args.window, args.max_rows),
                         lambda: ig_speedup(wb, steps),
                         lambda: lu_lafns_edit(wb, args.tiny),
-                        lambda: memit_edit(wb, args.tiny, mom2_tokens)):
+                        lambda: memit_edit(wb, args.tiny, mom2_tokens),
+                        lambda: compare_and_overlap(wb, args.tiny)):
             t0 = time.perf_counter()
             line = measure()
             print(f"{line} [{time.perf_counter() - t0:.0f} s]", flush=True)
