@@ -910,8 +910,10 @@ def runs_show(folder: Path = typer.Argument(..., help="An evaluate or sequential
               score: str = typer.Option("em", "--score", help="Transfer matrices and figures: em, f1 or top1."),
               probes: bool = typer.Option(False, "--probes", help="Print the probes (implied by any filter): the "
                                                                   "question, expected answer, answers before and "
-                                                                  "after; sequential runs: the scores after every "
-                                                                  "step."),
+                                                                  "after; sequential runs: each probe's "
+                                                                  "teacher-forced prediction before and after a "
+                                                                  "step (older folders: the averaged scores after "
+                                                                  "every step)."),
               method: Optional[str] = typer.Option(None, "--method", help="Only these methods (comma-separated)."),
               edit_languages: Optional[str] = typer.Option(None, "--edit-languages",
                                                            help="Only these edit sets, e.g. en+zh,en."),
@@ -920,7 +922,11 @@ def runs_show(folder: Path = typer.Argument(..., help="An evaluate or sequential
               kind: Optional[str] = typer.Option(None, "--kind", help="Only these probe kinds, e.g. "
                                                                       "reliability,locality."),
               failures: bool = typer.Option(False, "--failures", help="Only probes where the edited model is wrong "
-                                                                      "(EM < 1) or a locality answer changed."),
+                                                                      "(EM < 1; sequential: top-1 < 1) or a "
+                                                                      "locality / specificity answer changed."),
+              step: str = typer.Option("last", "--step", help="Sequential runs: the probes after this step (a "
+                                                                "number), 'last' (each method's last measured "
+                                                                "step) or 'all'."),
               limit: int = typer.Option(50, "--limit", help="Probe rows printed (the CSV gets all)."),
               csv: Optional[Path] = typer.Option(None, "--csv", help="Write the (filtered) probes here as CSV."),
               figures_dir: Optional[Path] = typer.Option(None, "--figures", help="Write the page's figures here "
@@ -941,21 +947,44 @@ def runs_show(folder: Path = typer.Argument(..., help="An evaluate or sequential
     run_kind = rb.run_kind(folder)
     filters = dict(methods=split_list(method), edit_languages=split_list(edit_languages),
                    languages=split_list(language), kinds=split_list(kind))
-    probes = probes or failures or any(filters.values())
+    probes = probes or failures or any(filters.values()) or step != "last"
+    if run_kind != rb.SEQUENTIAL and step != "last":
+        raise InputError("--step is for sequential runs (the probes after that step).")
     figs: dict = {}
     if run_kind == rb.SEQUENTIAL:
         from editors.sequential_run import read_run, sequential_figures
 
-        if filters["edit_languages"] or filters["kinds"] or failures:
-            raise InputError("--edit-languages, --kind and --failures are for evaluation runs; a sequential run "
-                             "filters by --method and --language.")
+        if filters["edit_languages"]:
+            raise InputError("--edit-languages is for evaluation runs; a sequential run filters by --method, "
+                             "--step, --language, --kind and --failures.")
         data = rb.read_sequential(folder)
         if table != "none":
             typer.echo(data["report"] or f"{folder} holds no measured step yet.")
-        rows = data["step_scores"]
-        for column, wanted in (("method", filters["methods"]), ("asked_in", filters["languages"])):
-            if wanted:
-                rows = rows[rows[column].isin(wanted)]
+        if not data["probes"].empty:
+            rows = data["probes"]
+            if step == "last":
+                last = rows.groupby("method")["step"].transform("max")
+                rows = rows[rows["step"] == last]
+            elif step != "all":
+                try:
+                    wanted_step = int(step)
+                except ValueError:
+                    raise InputError(f"--step must be a step number, 'last' or 'all'; got {step!r}.") from None
+                if wanted_step not in set(rows["step"]):
+                    raise InputError(f"--step {wanted_step}: the measured steps are "
+                                     f"{', '.join(str(x) for x in sorted(set(rows['step'])))}.")
+                rows = rows[rows["step"] == wanted_step]
+            rows = rb.filter_sequential_probes(rows, filters["methods"], None, filters["languages"], filters["kinds"],
+                                               failures)
+        elif filters["kinds"] or failures or step not in ("last", "all"):
+            raise InputError(data["probes_note"] or f"{folder} holds no measured step yet, so no probe to filter.")
+        else:
+            rows = data["step_scores"]
+            for column, wanted in (("method", filters["methods"]), ("asked_in", filters["languages"])):
+                if wanted:
+                    rows = rows[rows[column].isin(wanted)]
+        if data["probes_note"] and (probes or csv is not None):
+            typer.echo(f"note: {data['probes_note']}", err=True)
         if figures_dir is not None:
             figs = sequential_figures(read_run(folder))
     else:

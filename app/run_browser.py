@@ -12,6 +12,12 @@ after it. "Before" is the unedited model's greedy answer to the same prompt: the
 model's answer, editors/evaluate.py), or the unedited method's row for the same record,
 language, kind and prompt (portability). A probe *fails* when its exact match is below 1:
 the edited model does not give the new answer, or (locality) no longer gives its own.
+
+A sequential run keeps its probes per step (editors/sequential_run.py): each row's "before" is the unedited
+model (step 0) and "after" the model carrying the method's state at that step, both as the teacher-forced
+prediction (the arg-max at each answer position given the expected answer's earlier tokens, not a greedy
+answer) with its top-1 accuracy. An efficacy or generality probe fails when its top-1 is below 1; a
+specificity probe fails when the prediction is no longer the unedited model's (not "kept").
 """
 from __future__ import annotations
 
@@ -35,6 +41,12 @@ SCORE_TITLES = {"em": "EM", "f1": "F1", "top1": "top-1"}
 PROBE_COLUMNS = ["method", "edit_languages", "record", "language", "kind", "question", "expected", "before",
                  "after", "f1", "em", "top1", "failed"]
 STEP_KINDS = ("efficacy", "generality", "specificity")
+SEQUENTIAL_PROBE_COLUMNS = ["method", "step", "batch", "edited_in", "record", "asked_in", "kind", "question",
+                            "expected", "before", "after", "top1_before", "top1_after", "failed"]
+#: What the page and the CLI say of a sequential folder written before per-probe rows were kept.
+NO_PROBE_ROWS = ("{folder} predates per-probe rows: it keeps only each batch's averaged scores. Run the same "
+                 "`neuroglot sequential` command (or the Sequential editing page) again into a new folder (or "
+                 "with --overwrite) to keep every probe's prediction before and after each step.")
 
 
 # ------------------------------------------------------------------ finding and recognising run folders
@@ -309,6 +321,7 @@ def read_sequential(folder: str | Path) -> dict[str, Any]:
                 "retention": pd.DataFrame(retention_rows(view)), "nullspace": pd.DataFrame(nullspace_rows(view)),
                 "seconds": pd.DataFrame(seconds_rows(view)), "matrices": matrices,
                 "step_scores": step_scores(view), "report": report(view) if any(view.steps.values()) else ""}
+        data["probes"], data["probes_note"] = sequential_probes(view)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
         raise InputError(f"{folder} is a damaged sequential run (its steps cannot be read: {exc}).") from None
     return data
@@ -327,3 +340,73 @@ def step_scores(view) -> pd.DataFrame:
                         "batch_language": langs.get(int(r["batch"]), "?"), "asked_in": r["probe"],
                         **{k: r.get(k) for k in STEP_KINDS}, "records": r.get("n")})
     return pd.DataFrame(out, columns=["method", "step", "batch", "batch_language", "asked_in", *STEP_KINDS, "records"])
+
+
+def sequential_probes(view_or_folder: Any) -> tuple[pd.DataFrame, str]:
+    """Per method and measured step, every probe: the batch, its edit language, the record, the language asked
+    in, the kind, question, expected answer, the prediction and top-1 before (step 0, the unedited model) and
+    after (that step), and whether it failed (module docstring). Returns ``(table, note)``: the note is "" when
+    every measured step has rows, says which steps have none in a folder resumed across versions, and says why
+    the table is empty for a folder written before per-probe rows were kept (:data:`NO_PROBE_ROWS`)."""
+    from editors.sequential_run import read_run
+
+    view = read_run(view_or_folder) if isinstance(view_or_folder, (str, Path)) else view_or_folder
+    langs = {int(s["index"]): s["language"] for s in view.stream}
+    key = ("batch", "record", "language", "kind")
+    before = {tuple(p[k] for k in key): p for p in (view.baseline or {}).get("probes", [])}
+    out, missing = [], []
+    for method, rows in view.steps.items():
+        for row in rows:
+            step = int(row["step"])
+            if "probes" not in row:
+                missing.append(f"{method} {step}")
+                continue
+            for p in row["probes"]:
+                b = before.get(tuple(p[k] for k in key))
+                top1 = float(p["top1"])
+                if p["kind"] == "specificity":
+                    failed = b is not None and p["predicted"] != b["predicted"]
+                else:
+                    failed = top1 < 1.0
+                out.append({"method": method, "step": step, "batch": int(p["batch"]),
+                            "edited_in": langs.get(int(p["batch"]), "?"), "record": str(p["record"]),
+                            "asked_in": p["language"], "kind": p["kind"], "question": p["prompt"],
+                            "expected": p["expected"], "before": b["predicted"] if b is not None else "",
+                            "after": p["predicted"], "top1_before": float(b["top1"]) if b is not None else math.nan,
+                            "top1_after": top1, "failed": bool(failed)})
+    table = pd.DataFrame(out, columns=SEQUENTIAL_PROBE_COLUMNS)
+    measured = sum(len(rows) for rows in view.steps.values())
+    if not measured:
+        return table, ""
+    if table.empty:
+        return table, NO_PROBE_ROWS.format(folder=view.folder)
+    notes = []
+    if missing:
+        notes.append(f"measured before per-probe rows were kept, no rows for: {', '.join(missing)}")
+    if not before:
+        notes.append("baseline.json predates per-probe rows, so the unedited model's predictions (before) are "
+                     "missing and specificity cannot fail")
+    return table, ("; ".join(notes).capitalize() + ".") if notes else ""
+
+
+def filter_sequential_probes(table: pd.DataFrame, methods: Sequence[str] | None = None, step: int | None = None,
+                             languages: Sequence[str] | None = None, kinds: Sequence[str] | None = None,
+                             failures_only: bool = False) -> pd.DataFrame:
+    """The rows of :func:`sequential_probes` that match every filter given (None or empty: no filter there)."""
+    mask = pd.Series(True, index=table.index)
+    for column, wanted in (("method", methods), ("asked_in", languages), ("kind", kinds)):
+        if wanted:
+            mask &= table[column].isin(list(wanted))
+    if step is not None:
+        mask &= table["step"] == int(step)
+    if failures_only:
+        mask &= table["failed"].astype(bool)
+    return table[mask]
+
+
+def sequential_record_probes(table: pd.DataFrame, method: str, record: str) -> pd.DataFrame:
+    """Every probe of ``record`` under ``method`` after every measured step: language, kind, then step."""
+    part = table[(table["method"] == method) & (table["record"] == str(record))]
+    order = {k: i for i, k in enumerate(STEP_KINDS)}
+    return part.sort_values(["asked_in", "kind", "step"], key=lambda c: c.map(order) if c.name == "kind" else c,
+                            kind="stable")

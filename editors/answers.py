@@ -26,9 +26,11 @@ Greedy decoding
 
 Teacher-forced scores
     :func:`answer_scores` runs ``prompt + answer`` once and returns, per answer
-    token, its log-probability and whether it was the arg-max: the sequence
-    probability ``P(answer | prompt)`` is the product (memla's ES/PS), the
-    share of arg-max tokens is LangEdit's top-1 accuracy.
+    token, its log-probability, whether it was the arg-max and the arg-max token
+    itself: the sequence probability ``P(answer | prompt)`` is the product
+    (memla's ES/PS), the share of arg-max tokens is LangEdit's top-1 accuracy,
+    and the arg-max tokens show what the model predicted at each position given
+    the answer's earlier tokens (no extra forward pass; not a greedy answer).
 
 Batches are padded on the left for decoding and on the right for scoring, with
 position ids counted over real tokens (:meth:`analysis.model.Workbench.forward_inputs`),
@@ -42,7 +44,7 @@ applied in that first run, and the cached keys and values carry it on).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -205,6 +207,9 @@ class AnswerScore:
     token_ids: list[int]
     logprobs: list[float]      # log P(token_k | prompt, tokens_<k)
     top1: list[bool]           # token_k was the arg-max
+    #: the arg-max token at each answer position given the prompt and the answer's earlier tokens (teacher
+    #: forced: not a greedy answer, which would continue from its own choices); empty when not computed
+    predicted: list[int] = field(default_factory=list)
 
     @property
     def logprob(self) -> float:
@@ -255,10 +260,12 @@ def answer_scores(wb: Workbench, prompts: Sequence[str], answers: Sequence[str |
         targets = torch.tensor([t for _, a in spans for t in a], device=wb.device)
         logp = torch.log_softmax(wb.logits_at(wb.forward_inputs(ids, mask), (rows, cols)).float(), dim=-1)
         picked = logp.gather(1, targets[:, None]).squeeze(1).tolist()
-        best = (logp.argmax(-1) == targets).tolist()
+        argmax = logp.argmax(-1)
+        best = (argmax == targets).tolist()
+        argmax = argmax.tolist()
         k = 0
         for _, a in spans:
-            out.append(AnswerScore(list(a), picked[k:k + len(a)], best[k:k + len(a)]))
+            out.append(AnswerScore(list(a), picked[k:k + len(a)], best[k:k + len(a)], argmax[k:k + len(a)]))
             k += len(a)
     return out
 

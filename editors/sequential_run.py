@@ -28,12 +28,24 @@ Measured after every step (§4.1.2, §4.3-4.4), on the model carrying the state
     paper measures general ability with four XTREME tasks, which need data and
     fine-tuned heads this offline tool does not have.
 
+Per-probe rows
+    Beside the averages, every probe is kept as a row: batch, record (the data
+    set's record id), language asked in, kind, prompt, expected answer, its
+    top-1 accuracy (0-1) and ``predicted``: the arg-max token at each answer
+    position decoded. That text is *not* a greedy answer: position ``k`` is the
+    model's choice given the prompt and the expected answer's tokens before
+    ``k`` (teacher forcing), so it reads "what the model predicts token by
+    token". It comes from the logits the scores already compute, so keeping it
+    costs no extra forward pass (a greedy answer would cost one decoding run per
+    probe and step). Folders written before the rows existed have no
+    ``"probes"`` key; everything that reads the averages reads them as before.
+
 Run folder (resumable)
     ``sequential.json`` (the configuration, the model, the methods, the stream), ``baseline.json``
-    (step 0: the unedited model's scores and perplexities) and per method
+    (step 0: the unedited model's scores, perplexities and probe rows, written atomically) and per method
     ``<method>/state`` (:class:`editors.sequential.SequentialState`, saved
-    atomically after every step) and ``<method>/steps.jsonl`` (one line per step,
-    appended and fsynced after the state is saved). A run started again with the
+    atomically after every step) and ``<method>/steps.jsonl`` (one line per step
+    with its scores and probe rows, appended and fsynced after the state is saved). A run started again with the
     same configuration continues where it stopped: a step whose state was saved
     but whose line is missing is measured again; a half-computed step is
     recomputed from the saved state, so the result is the one an uninterrupted
@@ -197,31 +209,38 @@ def step_requests(records: Sequence[Any], step: StreamStep, language: str) -> li
 
 
 def probe_scores(wb: Workbench, records: Sequence[Any], stream: Sequence[StreamStep], upto: int,
-                 languages: Sequence[str]) -> list[dict[str, Any]]:
-    """For every batch ``1..upto`` and probe language: the three top-1 accuracies (module docstring)."""
+                 languages: Sequence[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """For every batch ``1..upto`` and probe language: the three top-1 accuracies (module docstring), and one
+    row per probe (batch, record, language, kind, prompt, expected, top1 0-1, predicted: the teacher-forced
+    arg-max tokens decoded), both from the same single teacher-forced forward pass per batch of prompts."""
     prompts, answers, where = [], [], []
     for step in stream[:upto]:
         for lang in languages:
             for i in step.records:
                 fact = EditRequest.from_record(records[i], [lang]).facts[lang]
+                record = str(getattr(records[i], "record_id", "") or i)
                 items = [("efficacy", fact.prompt, fact.target_new)]
                 items += [("generality", p, fact.target_new) for p in fact.paraphrases[:1]]
                 items += [("specificity", q, a) for q, a in fact.locality[:1]]
                 for kind, prompt, answer in items:
                     prompts.append(prompt)
                     answers.append(answer)
-                    where.append((step.index, lang, kind))
+                    where.append((step.index, lang, kind, record))
     scores = answer_scores(wb, prompts, answers) if prompts else []
     sums: dict[tuple[int, str], dict[str, list[float]]] = {}
-    for (batch, lang, kind), score in zip(where, scores):
+    probes: list[dict[str, Any]] = []
+    for (batch, lang, kind, record), prompt, answer, score in zip(where, prompts, answers, scores):
         sums.setdefault((batch, lang), {k: [] for k in KINDS})[kind].append(score.top1_accuracy)
+        probes.append({"batch": batch, "record": record, "language": lang, "kind": kind, "prompt": prompt,
+                       "expected": answer, "top1": score.top1_accuracy,
+                       "predicted": wb.tokenizer.decode(score.predicted, skip_special_tokens=True).strip()})
     out = []
     for (batch, lang), kinds in sums.items():
         row: dict[str, Any] = {"batch": batch, "probe": lang, "n": len(kinds["efficacy"])}
         for kind in KINDS:
             row[kind] = 100.0 * sum(kinds[kind]) / len(kinds[kind]) if kinds[kind] else None
         out.append(row)
-    return out
+    return out, probes
 
 
 def held_out_sentences(languages: Sequence[str], n: int) -> dict[str, list[str]]:
@@ -377,9 +396,9 @@ def run_sequential(wb: Workbench, config: StreamConfig, methods: Sequence[str], 
     if not (out / BASELINE_JSON).is_file():
         report("unedited", 0, 0.0, "measuring the unedited model (every batch, every language) and its perplexity")
         with wb.lock:
-            scores = probe_scores(wb, records, stream, len(stream), config.languages)
+            scores, probes = probe_scores(wb, records, stream, len(stream), config.languages)
             ppl = perplexities(wb, sentences)
-        _write_json(out / BASELINE_JSON, {"scores": scores, "perplexity": ppl})
+        _write_json(out / BASELINE_JSON, {"scores": scores, "perplexity": ppl, "probes": probes})
 
     # every method's state first; then step after step, every method at that step (a run cut short leaves
     # every method at about the same step, so what is there compares like with like)
@@ -424,7 +443,7 @@ def run_sequential(wb: Workbench, config: StreamConfig, methods: Sequence[str], 
                 report(name, t, 0.85, f"measuring {t * config.batch} edits in {len(config.languages)} languages")
                 t0 = time.perf_counter()
                 with state.edit(t).applied(wb):
-                    scores = probe_scores(wb, records, stream, t, config.languages)
+                    scores, probes = probe_scores(wb, records, stream, t, config.languages)
                     report(name, t, 0.95, "FLORES-200 perplexity")
                     ppl = perplexities(wb, sentences)
                 s = state.steps[t - 1]
@@ -433,7 +452,7 @@ def run_sequential(wb: Workbench, config: StreamConfig, methods: Sequence[str], 
                     "records": step.records, "seconds": s.meta.get("seconds", {}),
                     "measure_seconds": round(time.perf_counter() - t0, 3),
                     "nullspace": {str(k): v for k, v in s.nullspace.items()}, "scores": scores, "perplexity": ppl,
-                    "notes": s.meta.get("notes", [])})
+                    "notes": s.meta.get("notes", []), "probes": probes})
                 measured[name].add(t)
                 report(name, t, 1.0, "step done")
     done = {name: len(state) for name, state in states.items()}

@@ -1,8 +1,9 @@
 """The Runs page used as a user does, in headless Chromium: open a small evaluation folder (IKE and LU-LAFNs on a
 tiny random llama, built in the test) by typing its path, read its heatmaps and probe table, show only the
 failures, select a row to see its record, download the CSV, leave for another page and come back, open the same
-folder in a second browser session, and type a folder that is no run. Every wait is for what the page says;
-screenshots go to the test's tmp dir."""
+folder in a second browser session, and type a folder that is no run; open a small sequential run (MEMIT, two
+steps), read its probe table at the last step, show only the failures, select a row to see its record after every
+step and download the CSV. Every wait is for what the page says; screenshots go to the test's tmp dir."""
 from __future__ import annotations
 
 import io
@@ -12,7 +13,8 @@ import pandas as pd
 import pytest
 
 from tests.browser import assert_clean, commit, download, go_to, select_row, settled, shown, submit
-from tests.tiny import neuroglot_cache, raw_probes, run_small_evaluation
+from tests.tiny import (MZSRE_DEV, neuroglot_cache, raw_probes, raw_sequential_probes, run_small_evaluation,
+                        run_small_sequential)
 
 pytestmark = [pytest.mark.browser]
 
@@ -112,4 +114,45 @@ def test_browse_an_evaluation_folder_filter_select_download_leave_and_a_second_s
     assert_clean(page, "a folder that is no run")
     assert f"{failed} of {len(raw)} probes" in body
     page.screenshot(path=str(tmp_path / "runs_bad_folder.png"), full_page=True)
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def small_sequential(tmp_path_factory):
+    if not MZSRE_DEV.is_dir():
+        pytest.skip("MzsRE dev data not found")
+    base = tmp_path_factory.mktemp("browser-runs-seq")
+    with neuroglot_cache(base / "cache"):
+        return run_small_sequential(base, "small-seq")
+
+
+def test_browse_a_sequential_runs_probes_filter_select_and_download(app_url, browser, small_sequential, tmp_path):
+    raw = raw_sequential_probes(small_sequential)
+    last = [p for p in raw if p["step"] == 2]
+    failed = sum(p["failed"] for p in last)
+    page = browser.new_page(viewport=WIDE)
+    open_run(page, app_url, small_sequential)
+    shown(page, "Probes after each step", f"{len(last)} of {len(raw)} probes · {failed} failed · step 2",
+          timeout=LONG)
+    body = assert_clean(page, "opening the sequential run")
+    assert "keeps no per-record answers" not in body
+    page.screenshot(path=str(tmp_path / "runs_sequential.png"), full_page=True)
+
+    page.get_by_text("Failures only", exact=True).click()
+    settled(page)
+    shown(page, f"{failed} of {len(raw)} probes", timeout=LONG)
+    tables = page.locator("[data-testid='stDataFrame']").count()
+    probes = page.locator("[class*='st-key-runs-seq-probes-'] [data-testid='stDataFrame']").first
+    select_row(page, probes, 0)
+    settled(page)
+    first = next(p for p in last if p["failed"])
+    body = shown(page, f"Record {first['record']}", "after every step", timeout=LONG)
+    assert page.locator("[data-testid='stDataFrame']").count() == tables + 1      # the record's own table
+    page.screenshot(path=str(tmp_path / "runs_sequential_selected.png"), full_page=True)
+
+    csv = download(page, page.locator("body"), "CSV of these probes").decode()
+    table = pd.read_csv(io.StringIO(csv), keep_default_na=False)
+    assert len(table) == failed and table["failed"].all() and set(table["step"]) == {2}
+    assert {"question", "expected", "before", "after", "top1_before", "top1_after"} <= set(table.columns)
+    assert_clean(page, "the sequential run's probes")
     page.close()

@@ -1,7 +1,8 @@
 """The Runs page (app/views/runs.py), its reader (app/run_browser.py), its figures (analysis/run_figures.py) and
 `neuroglot runs`, on run folders built for real in the test: an evaluation (IKE and LU-LAFNs on a tiny random
 llama, two records in en and de, edit sets en+de, en, de) and a sequential run (MEMIT, two steps of two MzsRE dev
-records). What the page and the CLI count is checked against rows.jsonl / steps.jsonl read independently."""
+records). What the page and the CLI count is checked against rows.jsonl / steps.jsonl / baseline.json read
+independently; a copy of the sequential folder without its per-probe rows stands for one written before them."""
 from __future__ import annotations
 
 import json
@@ -10,10 +11,8 @@ import shutil
 import pandas as pd
 import pytest
 
-from tests.tiny import MZSRE_DEV, app_page, neuroglot_cache, raw_probes, run_small_evaluation, tiny_workbench
-
-MEMIT = dict(v_lr=1.0, v_num_grad_steps=4, clamp_norm_factor=0.0, v_weight_decay=0.0,
-             context_template_length_params=[[4, 1]], mom2_n_tokens=1000, layers=[0, 1], mom2_update_weight=1.0)
+from tests.tiny import (MZSRE_DEV, app_page, neuroglot_cache, raw_probes, raw_sequential_probes,
+                        run_small_evaluation, run_small_sequential)
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +21,7 @@ def folders(tmp_path_factory):
     base = tmp_path_factory.mktemp("runs-page")
     with neuroglot_cache(base / "cache"):                         # tiny models' key statistics stay here
         evaluation = run_small_evaluation(base, "eval")
-        sequential = None
-        if MZSRE_DEV.is_dir():
-            from editors.sequential_run import StreamConfig, run_sequential
-
-            stream = StreamConfig(dataset=str(MZSRE_DEV), languages=["en", "de"], batch=2, steps=2,
-                                  order="interleaved", records="100-149", flores_sentences=3)
-            run_sequential(tiny_workbench("llama"), stream, ["memit"], base / "seq", hparams={"memit": MEMIT})
-            sequential = base / "seq"
+        sequential = run_small_sequential(base, "seq") if MZSRE_DEV.is_dir() else None
     return {"eval": evaluation, "seq": sequential, "base": base}
 
 
@@ -186,6 +178,90 @@ def test_a_sequential_folder_shows_the_stream_figures_and_every_steps_scores(fol
     assert not errors(at)
 
 
+def without_probe_rows(folder, to):
+    """A copy of a sequential folder as it was written before per-probe rows were kept."""
+    shutil.copytree(folder, to)
+    baseline = json.loads((to / "baseline.json").read_text())
+    baseline.pop("probes")
+    (to / "baseline.json").write_text(json.dumps(baseline))
+    for path in to.glob("*/steps.jsonl"):
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "probes"}) + "\n" for r in rows))
+    return to
+
+
+def test_the_sequential_probe_table_is_every_probe_before_and_after_each_step(folders):
+    if folders["seq"] is None:
+        pytest.skip("MzsRE dev data not found")
+    from app import run_browser as rb
+
+    raw = raw_sequential_probes(folders["seq"])
+    table, note = rb.sequential_probes(folders["seq"])
+    assert note == "" and len(table) == len(raw) and list(table.columns) == rb.SEQUENTIAL_PROBE_COLUMNS
+    stream = {s["index"]: s["language"] for s in json.loads((folders["seq"] / "sequential.json").read_text())["stream"]}
+    for row, p in zip(table.itertuples(), raw):
+        assert (row.step, row.batch, row.record, row.asked_in, row.kind) == (p["step"], p["batch"], p["record"],
+                                                                               p["language"], p["kind"])
+        assert (row.question, row.expected, row.after, row.top1_after) == (p["prompt"], p["expected"],
+                                                                            p["predicted"], p["top1"])
+        assert (row.before, row.top1_before, row.failed, row.edited_in) == (p["before"], p["top1_before"],
+                                                                             p["failed"], stream[p["batch"]])
+    last = rb.filter_sequential_probes(table, step=2, languages=["de"], kinds=["specificity"], failures_only=True)
+    assert len(last) == sum(1 for p in raw if p["step"] == 2 and p["language"] == "de" and p["kind"] == "specificity"
+                            and p["failed"])
+    record = table.iloc[0]["record"]
+    mine = rb.sequential_record_probes(table, "memit", record)
+    assert set(mine["record"]) == {record} and len(mine) == sum(1 for p in raw if p["record"] == record)
+
+
+def test_a_sequential_folders_probes_filter_and_a_selected_row_shows_its_record(folders, tmp_path):
+    if folders["seq"] is None:
+        pytest.skip("MzsRE dev data not found")
+    raw = raw_sequential_probes(folders["seq"])
+    at = new_page()
+    open_folder(at, folders["seq"])
+    assert not errors(at), errors(at)
+    # the last measured step first
+    at_last = [p for p in raw if p["step"] == 2]
+    assert probe_count(at) == (len(at_last), len(raw), sum(p["failed"] for p in at_last))
+    assert at.selectbox(key="runs-seq-p-step").value == 2
+    assert not any("keeps no per-record" in c.value for c in at.caption)
+
+    at.toggle(key="runs-seq-p-failures").set_value(True).run()
+    assert probe_count(at)[0] == sum(p["failed"] for p in at_last)
+    at.selectbox(key="runs-seq-p-step").set_value(1).run()
+    at.multiselect(key="runs-seq-p-lang").set_value(["de"]).run()
+    at.multiselect(key="runs-seq-p-kind").set_value(["efficacy", "specificity"]).run()
+    at.multiselect(key="runs-seq-p-method").set_value(["memit"]).run()
+    assert probe_count(at)[0] == sum(1 for p in raw if p["step"] == 1 and p["failed"] and p["language"] == "de"
+                                     and p["kind"] in ("efficacy", "specificity"))
+    at.toggle(key="runs-seq-p-failures").set_value(False).run()
+    shown = [p for p in raw if p["step"] == 1 and p["language"] == "de" and p["kind"] in ("efficacy", "specificity")]
+    assert probe_count(at)[0] == len(shown) > 0
+    assert not errors(at)
+
+    # selecting a row: that record's probes after every step, in a small table of their own
+    table = next(d for d in at.dataframe if (d.key or "").startswith("runs-seq-probes-"))
+    assert list(table.value["record"]) == [p["record"] for p in shown]
+    at.session_state[table.key] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    at.run()
+    assert not errors(at), errors(at)
+    record = shown[0]["record"]
+    assert any(m.value.startswith(f"**Record {record}** · memit") for m in at.markdown)
+    probe_tables = [d.value for d in at.dataframe if "top1_after" in d.value]
+    assert len(probe_tables) == 2                          # the filtered probes, then the record's own
+    small = probe_tables[1]
+    assert set(small["record"]) == {record} and len(small) == sum(1 for p in raw if p["record"] == record)
+    assert sorted(set(small["step"])) == sorted({p["step"] for p in raw if p["record"] == record})
+
+    # a folder written before per-probe rows: the reason and how to get them; the averaged scores still there
+    old = without_probe_rows(folders["seq"], tmp_path / "old-seq")
+    open_folder(at, old)
+    assert not errors(at), errors(at)
+    assert any("predates per-probe rows" in i.value and "again" in i.value for i in at.info)
+    assert any("every batch edited so far" in c.value and "predates per-probe rows" in c.value for c in at.caption)
+
+
 def test_bad_folders_are_error_boxes_and_the_page_keeps_working(folders, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(folders["eval"], damaged)
@@ -258,3 +334,29 @@ def test_the_cli_prints_the_same_tables_and_probes(folders, tmp_path):
     if folders["seq"] is not None:
         result = runner.invoke(cli, ["runs", "show", str(folders["seq"]), "--probes", "--language", "de"])
         assert result.exit_code == 0 and "memit" in result.output, result.output
+        raw = raw_sequential_probes(folders["seq"])
+        assert f"{sum(1 for p in raw if p['step'] == 2 and p['language'] == 'de')} rows" in result.output
+        for n, (args, keep) in enumerate(((["--step", "1", "--failures", "--kind", "efficacy,generality"],
+                            lambda p: p["step"] == 1 and p["failed"] and p["kind"] != "specificity"),
+                           (["--step", "all", "--method", "memit"], lambda p: True),
+                           ([], lambda p: p["step"] == 2))):
+            out = tmp_path / f"seq{n}.csv"
+            result = runner.invoke(cli, ["runs", "show", str(folders["seq"]), "--table", "none", "--csv", str(out),
+                                         *args])
+            assert result.exit_code == 0, result.output
+            written = pd.read_csv(out, keep_default_na=False)
+            mine = [p for p in raw if keep(p)]
+            assert len(written) == len(mine) and list(written["after"]) == [p["predicted"] for p in mine], args
+            assert {"question", "expected", "before", "after", "top1_before", "top1_after"} <= set(written.columns)
+        for bad, message in ((["--step", "9"], "measured steps are 1, 2"), (["--step", "x"], "--step must be"),
+                             (["--edit-languages", "en"], "for evaluation runs")):
+            result = runner.invoke(cli, ["runs", "show", str(folders["seq"]), "--table", "none", *bad])
+            assert result.exit_code == 2 and message in result.output, (bad, result.output)
+        result = runner.invoke(cli, ["runs", "show", str(folders["eval"]), "--step", "1"])
+        assert result.exit_code == 2 and "for sequential runs" in result.output
+        old = without_probe_rows(folders["seq"], tmp_path / "old-seq")
+        result = runner.invoke(cli, ["runs", "show", str(old), "--table", "none", "--probes"])
+        assert result.exit_code == 0 and "predates per-probe rows" in result.output and "batch_language" in \
+            result.output
+        result = runner.invoke(cli, ["runs", "show", str(old), "--failures"])
+        assert result.exit_code == 2 and "predates per-probe rows" in result.output

@@ -5,7 +5,9 @@ P leaves the protected keys' outputs unchanged (Eq. 2-3) for LangEdit's running 
 fixed one with its cache; batched target values equal one-by-one ones; rollback restores the exact earlier
 weights and memory; save/load round-trips; streams are seeded, per language, disjoint and respect record
 ranges; a run resumes after an interruption (stopped on purpose or by an error) with the same result as an
-uninterrupted one. Tiny random models; the embedded model in a slow test."""
+uninterrupted one; every probe is kept as a row (its teacher-forced prediction and top-1) that agrees with the
+averaged scores, and folders written before those rows still read. Tiny random models; the embedded model in a
+slow test."""
 from __future__ import annotations
 
 import json
@@ -234,6 +236,7 @@ def test_a_run_resumes_after_an_interruption_with_the_same_result(wb, tmp_path, 
     a, b = read_run(tmp_path / "whole"), read_run(tmp_path / "parts")
     for m in methods:
         assert [r["scores"] for r in a.steps[m]] == [r["scores"] for r in b.steps[m]]
+        assert [r["probes"] for r in a.steps[m]] == [r["probes"] for r in b.steps[m]]   # per-probe rows too
         assert [r["step"] for r in b.steps[m]] == [1, 2, 3]
     # the views: curves per language and "all", the final table with the unedited rows, the matrix
     curves = curve_rows(a)
@@ -253,6 +256,80 @@ def test_a_run_resumes_after_an_interruption_with_the_same_result(wb, tmp_path, 
     assert [r["step"] for r in read_run(tmp_path / "parts").steps["langedit"]] == [1]
     run_sequential(wb, _config(), methods, tmp_path / "parts", hparams=TINY_HP)
     assert _states_equal(tmp_path / "whole" / "langedit" / "state", tmp_path / "parts" / "langedit" / "state")
+
+
+def test_answer_scores_keep_the_arg_max_token_of_every_answer_position(wb):
+    from editors.answers import AnswerScore, answer_scores
+
+    prompts = ["The capital of France is", "Die Hauptstadt von Italien ist"]
+    for score in answer_scores(wb, prompts, ["Berlin and more", "Paris"]):
+        assert len(score.predicted) == len(score.token_ids) == len(score.top1)
+        assert [p == t for p, t in zip(score.predicted, score.token_ids)] == score.top1
+    assert AnswerScore([1], [-0.5], [True]).predicted == []          # the field has a default: old callers work
+
+
+def test_every_probe_is_kept_as_a_row_and_an_older_folder_still_reads(wb, tmp_path):
+    """One row per (batch so far, language, kind present, record) after every step and at step 0; each row's
+    top-1 averages to the batch's score; its prediction is the decoded arg-max tokens. A folder without the
+    rows (written before them) reads as before, and its probe table is empty with the reason."""
+    if not MZSRE_DEV.is_dir():
+        pytest.skip("MzsRE dev data not found")
+    import shutil
+
+    from app.run_browser import NO_PROBE_ROWS, read_sequential, sequential_probes
+    from editors.answers import answer_scores
+    from editors.sequential_run import load_stream_records
+
+    cfg = _config(steps=2)
+    run_sequential(wb, cfg, ["memit"], tmp_path / "run", hparams=TINY_HP)
+    view = read_run(tmp_path / "run")
+    records, _ = load_stream_records(cfg)
+    stream = {s["index"]: s["records"] for s in view.stream}
+    kinds_of = {}                                # (record index, language) -> kinds the record has
+    for i in {i for ids in stream.values() for i in ids}:
+        for lang in cfg.languages:
+            fact = EditRequest.from_record(records[i], [lang]).facts[lang]
+            kinds_of[(i, lang)] = 1 + bool(fact.paraphrases) + bool(fact.locality)
+    for step, probes in [(2, view.baseline["probes"])] + [(r["step"], r["probes"]) for r in view.steps["memit"]]:
+        expected = sum(kinds_of[(i, lang)] for b in range(1, step + 1) for i in stream[b] for lang in cfg.languages)
+        assert len(probes) == expected, (step, len(probes), expected)
+        assert {p["record"] for p in probes} == {records[i].record_id for b in range(1, step + 1) for i in stream[b]}
+        assert len({(p["batch"], p["record"], p["language"], p["kind"]) for p in probes}) == len(probes)
+    for row in [view.baseline] + view.steps["memit"]:
+        for s in row["scores"]:
+            for kind in ("efficacy", "generality", "specificity"):
+                mine = [p["top1"] for p in row["probes"] if (p["batch"], p["language"], p["kind"]) ==
+                        (s["batch"], s["probe"], kind)]
+                assert (s[kind] is None) == (not mine)
+                if mine:
+                    assert s[kind] == pytest.approx(100 * sum(mine) / len(mine))
+                    assert all(0.0 <= x <= 1.0 for x in mine)
+    # the prediction: the unedited model's arg-max tokens at each answer position, decoded
+    some = view.baseline["probes"][:6]
+    for probe, score in zip(some, answer_scores(wb, [p["prompt"] for p in some], [p["expected"] for p in some])):
+        assert probe["predicted"] == wb.tokenizer.decode(score.predicted, skip_special_tokens=True).strip()
+        assert probe["top1"] == score.top1_accuracy
+    # the browser's table: every step's probes beside the unedited model's
+    table, note = sequential_probes(view)
+    assert note == "" and len(table) == sum(len(r["probes"]) for r in view.steps["memit"])
+    assert (table["failed"] == ((table["kind"] != "specificity") & (table["top1_after"] < 1))
+            | ((table["kind"] == "specificity") & (table["after"] != table["before"]))).all()
+
+    # an older folder: no "probes" anywhere; everything else reads exactly as before
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "run", old)
+    baseline = json.loads((old / "baseline.json").read_text())
+    baseline.pop("probes")
+    (old / "baseline.json").write_text(json.dumps(baseline))
+    lines = [json.loads(x) for x in (old / "memit" / "steps.jsonl").read_text().splitlines()]
+    (old / "memit" / "steps.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "probes"})
+                                                       + "\n" for r in lines))
+    before = read_run(old)
+    assert curve_rows(before) == curve_rows(view) and report(before) == report(view)
+    table, note = sequential_probes(old)
+    assert table.empty and note == NO_PROBE_ROWS.format(folder=old) and "predates per-probe rows" in note
+    data = read_sequential(old)
+    assert data["probes"].empty and data["probes_note"] == note and not data["step_scores"].empty
 
 
 def test_run_folder_checks(wb, tmp_path):

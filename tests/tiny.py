@@ -435,6 +435,43 @@ def run_small_evaluation(base: Path, name: str) -> Path:
     return base / name
 
 
+#: MEMIT on the tiny llama with few optimisation steps: a small sequential run in seconds.
+TINY_SEQUENTIAL_MEMIT = dict(v_lr=1.0, v_num_grad_steps=4, clamp_norm_factor=0.0, v_weight_decay=0.0,
+                             context_template_length_params=[[4, 1]], mom2_n_tokens=1000, layers=[0, 1],
+                             mom2_update_weight=1.0)
+
+
+def run_small_sequential(base: Path, name: str) -> Path:
+    """The run folder ``base/name`` of a real sequential run: MEMIT on the tiny llama, two interleaved steps (en, de)
+    of two MzsRE dev records (100-149), each asked in en and de. Needs :data:`MZSRE_DEV`; run it inside
+    :func:`neuroglot_cache` so the tiny model's key statistics stay out of the user's cache."""
+    from editors.sequential_run import StreamConfig, run_sequential
+
+    stream = StreamConfig(dataset=str(MZSRE_DEV), languages=["en", "de"], batch=2, steps=2, order="interleaved",
+                          records="100-149", flores_sentences=3)
+    run_sequential(tiny_workbench("llama"), stream, ["memit"], base / name, hparams={"memit": TINY_SEQUENTIAL_MEMIT})
+    return base / name
+
+
+def raw_sequential_probes(folder) -> list[dict]:
+    """Every probe row of a sequential folder's steps with its step, method, the unedited model's prediction and
+    top-1 (``before``, ``top1_before``) and whether it failed (top-1 below 1; specificity: the prediction
+    changed), read here rather than by the code under test."""
+    folder = Path(folder)
+    before = {(p["batch"], p["record"], p["language"], p["kind"]): p
+              for p in json.loads((folder / "baseline.json").read_text(encoding="utf-8"))["probes"]}
+    out = []
+    for method_dir in sorted(p.parent for p in folder.glob("*/steps.jsonl")):
+        for line in (method_dir / "steps.jsonl").read_text(encoding="utf-8").splitlines():
+            step = json.loads(line)
+            for p in step["probes"]:
+                b = before[(p["batch"], p["record"], p["language"], p["kind"])]
+                failed = p["predicted"] != b["predicted"] if p["kind"] == "specificity" else p["top1"] < 1
+                out.append({**p, "step": step["step"], "method": method_dir.name, "failed": failed,
+                            "before": b["predicted"], "top1_before": b["top1"]})
+    return out
+
+
 def raw_probes(folder) -> list[dict]:
     """Every probe of an evaluation folder's rows.jsonl with its row's method, edit set and record, read here rather
     than by the code under test."""

@@ -2,9 +2,10 @@
 
 An evaluation shows its config, the transfer heatmaps (edit languages × test languages per method), the
 summary figures, every probe with filters (method, edit languages, test language, metric, failures only) and
-its tables; a sequential run shows the figures of the Sequential editing page, its tables and the scores kept
-after every step. Reading is cached by folder and the files' modification times, so filter clicks are
-instant and a folder still being written is read again when it grows.
+its tables; a sequential run shows the figures of the Sequential editing page, its tables, every probe after
+each step (the teacher-forced prediction before and after, with filters) and the averaged scores of every
+step. Reading is cached by folder and the files' modification times, so filter clicks are instant and a folder
+still being written is read again when it grows.
 """
 from __future__ import annotations
 
@@ -221,6 +222,77 @@ def show_evaluate(folder: str, stamp: float) -> None:
 # ------------------------------------------------------------------ a sequential run
 
 
+SEQ_PROBE_CONFIG = {
+    "method": st.column_config.TextColumn("method", width="small"),
+    "step": st.column_config.NumberColumn("step", width="small", help="Edits so far: this many batches."),
+    "batch": st.column_config.NumberColumn("batch", width="small", help="The step that edited this record."),
+    "edited_in": st.column_config.TextColumn("edited in", width="small", help="The batch's edit language."),
+    "record": st.column_config.TextColumn("record", width="small"),
+    "asked_in": st.column_config.TextColumn("asked in", width="small"),
+    "kind": st.column_config.TextColumn("kind", width="small"),
+    "question": st.column_config.TextColumn("question", width="medium"),
+    "expected": st.column_config.TextColumn("expected"),
+    "before": st.column_config.TextColumn("before", help="The unedited model's prediction: the arg-max at each "
+                                                         "answer position given the expected answer's earlier "
+                                                         "tokens (teacher forced, not a greedy answer)."),
+    "after": st.column_config.TextColumn("after", help="The same prediction by the model carrying the edits of "
+                                                       "every step so far."),
+    "top1_before": st.column_config.NumberColumn("top-1 before", format="%.2f"),
+    "top1_after": st.column_config.NumberColumn("top-1 after", format="%.2f"),
+    "failed": st.column_config.CheckboxColumn("failed", help="Efficacy, generality: top-1 after below 1. "
+                                                             "Specificity: the prediction is no longer the "
+                                                             "unedited model's."),
+}
+
+SEQ_PROBE_ORDER = ["batch", "edited_in", "record", "asked_in", "kind", "question", "expected", "before", "after",
+                   "top1_before", "top1_after", "failed"]
+
+
+def show_sequential_probes(probes: pd.DataFrame, note: str) -> None:
+    st.subheader("Probes after each step")
+    if probes.empty:
+        if note:
+            st.info(note, icon=":material/history:")
+        return
+    if note:
+        st.caption(note)
+    c1, c2, c3, c4 = st.columns(4)
+    steps = sorted(set(int(x) for x in probes["step"]))
+    methods = kept(c1.multiselect, "Method", list(dict.fromkeys(probes["method"])), key="runs-seq-p-method",
+                   default=[], placeholder="all")
+    step = kept(c2.selectbox, "Step", steps, key="runs-seq-p-step", default=steps[-1],
+                help="The model after this many steps (batches); the last measured step first.")
+    langs = kept(c3.multiselect, "Asked in", list(dict.fromkeys(probes["asked_in"])), key="runs-seq-p-lang",
+                 default=[], placeholder="all")
+    kinds = kept(c4.multiselect, "Kind", list(dict.fromkeys(probes["kind"])), key="runs-seq-p-kind", default=[],
+                 placeholder="all")
+    failures = kept(st.toggle, "Failures only", key="runs-seq-p-failures", default=False,
+                    help="Efficacy and generality probes whose top-1 after the step is below 1, and specificity "
+                         "probes whose prediction changed.")
+    shown = rb.filter_sequential_probes(probes, methods, step, langs, kinds, failures).reset_index(drop=True)
+    st.caption(f"{len(shown):,} of {len(probes):,} probes · {int(shown['failed'].sum()):,} failed · step {step}; "
+               "before / after: the teacher-forced prediction (the arg-max at each answer position given the "
+               "expected answer's earlier tokens, not a greedy answer) of the unedited model and after the step · "
+               "select a row to see its record after every step")
+    filters = "|".join(["+".join(methods), str(step), "+".join(langs), "+".join(kinds), str(failures)])
+    # the step is the filter's and the method often one: the answers come first on screen (the CSV has all)
+    order = ["method"] * (shown["method"].nunique() > 1) + SEQ_PROBE_ORDER
+    event = st.dataframe(shown, hide_index=True, width="stretch", height=360, column_config=SEQ_PROBE_CONFIG,
+                         column_order=order, on_select="rerun", selection_mode="single-row",
+                         key=f"runs-seq-probes-{zlib.crc32(filters.encode())}")
+    st.download_button("CSV of these probes", shown.to_csv(index=False).encode(), "sequential_probes.csv",
+                       "text/csv", key="runs-seq-probes-csv", on_click="ignore", icon=":material/download:")
+    picked = [i for i in (event.selection.rows if event is not None else []) if i < len(shown)]
+    if picked:
+        row = shown.iloc[picked[0]]
+        st.markdown(f"**Record {row['record']}** · {row['method']} · edited in {row['edited_in']} at step "
+                    f"{row['batch']} · after every step")
+        mine = rb.sequential_record_probes(probes, row["method"], row["record"])
+        st.dataframe(mine, hide_index=True, width="stretch", column_config=SEQ_PROBE_CONFIG, key="runs-seq-record",
+                     column_order=["asked_in", "kind", "step", "after", "top1_after", "failed", "before",
+                                   "top1_before", "question", "expected"])
+
+
 def show_sequential(folder: str, stamp: float) -> None:
     data = sequential_data(folder, stamp)
     cfg = data["info"].get("config", {})
@@ -264,6 +336,8 @@ def show_sequential(folder: str, stamp: float) -> None:
             st.markdown(caption)
             st.dataframe(data[name].round(2), hide_index=True, width="stretch", key=f"runs-seq-{name}")
 
+    show_sequential_probes(data["probes"], data["probes_note"])
+
     st.subheader("Scores after every step")
     scores = data["step_scores"]
     c1, c2, c3 = st.columns(3)
@@ -278,9 +352,10 @@ def show_sequential(folder: str, stamp: float) -> None:
         if wanted:
             mask &= scores[column].isin(wanted)
     shown = scores[mask]
+    where = ("each record's probes are in the table above" if not data["probes"].empty
+             else "this folder predates per-probe rows")
     st.caption(f"{len(shown):,} of {len(scores):,} rows: every batch edited so far, asked in every language "
-               "(top-1 accuracy %, averaged over the batch's records; a sequential run keeps no per-record answers). "
-               "Step 0 is the unedited model.")
+               f"(top-1 accuracy %, averaged over the batch's records; {where}). Step 0 is the unedited model.")
     st.dataframe(shown.round(2), hide_index=True, width="stretch", height=320, key="runs-seq-scores")
     st.download_button("CSV of these rows", shown.to_csv(index=False).encode(), "step_scores.csv", "text/csv",
                        key="runs-seq-scores-csv", on_click="ignore", icon=":material/download:")
