@@ -382,11 +382,12 @@ def sequential_probes(view_or_folder: Any) -> tuple[pd.DataFrame, str]:
         return table, NO_PROBE_ROWS.format(folder=view.folder)
     notes = []
     if missing:
-        notes.append(f"measured before per-probe rows were kept, no rows for: {', '.join(missing)}")
+        notes.append(f"steps measured before per-probe rows were kept have none ({', '.join(missing)})")
     if not before:
         notes.append("baseline.json predates per-probe rows, so the unedited model's predictions (before) are "
                      "missing and specificity cannot fail")
-    return table, ("; ".join(notes).capitalize() + ".") if notes else ""
+    text = "; ".join(notes)
+    return table, (text[:1].upper() + text[1:] + ".") if notes else ""
 
 
 def filter_sequential_probes(table: pd.DataFrame, methods: Sequence[str] | None = None, step: int | None = None,

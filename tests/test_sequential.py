@@ -315,6 +315,15 @@ def test_every_probe_is_kept_as_a_row_and_an_older_folder_still_reads(wb, tmp_pa
     assert (table["failed"] == ((table["kind"] != "specificity") & (table["top1_after"] < 1))
             | ((table["kind"] == "specificity") & (table["after"] != table["before"]))).all()
 
+    # a folder resumed across versions: its first step has no rows; the others show, with a note saying so
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tmp_path / "run", mixed)
+    lines = [json.loads(x) for x in (mixed / "memit" / "steps.jsonl").read_text().splitlines()]
+    lines[0].pop("probes")
+    (mixed / "memit" / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    part, note = sequential_probes(mixed)
+    assert set(part["step"]) == {2} and len(part) == len(lines[1]["probes"]) and "(memit 1)" in note
+
     # an older folder: no "probes" anywhere; everything else reads exactly as before
     old = tmp_path / "old"
     shutil.copytree(tmp_path / "run", old)
