@@ -404,18 +404,27 @@ def overlap_transfer(wb: Workbench, records: Sequence[Any], methods: Mapping[str
     return pd.DataFrame(rows)
 
 
-def rank_correlations(points: pd.DataFrame, x: str = "agnostic share", y: str = "transfer") -> pd.DataFrame:
+def rank_correlations(points: pd.DataFrame, x: str = "agnostic share", y: str = "transfer",
+                      permutations: int = 10_000, seed: int = 0) -> pd.DataFrame:
     """Per method: Spearman's rank correlation of ``x`` and ``y`` over its records (ties get mean ranks;
-    NaN where either is constant or fewer than 3 records have both), with the number of records."""
+    NaN where either is constant or fewer than 3 records have both), with the number of records and a
+    two-sided permutation p value (the share of ``permutations`` shuffles of ``y``, seeded, whose |ρ| is at
+    least the observed one; no normal approximation, which would be poor for a few dozen records)."""
+    rng = np.random.default_rng(seed)
     out = []
     for method, part in points.groupby("method", sort=False):
         part = part[[x, y]].dropna()
-        rho = math.nan
+        rho = p_value = math.nan
         if len(part) >= 3 and part[x].nunique() > 1 and part[y].nunique() > 1:
-            rho = float(part[x].rank().corr(part[y].rank()))
-        out.append({"method": method, "records": len(part), "spearman": rho,
+            rx, ry = part[x].rank().to_numpy(), part[y].rank().to_numpy()
+            rho = float(np.corrcoef(rx, ry)[0, 1])
+            if permutations > 0:
+                shuffled = np.stack([rng.permutation(ry) for _ in range(permutations)])
+                rx_c = rx - rx.mean()
+                sy = shuffled - shuffled.mean(axis=1, keepdims=True)
+                perm = (sy @ rx_c) / (np.linalg.norm(sy, axis=1) * np.linalg.norm(rx_c))
+                p_value = float((np.abs(perm) >= abs(rho) - 1e-12).mean())
+        out.append({"method": method, "records": len(part), "spearman": rho, "p (permutation)": p_value,
                     f"mean {x}": float(part[x].mean()) if len(part) else math.nan,
                     f"mean {y}": float(part[y].mean()) if len(part) else math.nan})
     return pd.DataFrame(out)
-
-

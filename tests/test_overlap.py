@@ -152,6 +152,12 @@ def test_overlap_transfer_points_and_rank_correlation(tmp_path):
     corr = ov.rank_correlations(frame).set_index("method")
     assert corr.loc["a", "spearman"] == pytest.approx(0.8)    # 1 - 6·Σd²/(n(n²-1)) = 1 - 6·2/60
     assert math.isnan(corr.loc["b", "spearman"]) and corr.loc["b", "records"] == 2
+    assert math.isnan(corr.loc["b", "p (permutation)"])
+    # the permutation p value: 4 records have 24 orders, of which 8 reach |ρ| >= 0.8 (Σd² = 0 once, 2 three
+    # times, and their mirror images 20 and 18)
+    assert corr.loc["a", "p (permutation)"] == pytest.approx(8 / 24, abs=0.02)
+    steady = pd.DataFrame({"method": "c", "agnostic share": np.arange(12.0), "transfer": np.arange(12.0) ** 2})
+    assert ov.rank_correlations(steady)["p (permutation)"].iloc[0] < 0.001       # a monotone relation: ρ = 1
 
 
 def test_edit_neurons_are_kept_beside_a_cached_edit_and_a_damaged_file_is_recomputed(tmp_path):
