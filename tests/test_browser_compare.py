@@ -1,8 +1,8 @@
 """The Compare page used as a user does (issue 16), in headless Chromium on the embedded model: two editors on a
 typed en+zh fact, the grid (a row per probe, an answer column per editor) and its CSV, the same request again
 (every edit read back from the disk cache), the transfer matrices (a heatmap per editor with the value written
-in each cell) under two cell values, leaving the page and coming back (the comparison is read back from disk,
-nothing is computed), a second browser session (it starts empty and runs its own comparison, read back from
+in each cell) under two cell values, the "why did it transfer" figure (another editor, another β), leaving the
+page and coming back (the comparison is read back from disk, nothing is computed), a second browser session (it starts empty and runs its own comparison, read back from
 the same cache), and a bad hyper-parameter (an error box; the earlier comparison stays).
 
 Cheap editors keep the test to minutes on a CPU: LU-LAFNs with two layers, two steps and one short prefix (as
@@ -17,7 +17,7 @@ import time
 import pandas as pd
 import pytest
 
-from tests.browser import assert_clean, download, go_to, settled, shot, shown, submit, typed_fact_mode
+from tests.browser import assert_clean, commit, download, go_to, settled, shot, shown, submit, typed_fact_mode
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -157,6 +157,27 @@ def heatmaps(page, count: int) -> list[dict]:
     return found
 
 
+def overlap_titles(page, count: int) -> list[str]:
+    """The titles of the drawn "why did it transfer" figures (stacked bars of weight per layer) once ``count``
+    are there; with ``count`` 0, once none is left."""
+    read = """() => Array.from(document.querySelectorAll('.js-plotly-plot'))
+        .filter(p => p.data && p.data.length && p.layout.barmode === 'stack')
+        .map(p => p.layout.title.text.replace(/<[^>]+>/g, ''))"""
+    deadline = time.time() + LONG / 1000
+    found = page.evaluate(read)
+    while (len(found) < count if count else found) and time.time() < deadline:
+        page.wait_for_timeout(300)
+        found = page.evaluate(read)
+    return found
+
+
+def pick(page, label: str, option: str) -> None:
+    """Choose ``option`` in the selectbox labelled ``label``, as a user does."""
+    page.get_by_role("combobox", name=label).click()
+    page.get_by_role("option", name=option, exact=True).click()
+    settled(page, timeout=LONG)
+
+
 def test_compare_two_editors_grid_cache_transfer_leave_return_second_session_and_a_bad_value(app_url, browser):
     page = browser.new_page(viewport=TALL)
     pick_fact_and_editors(page, app_url)
@@ -219,6 +240,22 @@ def test_compare_two_editors_grid_cache_transfer_leave_return_second_session_and
         redrawn = heatmaps(page, 2)
     assert len(redrawn) == 2 and all(h["colorbar"].startswith("P(new target)") for h in redrawn), redrawn
     assert_clean(page, "another cell value")
+
+    # 3b. why did it transfer: the chosen edit's weight per layer against the fact's neurons; another editor
+    # (IKE touches no neuron: said so, no figure), back to LU-LAFNs, and another β redraws the figure
+    why = "lu-lafns: where the edit's weight falls, per layer"
+    assert why in overlap_titles(page, 1), overlap_titles(page, 1)
+    assert_clean(page, "the why section")
+    pick(page, "Edit of", "ike")
+    shown(page, "touches no FFN neuron", timeout=LONG)
+    settled(page, timeout=LONG)
+    assert overlap_titles(page, 0) == []
+    pick(page, "Edit of", "lu-lafns")
+    assert why in overlap_titles(page, 1)
+    commit(page, page.get_by_role("spinbutton", name="β (lu-lafns Eq. 5)"), "0.20")
+    assert why in overlap_titles(page, 1)
+    assert_clean(page, "another editor and another β in the why section")
+    shot(page, "compare_why.png", full_page=True)
 
     # 4. leave for the Edit lab and come back: the comparison shows again, read back from disk
     go_to(page, "Edit lab")
