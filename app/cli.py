@@ -878,8 +878,9 @@ def sequential(model: str = ModelOpt,
                "figures/)")
 
 
-runs_cli = typer.Typer(no_args_is_help=True, help="Finished run folders (evaluate, sequential): list them, print "
-                                                     "their tables and probes, write their figures (the Runs page).")
+runs_cli = typer.Typer(no_args_is_help=True, help="Finished run folders (evaluate, sequential, overlap): list them, "
+                                                     "print their tables and probes, write their figures (the Runs "
+                                                     "page).")
 cli.add_typer(runs_cli, name="runs")
 
 
@@ -887,7 +888,7 @@ cli.add_typer(runs_cli, name="runs")
 @user_errors
 def runs_list(roots: Optional[list[Path]] = typer.Argument(None, help="Folders to look in (default: ./runs and "
                                                                        "NEUROGLOT_RUNS).")) -> None:
-    """List the evaluation and sequential run folders (two levels deep) with their kind."""
+    """List the evaluation, sequential and overlap run folders (two levels deep) with their kind."""
     from app import run_browser as rb
 
     found = rb.find_run_folders(roots or rb.run_roots())
@@ -899,7 +900,7 @@ def runs_list(roots: Optional[list[Path]] = typer.Argument(None, help="Folders t
 
 @runs_cli.command("show")
 @user_errors
-def runs_show(folder: Path = typer.Argument(..., help="An evaluate or sequential run folder."),
+def runs_show(folder: Path = typer.Argument(..., help="An evaluate, sequential or overlap run folder."),
               table: str = typer.Option("all", "--table", help="Tables to print: all, memla, mpn (evaluate runs) "
                                                                 "or none."),
               transfer: bool = typer.Option(False, "--transfer", help="Print each method's transfer matrix (edit "
@@ -914,7 +915,8 @@ def runs_show(folder: Path = typer.Argument(..., help="An evaluate or sequential
                                                                   "teacher-forced prediction before and after a "
                                                                   "step (older folders: the averaged scores after "
                                                                   "every step)."),
-              method: Optional[str] = typer.Option(None, "--method", help="Only these methods (comma-separated)."),
+              method: Optional[str] = typer.Option(None, "--method", help="Only these methods (comma-separated; "
+                                                                           "overlap runs: these editors' points)."),
               edit_languages: Optional[str] = typer.Option(None, "--edit-languages",
                                                            help="Only these edit sets, e.g. en+zh,en."),
               language: Optional[str] = typer.Option(None, "--language", help="Only these test languages (sequential:"
@@ -928,12 +930,15 @@ def runs_show(folder: Path = typer.Argument(..., help="An evaluate or sequential
                                                                 "number), 'last' (each method's last measured "
                                                                 "step) or 'all'."),
               limit: int = typer.Option(50, "--limit", help="Probe rows printed (the CSV gets all)."),
-              csv: Optional[Path] = typer.Option(None, "--csv", help="Write the (filtered) probes here as CSV."),
+              csv: Optional[Path] = typer.Option(None, "--csv", help="Write the (filtered) probes here as CSV "
+                                                                     "(overlap runs: the points shown)."),
               figures_dir: Optional[Path] = typer.Option(None, "--figures", help="Write the page's figures here "
                                                                                  "(HTML and PNG)."),
               png: bool = typer.Option(True, "--png/--no-png", help="Also write the figures as PNG (needs Chromium).")
               ) -> None:
-    """Print a finished (or still running) run folder's tables, transfer matrices and probes; write its figures."""
+    """Print a finished (or still running) run folder's tables, transfer matrices and probes; write its figures.
+
+    An overlap run (`neuroglot overlap`) prints Spearman's ρ per editor and its points (--method filters them)."""
     import pandas as pd
 
     from analysis import runs as run_files
@@ -951,7 +956,47 @@ def runs_show(folder: Path = typer.Argument(..., help="An evaluate or sequential
     if run_kind != rb.SEQUENTIAL and step != "last":
         raise InputError("--step is for sequential runs (the probes after that step).")
     figs: dict = {}
-    if run_kind == rb.SEQUENTIAL:
+    if run_kind == rb.OVERLAP:
+        from analysis import fact_figures
+
+        unused = [name for name, given in (("--edit-languages", filters["edit_languages"]),
+                                           ("--language", filters["languages"]), ("--kind", filters["kinds"]),
+                                           ("--failures", failures), ("--transfer", transfer),
+                                           ("--metric", metric != "reliability"), ("--score", score != "em")) if given]
+        if unused:
+            raise InputError(f"{', '.join(unused)}: not for overlap runs, whose points are filtered by --method.")
+        if table not in ("all", "none"):
+            raise InputError(f"--table must be all or none for an overlap run; got {table!r}.")
+        view = rb.read_overlap(folder)
+        unknown = [m for m in filters["methods"] or [] if m not in view.methods]
+        if unknown:
+            raise InputError(f"--method {', '.join(unknown)}: this run's editors are {', '.join(view.methods)}.")
+        typer.echo(f"{folder} · overlap · {rb.overlap_header(view)}")
+        for _, row in view.errors.iterrows():
+            typer.echo(f"warning: {row['record']} · {row['method']}: {row['error']}", err=True)
+        if table != "none":
+            note = " (recomputed from points.csv: correlations.csv predates the p value)" if view.recomputed else ""
+            corr = rb.correlation_table(view)
+            with pd.option_context("display.width", 200):
+                typer.echo(f"\n## Spearman's ρ of agnostic share and transfer, per editor{note}\n"
+                           f"{corr.round(3).to_string(index=False)}\n")
+        rows = rb.filter_points(view.points, filters["methods"])
+        printed = rows.drop(columns=[c for c in ("cached", "seconds", "pooled") if c in rows])
+        printed = printed.drop(columns=["error"] if not (printed["error"] != "").any() else [])
+        for column in rb.SHARE_COLUMNS:            # 0-1 in points.csv (and in the CSV written): % here
+            if column in printed:
+                printed[column] = 100.0 * printed[column]
+        printed = printed.rename(columns={c: f"{c} %" for c in rb.SHARE_COLUMNS})
+        with pd.option_context("display.max_colwidth", 40, "display.width", 250):
+            typer.echo(f"{len(rows):,} points" + (f" (the first {limit} shown)" if len(rows) > limit else "")
+                       + "; shares: % of the edit's weight, transfer and reliability: top-1 gain (points)")
+            if limit and len(rows):
+                typer.echo(printed.head(limit).round(1).to_string(index=False))
+        probes = False                             # printed above
+        scored = rb.filter_points(view.scored, filters["methods"]).dropna(subset=["agnostic share", "transfer"])
+        if figures_dir is not None and not scored.empty:
+            figs = {"overlap_vs_transfer": fact_figures.overlap_vs_transfer(scored, view.correlations)}
+    elif run_kind == rb.SEQUENTIAL:
         from editors.sequential_run import read_run, sequential_figures
 
         if filters["edit_languages"]:

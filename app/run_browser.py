@@ -1,8 +1,10 @@
 """Reading finished run folders back: what the Runs page and `neuroglot runs` show.
 
-Two kinds of folder are read: an evaluation (``neuroglot evaluate``: ``run.json`` of kind
-"evaluate", ``config.json``, ``rows.jsonl``, the derived ``tables.md``) and a sequential
-run (``neuroglot sequential``: ``sequential.json``, ``baseline.json``, ``<method>/steps.jsonl``).
+Three kinds of folder are read: an evaluation (``neuroglot evaluate``: ``run.json`` of kind
+"evaluate", ``config.json``, ``rows.jsonl``, the derived ``tables.md``), a sequential
+run (``neuroglot sequential``: ``sequential.json``, ``baseline.json``, ``<method>/steps.jsonl``)
+and an overlap run (``neuroglot overlap``: ``run.json`` of kind "overlap", ``points.csv`` with one
+row per record and editor, ``correlations.csv`` with Spearman's ρ per editor).
 Everything here is plain data in, plain data out (no Streamlit, no model), so the page can
 cache it and the CLI prints the same tables.
 
@@ -34,8 +36,10 @@ from analysis.errors import InputError
 
 EVALUATE = "evaluate"
 SEQUENTIAL = "sequential"
+OVERLAP = "overlap"
 #: Files whose modification times make a folder's stamp (a folder appended to is read again).
 _EVALUATE_FILES = ("run.json", "config.json", "rows.jsonl", "tables.md")
+_OVERLAP_FILES = ("points.csv", "correlations.csv")
 #: Score columns of the probe rows, as the page and the CLI name them; shown when the run has them.
 SCORE_TITLES = {"em": "EM", "f1": "F1", "top1": "top-1"}
 PROBE_COLUMNS = ["method", "edit_languages", "record", "language", "kind", "question", "expected", "before",
@@ -60,7 +64,7 @@ def run_roots(cwd: str | Path | None = None) -> list[Path]:
 
 
 def run_kind(folder: str | Path) -> str:
-    """"evaluate" or "sequential"; InputError (with what the folder holds instead) for anything else."""
+    """"evaluate", "sequential" or "overlap"; InputError (with what the folder holds instead) for anything else."""
     path = Path(str(folder).strip()).expanduser()
     if not str(folder).strip():
         raise InputError("Give a run folder (a path, or choose one from the list).")
@@ -71,21 +75,27 @@ def run_kind(folder: str | Path) -> str:
         raise InputError(f"{path} does not exist.")
     if info.state == "empty":
         raise InputError(f"{path} is empty: no run has written anything there yet.")
+    if info.kind == OVERLAP or (info.kind is None and (path / "points.csv").is_file()):
+        # run.json names the command; a folder whose run.json is gone or garbled is told by its points
+        if info.state == "damaged":
+            raise InputError(f"{path} is a damaged overlap run: {info.problem or 'its files cannot be read'}.")
+        return OVERLAP
     if info.state == "other":
-        raise InputError(f"{path} is not a run folder of `neuroglot evaluate` or `neuroglot sequential`"
-                         f"{' (' + info.problem + ')' if info.problem else ''}.")
+        raise InputError(f"{path} is not a run folder of `neuroglot evaluate`, `neuroglot sequential` or "
+                         f"`neuroglot overlap`{' (' + info.problem + ')' if info.problem else ''}.")
     if info.kind != EVALUATE:
         what = runs.KINDS.get(info.kind or "", "another command's results")
         if info.state == "damaged":
             raise InputError(f"{path} is damaged: {info.problem or 'its files cannot be read'}.")
-        raise InputError(f"{path} holds {what}, not an evaluation or sequential run; open it on its own page.")
+        raise InputError(f"{path} holds {what}, not an evaluation, sequential or overlap run; open it on its own "
+                         "page.")
     if info.state == "damaged":
         raise InputError(f"{path} is a damaged evaluation run: {info.problem or 'its files cannot be read'}.")
     return EVALUATE
 
 
 def find_run_folders(roots: Iterable[str | Path], depth: int = 2) -> list[tuple[str, str]]:
-    """(folder, kind) of every evaluation or sequential run folder up to ``depth`` levels below ``roots``."""
+    """(folder, kind) of every evaluation, sequential or overlap run folder up to ``depth`` levels below ``roots``."""
     found: list[tuple[str, str]] = []
 
     def visit(folder: Path, level: int) -> None:
@@ -97,6 +107,8 @@ def find_run_folders(roots: Iterable[str | Path], depth: int = 2) -> list[tuple[
             names = {p.name for p in child.iterdir()} if child.is_dir() else set()
             if "sequential.json" in names:
                 found.append((str(child), SEQUENTIAL))
+            elif "points.csv" in names and ("run.json" not in names or runs.inspect(child).kind in (OVERLAP, None)):
+                found.append((str(child), OVERLAP))
             elif "rows.jsonl" in names or "config.json" in names:
                 found.append((str(child), EVALUATE))
             elif level < depth:
@@ -114,6 +126,7 @@ def folder_stamp(folder: str | Path) -> float:
     path = Path(folder)
     files = [path / name for name in _EVALUATE_FILES]
     files += [path / "sequential.json", path / "baseline.json", *path.glob("*/steps.jsonl")]
+    files += [path / name for name in _OVERLAP_FILES]
     stamps = []
     for f in files:
         try:
@@ -411,3 +424,160 @@ def sequential_record_probes(table: pd.DataFrame, method: str, record: str) -> p
     order = {k: i for i, k in enumerate(STEP_KINDS)}
     return part.sort_values(["asked_in", "kind", "step"], key=lambda c: c.map(order) if c.name == "kind" else c,
                             kind="stable")
+
+
+# ------------------------------------------------------------------ overlap runs
+
+#: Columns points.csv must have for the page's table and figure (editors.overlap.overlap_transfer writes more).
+OVERLAP_NEEDED = ("record", "method", "agnostic share", "transfer")
+#: The shares of the edit's weight (0-1 in points.csv), shown as percentages.
+SHARE_COLUMNS = ("agnostic share", "edit-language share", "other-language share", "added share")
+OVERLAP_NUMBERS = (*SHARE_COLUMNS, "agnostic overlap", "top neurons", "transfer", "reliability", "seconds")
+P_COLUMN = "p (permutation)"
+
+
+@dataclass
+class OverlapView:
+    """An overlap folder read back: the request (from run.json), one row per record and editor, Spearman's ρ
+    per editor, and the rows whose editor failed."""
+
+    folder: str
+    config: dict[str, Any]
+    points: pd.DataFrame           # every row of points.csv, ``error`` "" where the editor succeeded
+    correlations: pd.DataFrame     # method, records, spearman, p (permutation), mean agnostic share, mean transfer
+    errors: pd.DataFrame           # record, method, error of the rows whose editor failed
+    recomputed: bool = False       # correlations.csv lacked the p column (written before it): ρ and p from points
+
+    @property
+    def methods(self) -> list[str]:
+        """The editors asked for (run.json), then any other that has points."""
+        return list(dict.fromkeys([*map(str, self.config.get("methods", [])), *self.points["method"]]))
+
+    @property
+    def scored(self) -> pd.DataFrame:
+        """The points whose editor succeeded (what the correlations and the figure are made of)."""
+        return self.points[self.points["error"] == ""]
+
+
+def _read_csv(path: Path, what: str) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, keep_default_na=True)
+    except FileNotFoundError:
+        raise InputError(f"{path.parent} is a damaged overlap run: it has no {path.name} ({what}).") from None
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path} is damaged ({what} cannot be read: {text}).") from None
+
+
+def overlap_config(folder: str | Path) -> dict[str, Any]:
+    """The request of ``neuroglot overlap`` that wrote ``folder`` (run.json's ``request``); {} when it has none."""
+    info = runs.inspect(folder)
+    if info.state == "damaged":
+        raise InputError(f"{folder} is a damaged overlap run: {info.problem or 'its run.json cannot be read'}.")
+    if info.kind not in (OVERLAP, None):
+        raise InputError(f"{folder} holds {runs.KINDS.get(info.kind, 'another command')}, not an overlap run.")
+    return dict(info.request)
+
+
+def read_overlap(folder: str | Path) -> OverlapView:
+    """The overlap run in ``folder``: its config, points, correlations (recomputed with
+    ``editors.overlap.rank_correlations`` from the points when correlations.csv predates the permutation p value,
+    as the CLI computes them: over the rows whose editor succeeded) and the editors' errors. InputError for a
+    damaged folder (run.json, points.csv or correlations.csv that cannot be read, or points without the columns
+    the page needs)."""
+    from editors.overlap import rank_correlations
+
+    path = Path(folder)
+    config = overlap_config(path)
+    points = _read_csv(path / "points.csv", "the points: one row per record and editor")
+    missing = [c for c in OVERLAP_NEEDED if c not in points.columns]
+    if missing:
+        raise InputError(f"{path}/points.csv is damaged: it lacks the column(s) {', '.join(missing)} (a points.csv "
+                         f"of `neuroglot overlap` has {', '.join(OVERLAP_NEEDED)}, ...).")
+    points = points.copy()
+    points["record"] = points["record"].astype(str)
+    points["method"] = points["method"].astype(str)
+    points["error"] = points["error"].fillna("").astype(str) if "error" in points else ""
+    for column in OVERLAP_NUMBERS:
+        if column in points:
+            values = pd.to_numeric(points[column], errors="coerce")
+            if (values.isna() & points[column].notna()).any():
+                raise InputError(f"{path}/points.csv is damaged: its column {column!r} holds text where numbers "
+                                 "belong.")
+            points[column] = values
+    for column in ("cached", "pooled"):
+        if column in points:
+            points[column] = points[column].map(lambda v: str(v).strip().lower() == "true")
+    scored = points[points["error"] == ""]
+    recomputed = False
+    if (path / "correlations.csv").is_file():
+        correlations = _read_csv(path / "correlations.csv", "Spearman's ρ per editor")
+        if not {"method", "spearman"} <= set(correlations.columns):
+            raise InputError(f"{path}/correlations.csv is damaged: it lacks the columns method and spearman.")
+    else:
+        correlations = pd.DataFrame(columns=["method", "spearman"])
+    if P_COLUMN not in correlations.columns:
+        # written before the permutation p value existed (or without correlations.csv): the same numbers again,
+        # from the points, the way `neuroglot overlap` computes them now
+        correlations = rank_correlations(scored) if not scored.empty else pd.DataFrame(
+            columns=["method", "records", "spearman", P_COLUMN, "mean agnostic share", "mean transfer"])
+        recomputed = True
+    correlations = correlations.copy()
+    correlations["method"] = correlations["method"].astype(str)
+    errors = points.loc[points["error"] != "", ["record", "method", "error"]].reset_index(drop=True)
+    return OverlapView(str(path), config, points.reset_index(drop=True), correlations.reset_index(drop=True),
+                       errors, recomputed)
+
+
+def overlap_header(view: OverlapView) -> str:
+    """One line: the model, the records (how many have points), the editors, the edit and test languages, β."""
+    cfg = view.config
+    n = view.points["record"].nunique()
+    records = f"{n} records" + (f" ({cfg['records']} of {cfg['dataset']})" if cfg.get("records") and
+                                cfg.get("dataset") else "")
+    return (f"model {cfg.get('model') or '?'} · {records} · editors: {', '.join(view.methods) or '–'} · edit "
+            f"language {cfg.get('edit_language') or '?'} · test languages "
+            f"{', '.join(map(str, cfg.get('test_languages', []))) or '?'} · β {cfg.get('beta', '?')}")
+
+
+def correlation_table(view: OverlapView) -> pd.DataFrame:
+    """Per editor: ρ, its permutation p value, the records with both values, the mean agnostic share (%) and
+    the mean transfer (points)."""
+    c = view.correlations
+    column = lambda name: pd.to_numeric(c[name], errors="coerce") if name in c else math.nan  # noqa: E731
+    return pd.DataFrame({"editor": c["method"], "ρ": column("spearman"), "p": column(P_COLUMN),
+                         "records": column("records"), "mean agnostic share (%)": 100.0 * column("mean agnostic share"),
+                         "mean transfer": column("mean transfer")})
+
+
+def filter_points(points: pd.DataFrame, methods: Sequence[str] | None = None) -> pd.DataFrame:
+    """The rows of ``points`` of these editors (None or empty: all)."""
+    return points[points["method"].isin(list(methods))] if methods else points
+
+
+def record_overlap(points: pd.DataFrame, record: str) -> pd.DataFrame:
+    """``record``'s row for every editor side by side: one row per quantity, one column per editor, as text
+    (shares in %, transfer in points, the error when the editor failed)."""
+    part = points[points["record"] == str(record)]
+    out: dict[str, list[str]] = {}
+    names = [c for c in (*SHARE_COLUMNS, "agnostic overlap", "top neurons", "transfer", "reliability", "pooled",
+                         "cached", "seconds", "error") if c in points]
+
+    def shown(column: str, value: Any) -> str:
+        if isinstance(value, float) and math.isnan(value):
+            return "–"
+        if column in SHARE_COLUMNS:
+            return f"{100.0 * float(value):.1f} %"
+        if column in ("agnostic overlap", "top neurons"):
+            return f"{int(value):,}"
+        if column in ("transfer", "reliability"):
+            return f"{float(value):+.1f}"
+        if column == "seconds":
+            return f"{float(value):.2f}"
+        if isinstance(value, (bool,)) or column in ("pooled", "cached"):
+            return "yes" if bool(value) else "no"
+        return str(value)
+
+    for _, row in part.iterrows():
+        out[str(row["method"])] = [shown(c, row[c]) for c in names]
+    return pd.DataFrame(out, index=pd.Index(names, name=str(record)))

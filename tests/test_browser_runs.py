@@ -3,7 +3,9 @@ tiny random llama, built in the test) by typing its path, read its heatmaps and 
 failures, select a row to see its record, download the CSV, leave for another page and come back, open the same
 folder in a second browser session, and type a folder that is no run; open a small sequential run (MEMIT, two
 steps), read its probe table at the last step, show only the failures, select a row to see its record after every
-step and download the CSV. Every wait is for what the page says; screenshots go to the test's tmp dir."""
+step and download the CSV; open a small overlap run (written by hand), filter its editors, select a point to see
+its record under every editor and download the CSV. Every wait is for what the page says; screenshots go to the
+test's tmp dir."""
 from __future__ import annotations
 
 import io
@@ -13,8 +15,8 @@ import pandas as pd
 import pytest
 
 from tests.browser import assert_clean, commit, download, go_to, select_row, settled, shown, submit
-from tests.tiny import (MZSRE_DEV, neuroglot_cache, raw_probes, raw_sequential_probes, run_small_evaluation,
-                        run_small_sequential)
+from tests.tiny import (MZSRE_DEV, neuroglot_cache, overlap_points, raw_probes, raw_sequential_probes,
+                        run_small_evaluation, run_small_sequential, write_overlap_run)
 
 pytestmark = [pytest.mark.browser]
 
@@ -155,4 +157,38 @@ def test_browse_a_sequential_runs_probes_filter_select_and_download(app_url, bro
     assert len(table) == failed and table["failed"].all() and set(table["step"]) == {2}
     assert {"question", "expected", "before", "after", "top1_before", "top1_after"} <= set(table.columns)
     assert_clean(page, "the sequential run's probes")
+    page.close()
+
+
+def test_browse_an_overlap_run_filter_select_and_download(app_url, browser, tmp_path):
+    folder = write_overlap_run(tmp_path / "overlap")
+    points = overlap_points()
+    page = browser.new_page(viewport=WIDE)
+    open_run(page, app_url, folder)
+    body = shown(page, "Spearman's ρ per editor", "10 of 10 points · 5 records · 1 failed", timeout=LONG)
+    assert_clean(page, "opening the overlap run")
+    assert "editors: langedit, mpn" in body and "mzsre:4 · mpn: mpn: no subject token" in body
+    deadline = time.time() + 120                 # plotly draws the chart after the script run that sent it
+    names: list[str] = []
+    while not names and time.time() < deadline:
+        page.wait_for_timeout(300)
+        names = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot'))
+            .flatMap(p => (p.data || []).map(t => t.name))""")
+    assert names == ["langedit (ρ = +1.00)", "mpn"]
+
+    # only MPN's points, then a point: its record under both editors
+    page.get_by_role("combobox", name="Editor").click()
+    page.get_by_role("option", name="mpn", exact=True).click()
+    page.keyboard.press("Escape")
+    settled(page)
+    shown(page, "5 of 10 points", timeout=LONG)
+    table = page.locator("[class*='st-key-runs-ov-points-'] [data-testid='stDataFrame']").first
+    select_row(page, table, 1)
+    settled(page)
+    shown(page, "Record mzsre:1 under every editor", timeout=LONG)
+    page.screenshot(path=str(tmp_path / "runs_overlap_selected.png"), full_page=True)
+    csv = download(page, page.locator("body"), "CSV of these points").decode()
+    table = pd.read_csv(io.StringIO(csv))
+    assert len(table) == (points["method"] == "mpn").sum() and set(table["method"]) == {"mpn"}
+    assert_clean(page, "the overlap run's points")
     page.close()

@@ -2,7 +2,9 @@
 `neuroglot runs`, on run folders built for real in the test: an evaluation (IKE and LU-LAFNs on a tiny random
 llama, two records in en and de, edit sets en+de, en, de) and a sequential run (MEMIT, two steps of two MzsRE dev
 records). What the page and the CLI count is checked against rows.jsonl / steps.jsonl / baseline.json read
-independently; a copy of the sequential folder without its per-probe rows stands for one written before them."""
+independently; a copy of the sequential folder without its per-probe rows stands for one written before them.
+Overlap runs (`neuroglot overlap`) are folders written by hand (tests/tiny.py ``write_overlap_run``): points.csv,
+correlations.csv (with and without the p column) and run.json through ``analysis.runs.write_run``."""
 from __future__ import annotations
 
 import json
@@ -360,3 +362,173 @@ def test_the_cli_prints_the_same_tables_and_probes(folders, tmp_path):
             result.output
         result = runner.invoke(cli, ["runs", "show", str(old), "--failures"])
         assert result.exit_code == 2 and "predates per-probe rows" in result.output
+
+
+# ------------------------------------------------------------------ overlap runs (a folder written by hand)
+
+
+@pytest.fixture()
+def overlap_folder(tmp_path):
+    from tests.tiny import write_overlap_run
+
+    return write_overlap_run(tmp_path / "runs" / "overlap")
+
+
+def test_an_overlap_folder_is_found_read_and_its_old_correlations_recomputed(overlap_folder, tmp_path):
+    from app import run_browser as rb
+    from editors.overlap import rank_correlations
+    from tests.tiny import overlap_points, write_overlap_run
+
+    assert dict(rb.find_run_folders([tmp_path / "runs"])) == {str(overlap_folder): "overlap"}
+    assert rb.run_kind(overlap_folder) == "overlap"
+    view = rb.read_overlap(overlap_folder)
+    raw = overlap_points()
+    assert len(view.points) == len(raw) and view.methods == ["langedit", "mpn"] and not view.recomputed
+    assert view.config["edit_language"] == "en" and view.config["test_languages"] == ["en", "zh", "de"]
+    assert list(view.errors["method"]) == ["mpn"] and "no subject token" in view.errors["error"][0]
+    assert len(view.scored) == len(raw) - 1
+    header = rb.overlap_header(view)
+    assert "tiny-llama" in header and "5 records" in header and "langedit, mpn" in header and "en, zh, de" in header
+    table = rb.correlation_table(view).set_index("editor")
+    assert table.loc["langedit", "ρ"] == pytest.approx(1.0) and 0 < table.loc["langedit", "p"] < 0.05
+    assert pd.isna(table.loc["mpn", "ρ"]) and table.loc["mpn", "records"] == 4
+    assert table.loc["langedit", "mean agnostic share (%)"] == pytest.approx(13.0)
+    assert len(rb.filter_points(view.points, ["mpn"])) == 5 and len(rb.filter_points(view.points, [])) == 10
+    side = rb.record_overlap(view.points, "mzsre:1")
+    assert list(side.columns) == ["langedit", "mpn"]
+    assert side.loc["agnostic share", "langedit"] == "9.0 %" and side.loc["added share", "mpn"] == "100.0 %"
+    assert side.loc["transfer", "mpn"] == "+45.0" and side.loc["pooled", "mpn"] == "yes"
+    assert rb.record_overlap(view.points, "mzsre:4").loc["error", "mpn"].startswith("mpn: no subject")
+
+    # a folder written before the p column: the same ρ, and p computed again from the points
+    old = rb.read_overlap(write_overlap_run(tmp_path / "old", with_p=False))
+    assert old.recomputed
+    fresh = rank_correlations(view.scored)
+    pd.testing.assert_frame_equal(old.correlations, fresh)
+    assert rb.correlation_table(old)["p"].tolist()[0] == pytest.approx(table.loc["langedit", "p"])
+
+
+def damaged_overlap_folders(folder, base) -> list[tuple[object, str]]:
+    """Copies of an overlap folder damaged in one way each, with what the error says."""
+    out = []
+    for name, damage, message in (
+            ("no-points", lambda f: (f / "points.csv").unlink(), "has no points.csv"),
+            ("bad-columns", lambda f: (f / "points.csv").write_text("a,b\n1,2\n"), "lacks the column"),
+            ("text", lambda f: (f / "points.csv").write_text((f / "points.csv").read_text().replace(",60.0,", ",sixty,",
+                                                                                                 1)),
+             "holds text where numbers"),
+            ("bad-json", lambda f: (f / "run.json").write_text("{oops"), "damaged overlap run"),
+            ("bad-corr", lambda f: (f / "correlations.csv").write_text("x\n1\n"), "correlations.csv is damaged")):
+        copy = base / name
+        shutil.copytree(folder, copy)
+        damage(copy)
+        out.append((copy, message))
+    return out
+
+
+def test_overlap_folders_damaged_in_any_way_are_clear_errors(overlap_folder, tmp_path):
+    from analysis.errors import InputError
+    from app import run_browser as rb
+
+    for folder, message in damaged_overlap_folders(overlap_folder, tmp_path):
+        with pytest.raises(InputError, match=message):
+            rb.run_kind(folder)                   # only a garbled run.json is refused here
+            rb.read_overlap(folder)
+
+
+def chart_traces(at) -> list[str]:
+    return [t["name"] for c in at.get("plotly_chart") for t in json.loads(c.proto.spec)["data"]]
+
+
+def points_caption(at) -> str:
+    return next(c.value for c in at.caption if " points · " in c.value)
+
+
+def test_an_overlap_folder_on_the_page_table_figure_filter_and_a_selected_record(overlap_folder, tmp_path):
+    from tests.tiny import overlap_points, write_overlap_run
+
+    at = new_page()
+    open_folder(at, overlap_folder)
+    assert not errors(at), errors(at)
+    header = next(m.value for m in at.markdown if "· overlap ·" in m.value)
+    assert "tiny-llama" in header and "editors: langedit, mpn" in header and "test languages en, zh, de" in header
+    assert [w.value for w in at.warning] == ["mzsre:4 · mpn: mpn: no subject token found in the prompt."]
+    corr = next(d.value for d in at.dataframe if "ρ" in d.value.columns)
+    assert list(corr["editor"]) == ["langedit", "mpn"] and corr["ρ"][0] == pytest.approx(1.0)
+    assert not any("predates" in c.value for c in at.caption)
+    assert any("language-agnostic neurons" in c.value and "added" in c.value for c in at.caption)
+    assert chart_traces(at) == ["langedit (ρ = +1.00)", "mpn"]
+    assert points_caption(at).startswith("10 of 10 points · 5 records · 1 failed")
+
+    # the editor filter narrows the figure and the table
+    at.multiselect(key="runs-ov-method").set_value(["mpn"]).run()
+    assert not errors(at) and chart_traces(at) == ["mpn"]
+    assert points_caption(at).startswith("5 of 10 points")
+    at.multiselect(key="runs-ov-method").set_value([]).run()
+
+    # selecting a row: that record under every editor, side by side
+    table = next(d for d in at.dataframe if (d.key or "").startswith("runs-ov-points-"))
+    assert list(table.value["record"]) == list(overlap_points()["record"])
+    at.session_state[table.key] = {"selection": {"rows": [2], "columns": [], "cells": []}}
+    at.run()
+    assert not errors(at), errors(at)
+    assert any(m.value == "**Record mzsre:1** under every editor" for m in at.markdown)
+    side = next(d.value for d in at.dataframe if list(d.value.columns) == ["langedit", "mpn"])
+    assert side.loc["agnostic share", "langedit"] == "9.0 %" and side.loc["added share", "mpn"] == "100.0 %"
+
+    # the folder rewritten by a new run is read again; an old folder gets its p values recomputed
+    points = overlap_points()
+    import os
+    import time
+
+    points[points["record"] != "mzsre:0"].to_csv(overlap_folder / "points.csv", index=False)
+    later = time.time() + 5
+    os.utime(overlap_folder / "points.csv", (later, later))
+    at.run()
+    assert points_caption(at).startswith("8 of 8 points · 4 records")
+    open_folder(at, write_overlap_run(tmp_path / "old", with_p=False))
+    assert not errors(at), errors(at)
+    assert any("predates the permutation p value" in c.value for c in at.caption)
+    corr = next(d.value for d in at.dataframe if "ρ" in d.value.columns)
+    assert 0 < corr["p"][0] < 0.05
+
+
+def test_a_damaged_overlap_folder_is_an_error_box_and_the_page_keeps_working(overlap_folder, tmp_path):
+    at = new_page()
+    for folder, message in damaged_overlap_folders(overlap_folder, tmp_path):
+        open_folder(at, folder)
+        assert any(message in e.value for e in at.error), (folder, errors(at))
+        assert not at.exception
+    open_folder(at, overlap_folder)
+    assert not errors(at) and len(at.get("plotly_chart")) == 1
+
+
+def test_the_cli_lists_and_shows_an_overlap_folder(overlap_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["runs", "list", str(tmp_path / "runs")])
+    assert listed.exit_code == 0 and f"overlap     {overlap_folder}" in listed.output, listed.output
+    out = tmp_path / "mpn.csv"
+    result = runner.invoke(cli, ["runs", "show", str(overlap_folder), "--method", "mpn", "--csv", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Spearman's ρ" in result.output and "langedit" in result.output and "5 points" in result.output
+    assert "no subject token" in result.output                       # the editor's error, as a warning
+    written = pd.read_csv(out)
+    assert len(written) == 5 and set(written["method"]) == {"mpn"}
+    assert written["added share"].iloc[0] == 1.0                      # shares as in points.csv (0-1), not %
+    result = runner.invoke(cli, ["runs", "show", str(tmp_path / "runs"), "--table", "none"])
+    assert result.exit_code == 2 and "not a run folder" in result.output
+    for bad, message in ((["--kind", "reliability"], "not for overlap runs"), (["--method", "rome"], "editors are"),
+                         (["--table", "memla"], "--table must be all or none")):
+        result = runner.invoke(cli, ["runs", "show", str(overlap_folder), *bad])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, bad
+    old = tmp_path / "old"
+    from tests.tiny import write_overlap_run
+
+    write_overlap_run(old, with_p=False)
+    result = runner.invoke(cli, ["runs", "show", str(old), "--figures", str(tmp_path / "figs"), "--no-png"])
+    assert result.exit_code == 0 and "recomputed from points.csv" in result.output, result.output
+    assert (tmp_path / "figs" / "overlap_vs_transfer.html").is_file()

@@ -568,3 +568,52 @@ def make_corpus(languages=("en", "de", "zh"), n_facts: int = 5, name: str = "tin
                                      object=obj, prompt=prompt_from_template(template, country),
                                      template_id=f"{relation}.{lang}.{j}", template=template))
     return Corpus(pd.DataFrame(rows), name=name)
+
+
+# ------------------------------------------------------------------ a small overlap run folder
+
+#: The points of :func:`write_overlap_run`: five records of LangEdit (agnostic share rising with transfer, so ρ is
+#: +1) and of MPN (its weight all on its added neurons: agnostic share 0, ρ undefined), and one MPN error.
+OVERLAP_RECORDS = [f"mzsre:{i}" for i in range(5)]
+
+
+def overlap_points():
+    """One row per record and editor, with the columns ``editors.overlap.overlap_transfer`` writes."""
+    import pandas as pd
+
+    rows = []
+    for i, record in enumerate(OVERLAP_RECORDS):
+        rows.append({"record": record, "method": "langedit", "agnostic share": 0.05 + 0.04 * i,
+                     "edit-language share": 0.06, "other-language share": 0.07, "added share": 0.0,
+                     "agnostic overlap": 300 + 10 * i, "top neurons": 2900, "transfer": 10.0 + 10 * i,
+                     "reliability": 60.0, "cached": True, "seconds": 0.2, "error": "", "pooled": False})
+        if i == 4:
+            rows.append({"record": record, "method": "mpn", "error": "mpn: no subject token found in the prompt."})
+            continue
+        rows.append({"record": record, "method": "mpn", "agnostic share": 0.0, "edit-language share": 0.0,
+                     "other-language share": 0.0, "added share": 1.0, "agnostic overlap": 0, "top neurons": 1,
+                     "transfer": 50.0 - 5 * i, "reliability": 100.0, "cached": False, "seconds": 0.01, "error": "",
+                     "pooled": True})
+    return pd.DataFrame(rows)
+
+
+def write_overlap_run(folder: Path, with_p: bool = True) -> Path:
+    """An overlap run folder written as ``neuroglot overlap`` writes it (points.csv, correlations.csv and run.json
+    through ``analysis.runs.write_run``), from :func:`overlap_points`; ``with_p=False``: correlations.csv without
+    the p column, as folders written before it was added."""
+    from analysis import runs
+    from editors.overlap import rank_correlations
+
+    points = overlap_points()
+    corr = rank_correlations(points[points["error"] == ""])
+    if not with_p:
+        corr = corr.drop(columns=["p (permutation)"])
+    job = {"model": "tiny-llama", "dtype": "auto", "dataset": "data/mzsre", "records": "0-4",
+           "methods": ["langedit", "mpn"], "hparams": {}, "edit_language": "en", "test_languages": ["en", "zh", "de"],
+           "beta": 0.5, "top_share": 0.9}
+
+    def write(tmp: Path) -> None:
+        points.to_csv(tmp / "points.csv", index=False)
+        corr.to_csv(tmp / "correlations.csv", index=False)
+
+    return runs.write_run(folder, "overlap", runs.request_key(job), job, write)

@@ -1,11 +1,12 @@
-"""Runs: open any `neuroglot evaluate` or `neuroglot sequential` run folder and browse it.
+"""Runs: open any `neuroglot evaluate`, `neuroglot sequential` or `neuroglot overlap` run folder and browse it.
 
 An evaluation shows its config, the transfer heatmaps (edit languages × test languages per method), the
 summary figures, every probe with filters (method, edit languages, test language, metric, failures only) and
 its tables; a sequential run shows the figures of the Sequential editing page, its tables, every probe after
 each step (the teacher-forced prediction before and after, with filters) and the averaged scores of every
-step. Reading is cached by folder and the files' modification times, so filter clicks are instant and a folder
-still being written is read again when it grows.
+step; an overlap run shows Spearman's ρ per editor, the scatter of agnostic share against transfer and every
+point (a selected point shows its record under every editor). Reading is cached by folder and the files'
+modification times, so filter clicks are instant and a folder still being written is read again when it grows.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from analysis import fact_figures
 from analysis import run_figures as rf
 from analysis import stream_figures as sf
 from analysis.errors import InputError
@@ -23,12 +25,13 @@ from app.state import kept, user_errors
 from app.widgets import downloads
 
 st.title("Runs")
-st.caption("Open a run folder written by `neuroglot evaluate` or `neuroglot sequential` (or by the Sequential "
-           "editing page): its configuration, figures and tables, and every probe with the question, the expected "
-           "answer and the model's answers before and after the edit. `neuroglot runs show DIR` prints the same "
-           "tables and probes in a terminal.")
+st.caption("Open a run folder written by `neuroglot evaluate`, `neuroglot sequential` (or by the Sequential "
+           "editing page) or `neuroglot overlap`: its configuration, figures and tables, and every probe with the "
+           "question, the expected answer and the model's answers before and after the edit (overlap runs: every "
+           "record's overlap with the fact's agnostic neurons and its transfer). `neuroglot runs show DIR` prints "
+           "the same tables and probes in a terminal.")
 
-KIND_LABELS = {rb.EVALUATE: "evaluation", rb.SEQUENTIAL: "sequential"}
+KIND_LABELS = {rb.EVALUATE: "evaluation", rb.SEQUENTIAL: "sequential", rb.OVERLAP: "overlap"}
 
 
 # ------------------------------------------------------------------ cached reading (pure: no st.* inside)
@@ -52,6 +55,11 @@ def evaluate_figures_data(folder: str, stamp: float, kind: str, column: str) -> 
 @st.cache_data(show_spinner=False, max_entries=16)
 def sequential_data(folder: str, stamp: float) -> dict:
     return rb.read_sequential(folder)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def overlap_data(folder: str, stamp: float) -> rb.OverlapView:
+    return rb.read_overlap(folder)
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
@@ -364,6 +372,95 @@ def show_sequential(folder: str, stamp: float) -> None:
             st.markdown(data["report"])
 
 
+# ------------------------------------------------------------------ an overlap run
+
+
+CORRELATION_CONFIG = {
+    "editor": st.column_config.TextColumn("editor"),
+    "ρ": st.column_config.NumberColumn("Spearman ρ", format="%+.2f", help="Rank correlation of the agnostic share "
+                                       "and the transfer over the editor's records (empty: one of them is constant, "
+                                       "as MPN's agnostic share, or fewer than 3 records)."),
+    "p": st.column_config.NumberColumn("p", format="%.3f", help="Two-sided permutation p value (10,000 shuffles "
+                                                                 "of the transfer, seeded)."),
+    "records": st.column_config.NumberColumn("records", format="%d"),
+    "mean agnostic share (%)": st.column_config.NumberColumn("mean agnostic share", format="%.1f %%"),
+    "mean transfer": st.column_config.NumberColumn("mean transfer", format="%+.1f",
+                                                   help="Mean top-1 gain in the other languages (points)."),
+}
+
+POINT_CONFIG = {
+    "record": st.column_config.TextColumn("record", width="small"),
+    "method": st.column_config.TextColumn("editor", width="small"),
+    **{c: st.column_config.NumberColumn(c, format="percent", help=h) for c, h in (      # 0-1 in points.csv
+        ("agnostic share", "Share of the edit's weight on the fact's language-agnostic neurons."),
+        ("edit-language share", "On the edit language's specific neurons."),
+        ("other-language share", "On the other test languages' specific neurons."),
+        ("added share", "On neurons the editor added (MPN's patch)."))},
+    "agnostic overlap": st.column_config.NumberColumn("agnostic overlap", format="%d",
+                                                      help="The edit's top neurons that are agnostic neurons."),
+    "top neurons": st.column_config.NumberColumn("top neurons", format="%d", help="Per layer, the fewest neurons "
+                                                 "carrying the top share of the edit's weight, summed."),
+    "transfer": st.column_config.NumberColumn("transfer", format="%+.1f", help="Top-1 gain in the other languages "
+                                                                              "(points)."),
+    "reliability": st.column_config.NumberColumn("reliability", format="%+.1f", help="Top-1 gain in the edit "
+                                                                                    "language (points)."),
+    "pooled": st.column_config.CheckboxColumn("pooled", help="MPN-style: the other languages were the patch's "
+                                                             "parallel training pool."),
+    "cached": st.column_config.CheckboxColumn("cached"),
+    "seconds": st.column_config.NumberColumn("seconds", format="%.2f"),
+    "error": st.column_config.TextColumn("error"),
+}
+
+
+def show_overlap(folder: str, stamp: float) -> None:
+    view = overlap_data(folder, stamp)
+    st.markdown(f"**{folder}** · overlap · {rb.overlap_header(view)}")
+    for _, row in view.errors.iterrows():
+        st.warning(f"{row['record']} · {row['method']}: {row['error']}", icon=":material/warning:")
+    if view.points.empty:
+        st.info(f"{folder} holds no point yet: the run has just started.")
+        return
+
+    st.subheader("Spearman's ρ per editor")
+    corr = rb.correlation_table(view)
+    st.dataframe(corr, hide_index=True, width="stretch", column_config=CORRELATION_CONFIG, key="runs-ov-corr")
+    if view.recomputed:
+        st.caption("correlations.csv predates the permutation p value: ρ and p are recomputed here from "
+                   "points.csv, as `neuroglot overlap` computes them now.")
+
+    methods = kept(st.multiselect, "Editor", view.methods, key="runs-ov-method", default=[], placeholder="all")
+    scored = rb.filter_points(view.scored, methods).dropna(subset=["agnostic share", "transfer"])
+    st.subheader("Overlap with the fact's agnostic neurons vs transfer")
+    st.caption("One point per record and editor. x: the share of the edit's weight (squared norm of its weight "
+               "delta per neuron, or of its activation patch) that lies on the fact's language-agnostic neurons "
+               f"(lu-lafns Eq. 4-6 over the test languages, β {view.config.get('beta', '?')}), the edit made in "
+               f"{view.config.get('edit_language') or 'the edit language'} alone; y: the top-1 gain in the other "
+               "test languages (points), how far the edit carried over. MPN-style editors' weight is on the neurons "
+               "they add, which are nobody's agnostic neurons: their points sit at 0 % (see added share), so their "
+               "ρ is empty. The legend gives each editor's Spearman ρ.")
+    if scored.empty:
+        st.info("No point to plot for these editors (every one failed, or touched no neuron).")
+    else:
+        fig = fact_figures.overlap_vs_transfer(scored, view.correlations)
+        st.plotly_chart(fig, width="stretch", key="runs-ov-scatter")
+        downloads(fig, "overlap_vs_transfer", scored, key="runs-ov-scatter")
+
+    st.subheader("Points")
+    shown = rb.filter_points(view.points, methods).reset_index(drop=True)
+    st.caption(f"{len(shown):,} of {len(view.points):,} points · {shown['record'].nunique():,} records · "
+               f"{int((shown['error'] != '').sum()):,} failed · select a row to see its record under every editor")
+    event = st.dataframe(shown, hide_index=True, width="stretch", height=360, column_config=POINT_CONFIG,
+                         on_select="rerun", selection_mode="single-row",
+                         key=f"runs-ov-points-{zlib.crc32('+'.join(methods).encode())}")
+    st.download_button("CSV of these points", shown.to_csv(index=False).encode(), "points.csv", "text/csv",
+                       key="runs-ov-points-csv", on_click="ignore", icon=":material/download:")
+    picked = [i for i in (event.selection.rows if event is not None else []) if i < len(shown)]
+    if picked:
+        record = str(shown.iloc[picked[0]]["record"])
+        st.markdown(f"**Record {record}** under every editor")
+        st.dataframe(rb.record_overlap(view.points, record), width="stretch", key="runs-ov-record")
+
+
 # ------------------------------------------------------------------ the page
 
 
@@ -379,6 +476,8 @@ if current:
         folder = str(Path(current))
         if kind == rb.EVALUATE:
             show_evaluate(folder, stamp)
+        elif kind == rb.OVERLAP:
+            show_overlap(folder, stamp)
         else:
             show_sequential(folder, stamp)
 else:
