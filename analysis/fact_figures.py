@@ -292,9 +292,11 @@ def compare_summary(summary: pd.DataFrame, title: str | None = None) -> go.Figur
     fig = make_subplots(rows=1, cols=max(1, len(kinds)), subplot_titles=kinds, shared_yaxes=True,
                         horizontal_spacing=0.03)
     probes = summary if "n" in summary else summary.assign(n=1)  # without counts, each bar is "1 probe"
+    # the value above each bar while it fits: four or more bars to a group overlap their numbers (the hover has them)
+    text = "{:.0f}" if len(methods) <= 3 else None
     for col, kind in enumerate(kinds, start=1):
         _bar_series(fig, probes[probes["kind"] == kind], x="language", series="method", value="success",
-                    order=methods, colours=colours, text="{:.0f}", customdata=["n"], row=1, col=col,
+                    order=methods, colours=colours, text=text, customdata=["n"], row=1, col=col,
                     textposition="outside", cliponaxis=False,
                     hover=lambda method, kind=kind: (f"{_escape(method)} · {kind} · %{{x}}: %{{y:.1f}}"
                                                      " (mean of %{customdata[0]} probe(s))<extra></extra>"))

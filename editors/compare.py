@@ -306,20 +306,19 @@ def summary_table(comparison: Comparison) -> pd.DataFrame:
     return out
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def timing_table(comparison: Comparison) -> pd.DataFrame:
     """Per editor: seconds to compute the edit, whether it came from the cache, what it changes, or its error."""
     rows = []
     for r in comparison.runs:
         s = r.summary
-        changes = []
-        if s.get("parameters"):
-            changes.append(f"{s['parameters']} weight matrices")
-        if s.get("patched_neurons"):
-            changes.append(f"{s['patched_neurons']} patched neurons")
-        if s.get("added_neurons"):
-            changes.append(f"{s['added_neurons']} added neurons")
-        if s.get("context_facts"):
-            changes.append(f"{s['context_facts']} facts in context")
+        changes = [_count(s[key], one, many) for key, one, many in (
+            ("parameters", "weight matrix", "weight matrices"), ("patched_neurons", "patched neuron", "patched neurons"),
+            ("added_neurons", "added neuron", "added neurons"), ("context_facts", "fact in context", "facts in context"))
+            if s.get(key)]
         rows.append({"editor": r.method, "seconds": round(r.seconds, 2) if not r.error else None,
                      "from cache": r.cached, "changes": ", ".join(changes) or ("–" if not r.error else ""),
                      "error": r.error or ""})

@@ -137,7 +137,6 @@ def test_cli_compare_writes_the_grid_summary_matrices_and_edits_and_reads_them_b
     import json
 
     import pandas as pd
-
     fact = ["--prompt", "en:The capital of France is", "--subject", "en:France", "--target", "en:Berlin",
             "--paraphrase", "en:France has the capital", "--prompt", "de:Die Hauptstadt von Frankreich ist",
             "--subject", "de:Frankreich", "--target", "de:Berlin"]
@@ -173,3 +172,24 @@ def test_cli_compare_bad_input_exits_2(tiny_spec, extra, fragment):
     result = run_cli(args)
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "Traceback" not in result.output
+
+
+def test_timing_table_counts_what_each_edit_changes_in_words():
+    from pathlib import Path
+
+    import pandas as pd
+
+    from editors.compare import Comparison, EditorRun, timing_table
+
+    def run(method, summary, error=None):
+        return EditorRun(method=method, edit_languages=("en",), hparams={}, folder=Path(), seconds=1.234,
+                         summary=summary, rows=[], error=error)
+
+    runs = [run("mpn", {"added_neurons": 1}), run("rome", {"parameters": 1}),
+            run("lu-lafns", {"patched_neurons": 7335, "parameters": 2}), run("ike", {"context_facts": 3}),
+            run("memit", {}, error="no subject")]
+    table = timing_table(Comparison(request=None, test_languages=("en",), before=[], runs=runs))
+    assert list(table["changes"]) == ["1 added neuron", "1 weight matrix", "2 weight matrices, 7335 patched neurons",
+                                      "3 facts in context", ""]
+    assert list(table["seconds"])[:4] == [1.23] * 4 and pd.isna(table["seconds"].iloc[4])
+    assert table["error"].iloc[4] == "no subject"

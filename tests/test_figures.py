@@ -516,6 +516,10 @@ def test_compare_summary_bars_per_editor_in_panels_per_kind(compare_rows):
     single = fact_figures.compare_summary(compare_rows[compare_rows["method"] == "memla"])
     assert bar_traces(single) == [("memla", ["zh", "en"], [80.0, 90.0], blue, True, "x", [[4], [3]]),
                                   ("memla", ["en", "de"], [95.5, 70.0], blue, False, "x2", [[2], [2]])]
+    many = pd.concat([compare_rows] + [compare_rows[compare_rows["method"] == "memla"].assign(method=m)
+                                       for m in ("mpn", "langedit")], ignore_index=True)
+    crowded = fact_figures.compare_summary(many)        # five editors: no numbers above the bars (they overlap)
+    assert len({t.name for t in crowded.data}) == 5 and all(t.text is None for t in crowded.data)
     with pytest.raises(InputError, match="The comparison summary: column 'success' must hold finite numbers"):
         fact_figures.compare_summary(compare_rows.assign(success=np.nan))
     with pytest.raises(InputError, match=r"The comparison summary is missing column\(s\) \['kind'\]"):
