@@ -212,16 +212,6 @@ def _remove_all(paths: Iterable[Path]) -> Freed:
     return Freed(tuple(removed), freed)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True           # another user's process
-    return True
-
-
 def tidy(folder: Path) -> None:
     """Finish what killed processes left in ``folder``: their staging folders (:func:`analysis.runs.recover`
     deletes them, or puts back a folder moved aside) and their unfinished removals."""
@@ -230,7 +220,7 @@ def tidy(folder: Path) -> None:
     targets = set()
     for path in _children(folder):
         staged, removing = _STAGED.match(path.name), _REMOVING.match(path.name)
-        if removing and not _alive(int(removing["pid"])):
+        if removing and not runs.process_alive(int(removing["pid"])):
             _remove_all([path])
         elif staged:
             targets.add(staged["name"])

@@ -401,7 +401,8 @@ def staging(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (this process counts as running; so does another user's)."""
     if pid == os.getpid():
         return True
     try:
@@ -429,7 +430,7 @@ def recover(target: str | Path) -> None:
         match = _SIDE.match(path.name)
         if not match or match["name"] != target.name or not path.is_dir():
             continue
-        if match["pid"] and _alive(int(match["pid"])):
+        if match["pid"] and process_alive(int(match["pid"])):
             continue
         leftovers.append((match["role"], path))
     for role, path in sorted(leftovers, key=lambda x: x[0] != "old"):  # put back before deleting

@@ -1,6 +1,7 @@
 """Widgets more than one page uses: figure downloads, the neuron drill-down and the fact picker."""
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -277,3 +278,26 @@ def edit_fact(prefix: str, corpus: Callable[[], tuple[str, pd.DataFrame]], defau
         return dataset_request(prefix, default), None
     corpus_name, rows = corpus()
     return corpus_edit(prefix, rows, corpus_name), None
+
+
+def hparams_box(store: str, key: str, editor_name: str, wb, reset: bool, label: str, *, place=st,
+                height: int = 200, problem: Callable[[str], Any] = st.warning) -> str:
+    """An editor's hyper-parameters as an editable JSON box, started from its preset for this model
+    (:func:`app.forms.preset_values`) and again when ``reset``; returns the box's text.
+
+    The text lives in a plain dict of session state (``<store>-texts``), not only in the widget's own state:
+    Streamlit drops a widget's state when a run that did not draw it completes (e.g. a run cut short by the
+    next input), and the box then came back empty. The widget's key carries a version bumped on every reset.
+    ``problem`` shows the message when the model has no preset (the box then holds the class defaults)."""
+    texts = st.session_state.setdefault(f"{store}-texts", {})
+    origins = st.session_state.setdefault(f"{store}-origins", {})
+    versions = st.session_state.setdefault(f"{store}-versions", {})
+    if key not in texts or reset:
+        values, origins[key], message = forms.preset_values(editor_name, wb)
+        if message:
+            problem(message)
+        texts[key] = json.dumps(values, indent=1, ensure_ascii=False)
+        versions[key] = versions.get(key, 0) + 1
+    texts[key] = place.text_area(f"{label} (JSON; from the {origins.get(key, 'preset')})", value=texts[key],
+                                 key=f"{key}-v{versions.get(key, 0)}", height=height)
+    return texts[key]

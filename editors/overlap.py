@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -132,12 +133,10 @@ def edit_neurons(wb: Workbench, edit: Edit) -> pd.DataFrame:
     return summed[summed["weight"] > 0].reset_index(drop=True)
 
 
-def cached_edit_neurons(wb: Workbench, folder: Any) -> pd.DataFrame:
+def cached_edit_neurons(wb: Workbench, folder: str | Path) -> pd.DataFrame:
     """:func:`edit_neurons` of the edit saved in ``folder / "edit"`` (a Compare cache folder), kept beside it
     in ``neurons-v<N>.csv``: summing the squared columns of a 7-8B model's deltas is done once per edit,
     not on every rerun of the page. A damaged file is computed again."""
-    from pathlib import Path
-
     folder = Path(folder)
     path = folder / f"neurons-v{OVERLAP_VERSION}.csv"
     if path.is_file():

@@ -9,7 +9,6 @@ outside the backend's own ``with edit.applied(wb):`` calls (Decision 4).
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pandas as pd
@@ -18,10 +17,10 @@ import streamlit as st
 from analysis import fact_figures
 from analysis.errors import InputError
 from analysis.run_figures import transfer_heatmap
-from app.forms import edit_request_from_boxes, hparams_from_text, language_name, preset_values
+from app.forms import edit_request_from_boxes, hparams_from_text, language_name
 from app.state import ERROR_ICON, corpus_rows, current_corpus_spec, current_model_spec, kept, progress_bar, \
     user_errors, workbench
-from app.widgets import downloads, edit_fact
+from app.widgets import downloads, edit_fact, hparams_box
 from editors import compare as cmp
 from editors.base import available_editors
 from editors.requests import EditRequest
@@ -42,25 +41,13 @@ SUCCESS_HELP = ("Success is the token F1 of the answer (greedy, as long as the e
 
 
 def hparams_boxes(names: list[str], wb, model_spec: str) -> dict[str, str]:
-    """A JSON box per chosen editor, starting from its preset for this model (kept across reruns in a plain
-    dict of session state, as the Edit lab does; a box's widget key carries a version bumped on reset)."""
-    texts = st.session_state.setdefault("cmp-hp-texts", {})
-    origins = st.session_state.setdefault("cmp-hp-origins", {})
-    versions = st.session_state.setdefault("cmp-hp-versions", {})
+    """A JSON box per chosen editor, starting from its preset for this model (app.widgets.hparams_box)."""
     out = {}
     for name in names:
         key = f"cmp-hp-{name}-{model_spec}"
         with st.expander(f"{name} · hyper-parameters", expanded=False):
             reset = st.button("Reset to preset", key=f"{key}-reset")
-            if key not in texts or reset:
-                values, origins[key], problem = preset_values(name, wb)
-                if problem:
-                    st.warning(problem)
-                texts[key] = json.dumps(values, indent=1, ensure_ascii=False)
-                versions[key] = versions.get(key, 0) + 1
-            texts[key] = st.text_area(f"{name} hyper-parameters (JSON; from the {origins.get(key, 'preset')})",
-                                      value=texts[key], key=f"{key}-v{versions.get(key, 0)}", height=200)
-        out[name] = texts[key]
+            out[name] = hparams_box("cmp-hp", key, name, wb, reset, f"{name} hyper-parameters")
     return out
 
 

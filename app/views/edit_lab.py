@@ -31,10 +31,10 @@ import streamlit as st
 from analysis import fact_figures, figures
 from analysis.errors import InputError
 from app.edit_store import edit_zip, load_edit, remove_edit, save_edit, session_folder
-from app.forms import edit_request_from_boxes, hparams_from_text, preset_values
+from app.forms import edit_request_from_boxes, hparams_from_text
 from app.state import (ERROR_ICON, corpus_rows, current_corpus_spec, current_model_spec, progress_bar,
                        user_errors, workbench)
-from app.widgets import downloads, edit_fact, neuron_drilldown
+from app.widgets import downloads, edit_fact, hparams_box, neuron_drilldown
 from editors.apply import in_context_prompts
 from editors.base import available_editors, get_editor
 from editors.edit import Edit
@@ -398,21 +398,8 @@ with user_errors():
     editor_name = c1.selectbox("Editor", names, key="el-editor")
     hp_key = f"el-hp-{editor_name}-{model_spec}"
     reset = c1.button("Reset to preset", key="el-hp-reset", help="Start again from the preset for this model")
-    # The JSON text lives in a plain dict of session_state, not only in the widget's own state: Streamlit drops
-    # a widget's state when a run that did not draw it completes (e.g. a run cut short by the next input), and
-    # the box then came back empty. The widget's key carries a version bumped on every reset.
-    texts = st.session_state.setdefault("el-hp-texts", {})
-    origins = st.session_state.setdefault("el-hp-origins", {})
-    versions = st.session_state.setdefault("el-hp-versions", {})
-    if editor_name and (hp_key not in texts or reset):
-        defaults, origins[hp_key], problem = preset_values(editor_name, wb)
-        if problem:
-            st.error(problem, icon=ERROR_ICON)
-        texts[hp_key] = json.dumps(defaults, indent=1, ensure_ascii=False)
-        versions[hp_key] = versions.get(hp_key, 0) + 1
-    hp_text = c2.text_area(f"Hyper-parameters (JSON; from the {origins.get(hp_key, 'preset')})",
-                           value=texts.get(hp_key, ""), key=f"{hp_key}-v{versions.get(hp_key, 0)}", height=220)
-    texts[hp_key] = hp_text
+    hp_text = hparams_box("el-hp", hp_key, editor_name, wb, reset, "Hyper-parameters", place=c2, height=220,
+                          problem=lambda message: st.error(message, icon=ERROR_ICON))
 
     b = st.columns([1, 1, 1, 3])
     apply = b[0].button("Apply edit", type="primary", key="el-apply", disabled=not editor_name)
