@@ -26,7 +26,6 @@ from analysis.errors import InputError
 DAY = 86400.0
 DELETING = ".deleting-"      # an entry renamed aside for removal: .NAME.deleting-PID-HEX
 _REMOVING = re.compile(r"^\.(?P<name>.+)\.deleting-(?P<pid>\d+)-[0-9a-f]+$")
-_STAGED = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-")     # analysis.runs's staging names
 ALL = "all"
 
 
@@ -219,7 +218,7 @@ def tidy(folder: Path) -> None:
 
     targets = set()
     for path in _children(folder):
-        staged, removing = _STAGED.match(path.name), _REMOVING.match(path.name)
+        staged, removing = runs.SIDE_NAME.match(path.name), _REMOVING.match(path.name)
         if removing and not runs.process_alive(int(removing["pid"])):
             _remove_all([path])
         elif staged:

@@ -376,7 +376,8 @@ def read_manifest(folder: str | Path, arrays: str) -> tuple[Any, dict[str, Any]]
     return read_json(folder / "manifest.json"), read_arrays(folder / arrays)
 
 
-_SIDE = re.compile(r"^\.(?P<name>.+)\.(?P<role>tmp|old)-(?:(?P<pid>\d+)-)?[A-Za-z0-9_]+$")
+#: The name of a writer's staging folder beside ``target`` (``.NAME.tmp-PID-…`` or ``.NAME.old-PID-…``).
+SIDE_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<role>tmp|old)-(?:(?P<pid>\d+)-)?[A-Za-z0-9_]+$")
 
 
 def _side_name(target: Path, role: str) -> str:
@@ -427,7 +428,7 @@ def recover(target: str | Path) -> None:
         return
     leftovers = []
     for path in entries:
-        match = _SIDE.match(path.name)
+        match = SIDE_NAME.match(path.name)
         if not match or match["name"] != target.name or not path.is_dir():
             continue
         if match["pid"] and process_alive(int(match["pid"])):

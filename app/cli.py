@@ -673,14 +673,13 @@ def overlap(model: str = ModelOpt,
     wb = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     typer.echo(f"{len(chosen)} records × {len(names)} editors, edit in {edit_language}, neurons and transfer over "
                f"{', '.join(tests)}")
+
     def results(points: pd.DataFrame):
         ok = points[~points["error"].astype(bool)] if "error" in points else points
         corr = ov.rank_correlations(ok)
         return corr, fact_figures.overlap_vs_transfer(ok, corr)
 
-    def write_out(points: pd.DataFrame, final: bool) -> None:
-        corr, fig = results(points)
-
+    def write_out(points: pd.DataFrame, corr: pd.DataFrame, fig, final: bool) -> None:
         def write(tmp: Path) -> None:
             points.to_csv(tmp / "points.csv", index=False)
             corr.to_csv(tmp / "correlations.csv", index=False)
@@ -702,17 +701,18 @@ def overlap(model: str = ModelOpt,
                                              edit_language, tests, beta=beta, top_share=top_share,
                                              progress=progress))
             if out is not None and start + chunk < len(chosen):
-                write_out(pd.concat(parts, ignore_index=True), final=False)
+                so_far = pd.concat(parts, ignore_index=True)
+                write_out(so_far, *results(so_far), final=False)
     points = pd.concat(parts, ignore_index=True)
     failed = points[points["error"].astype(bool)] if "error" in points else points.iloc[:0]
     for _, row in failed.iterrows():
         typer.echo(f"{row['record']} · {row['method']}: {row['error']}", err=True)
-    corr, _ = results(points)
+    corr, fig = results(points)
     with pd.option_context("display.width", 200):
         typer.echo(corr.round(3).to_string(index=False))
     if out is None:
         return
-    write_out(points, final=True)
+    write_out(points, corr, fig, final=True)
     typer.echo(f"wrote points.csv, correlations.csv, overlap_vs_transfer → {out}")
 
 
